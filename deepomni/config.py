@@ -56,6 +56,9 @@ class ModelConfig:
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
     rope_theta: float = 10000.0
+    # None: plain RoPE; else transformers' rope parameters, e.g. DeepSeek-V2-Lite's
+    # {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, ...}
+    rope_scaling: dict[str, Any] | None = None
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
@@ -64,6 +67,9 @@ class ModelConfig:
     num_codec_channels: int = 7  # K (SNAC flattened: 7 per frame)
     codebook_size: int = 4096
     num_special_tokens: int = 64  # reserved after the text block and after every codec block
+    # LM head tied to the extended embedding (the paper's layout). False keeps a separate head table of the
+    # same layout: needed to import a backbone whose lm_head differs from its embeddings (DeepSeek-V2-Lite)
+    tie_word_embeddings: bool = True
     # ---- speech input
     speech_encoder: SpeechEncoderConfig = field(default_factory=SpeechEncoderConfig)
     # ---- MoE kernel: "auto" uses torch's grouped matmul where the device supports it, else a segment loop

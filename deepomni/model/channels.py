@@ -1,0 +1,168 @@
+"""Multi-channel tokens: one text channel + K codec channels at every position.
+
+Vocabulary layout (PAPER.md "Tokens and channels"), in *global* ids of the one extended embedding table:
+
+    [ text block (text_vocab_size) | 64 text specials | codec 0 (codebook + 64) | ... | codec K-1 (...) ]
+
+Data and labels carry *channel-local* ids (text: 0..text_vocab+63, codec i: 0..codebook+63) in a tensor
+``tokens_BLC`` with C = K+1 channels (channel 0 = text); the embedding adds each channel's offset.
+Input embedding of a position = mean of its C channel embeddings. The LM head is tied to the same table;
+channel c reads only its own slice of rows, so its logits have the channel-local vocabulary.
+
+Delay pattern: codec channel i (0-based) runs i+1 steps behind the text channel, so coarse codes are
+predicted before fine ones. :func:`delay_codes` / :func:`undo_delay` build and undo it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+IGNORE = -100  # label value skipped by the loss
+
+
+class TextSpecial(enum.IntEnum):
+    """Offsets of the text channel's special tokens, after the text vocabulary."""
+
+    PAD = 0  # text channel filler once the text has ended but speech goes on (label: IGNORE)
+    BOA = 1  # begin of input audio
+    EOA = 2  # end of input audio
+    AUDIO = 3  # placeholder on the text channel at projected-speech positions
+    EOT = 4  # end of the text answer
+    BOS = 5
+    USER = 6
+    ASSISTANT = 7
+    SYSTEM = 8
+    EOS = 9  # end of turn (after text and speech have both ended)
+
+
+class CodecSpecial(enum.IntEnum):
+    """Offsets of every codec channel's special tokens, after its codebook."""
+
+    PAD = 0  # nothing on this channel here (prompt positions, delay lead-in / tail)
+    EOS = 1  # end of speech on this channel
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    text_vocab_size: int
+    codebook_size: int
+    num_codec_channels: int
+    num_special: int = 64
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "VocabLayout":
+        return cls(cfg.text_vocab_size, cfg.codebook_size, cfg.num_codec_channels, cfg.num_special_tokens)
+
+    @property
+    def num_channels(self) -> int:
+        return 1 + self.num_codec_channels
+
+    def channel_size(self, c: int) -> int:
+        return self.text_vocab_size + self.num_special if c == 0 else self.codebook_size + self.num_special
+
+    def channel_offset(self, c: int) -> int:
+        if c == 0:
+            return 0
+        return self.channel_size(0) + (c - 1) * self.channel_size(1)
+
+    @property
+    def total_size(self) -> int:
+        return self.channel_offset(self.num_channels - 1) + self.channel_size(self.num_channels - 1)
+
+    # channel-local ids of the specials
+    def text(self, s: TextSpecial) -> int:
+        return self.text_vocab_size + int(s)
+
+    def codec(self, s: CodecSpecial) -> int:
+        return self.codebook_size + int(s)
+
+    def offsets(self, device=None) -> torch.Tensor:
+        return torch.tensor([self.channel_offset(c) for c in range(self.num_channels)], device=device)
+
+
+class ChannelEmbedding(nn.Module):
+    """The extended embedding table, the mean-of-channels input embedding and the per-channel head
+    (tied to the table by default)."""
+
+    def __init__(self, layout: VocabLayout, hidden_size: int, tied: bool = True):
+        super().__init__()
+        self.layout = layout
+        self.weight = nn.Parameter(torch.empty(layout.total_size, hidden_size))
+        # untied: a separate output table with the same layout (see ModelConfig.tie_word_embeddings)
+        self.head_weight = None if tied else nn.Parameter(torch.empty(layout.total_size, hidden_size))
+        self.register_buffer("offsets_C", layout.offsets(), persistent=False)
+
+    def forward(
+        self, tokens_BLC: torch.Tensor, audio_BLD: torch.Tensor | None = None, audio_mask_BL: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean of the C channel embeddings. Where ``audio_mask_BL`` is set, the K codec-channel embeddings
+        are replaced by the projected speech feature ``audio_BLD`` (text channel keeps its AUDIO token):
+        ``(e_text + K * audio) / (K + 1)``."""
+        C = tokens_BLC.shape[-1]
+        if C != self.layout.num_channels:
+            raise ValueError(f"tokens have {C} channels, the model expects {self.layout.num_channels}")
+        emb_BLCD = F.embedding(tokens_BLC + self.offsets_C, self.weight)
+        if audio_BLD is None:
+            return emb_BLCD.mean(dim=2)
+        K = C - 1
+        codec_BLD = emb_BLCD[:, :, 1:].sum(dim=2)
+        codec_BLD = torch.where(audio_mask_BL.unsqueeze(-1), K * audio_BLD.to(codec_BLD.dtype), codec_BLD)
+        return (emb_BLCD[:, :, 0] + codec_BLD) / C
+
+    def logits(self, h_BLD: torch.Tensor, channels: list[int] | None = None) -> list[torch.Tensor]:
+        """Per-channel logits (channel-local vocabularies) from the tied table."""
+        table = self.weight if self.head_weight is None else self.head_weight
+        out = []
+        for c in range(self.layout.num_channels) if channels is None else channels:
+            start = self.layout.channel_offset(c)
+            out.append(F.linear(h_BLD, table[start : start + self.layout.channel_size(c)]))
+        return out
+
+
+def channel_loss(logits: list[torch.Tensor], labels_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of the per-channel cross-entropies of the channels that have any label.
+
+    Returns ``(loss, per_channel_C)`` (NaN for channels with no label)."""
+    per_channel = []
+    for c, lg in enumerate(logits):
+        lab = labels_BLC[..., c]
+        if (lab != IGNORE).any():
+            per_channel.append(F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), lab.reshape(-1), ignore_index=IGNORE))
+        else:
+            per_channel.append(lg.new_full((), float("nan")))
+    stacked = torch.stack(per_channel)
+    present = ~torch.isnan(stacked)
+    if not present.any():
+        raise ValueError("no channel has any label: nothing to learn from this batch")
+    return stacked[present].mean(), stacked.detach()
+
+
+# ------------------------------------------------------------------------------------------ delay
+def delay_codes(codes_KF: torch.Tensor, pad: int, eos: int | None = None) -> torch.Tensor:
+    """Delay pattern: row i shifted right by i+1 steps; ``[K, F] -> [K, F + K + 1]``.
+
+    Cells before a row starts hold ``pad``; the cell right after its last code holds ``eos`` (if given,
+    else ``pad``), later cells ``pad``. Works on a leading batch dimension too (``[B, K, F]``)."""
+    *lead, K, Fr = codes_KF.shape
+    out = codes_KF.new_full((*lead, K, Fr + K + 1), pad)
+    for i in range(K):
+        out[..., i, i + 1 : i + 1 + Fr] = codes_KF[..., i, :]
+        if eos is not None:
+            out[..., i, i + 1 + Fr] = eos
+    return out
+
+
+def undo_delay(delayed_KT: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`delay_codes`: ``[K, F + K + 1] -> [K, F]`` (the frames every row has)."""
+    *lead, K, T = delayed_KT.shape
+    Fr = T - K - 1
+    if Fr < 0:
+        raise ValueError(f"a delayed sequence of {T} steps cannot hold {K} delayed channels")
+    return torch.stack([delayed_KT[..., i, i + 1 : i + 1 + Fr] for i in range(K)], dim=-2)

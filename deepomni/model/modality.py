@@ -1,0 +1,138 @@
+"""Modality experts (PAPER.md "Adaptive modality expert assignment"): the per-layer speech / text expert
+lists, saved as a JSON artifact next to the checkpoint, and the routing modes that train them apart.
+
+    mode "all"    : router sees every expert, every expert trains           (S1, S3, DPO)
+    mode "speech" : router logits outside the speech experts are -inf before the softmax; only speech
+                    experts (plus shared experts and the other non-expert parts) get gradient  (S2.1)
+    mode "text"   : the same with the text experts                                            (S2.2)
+
+Freezing with stacked expert weights: a gradient mask (hooks in :class:`~deepomni.model.moe.MoE`) zeroes
+the gradient rows of the other experts. Adam's update of a row whose gradient has always been zero is
+exactly zero, but decoupled weight decay would still shrink it, so :func:`param_groups` puts the stacked
+expert tensors and router weights in a group without weight decay whenever a mode other than "all" is set.
+The profiler that measures modality load and chooses the lists lives with training (issue: staged training);
+:func:`assign_from_load` is the paper's selection rule on a given load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .moe import MoE
+
+MODES = ("all", "speech", "text")
+
+
+@dataclass
+class ExpertAssignment:
+    """Speech experts per MoE layer (text experts: the rest), keyed by the layer's index in the model."""
+
+    num_experts: int
+    speech: dict[int, list[int]]
+
+    def text(self, layer: int) -> list[int]:
+        s = set(self.speech[layer])
+        return [e for e in range(self.num_experts) if e not in s]
+
+    def experts(self, layer: int, mode: str) -> list[int] | None:
+        if mode == "all":
+            return None
+        if mode == "speech":
+            return sorted(self.speech[layer])
+        if mode == "text":
+            return self.text(layer)
+        raise ValueError(f"unknown routing mode {mode!r}; expected one of {MODES}")
+
+    def validate(self, moe_layers: list[int] | None = None) -> None:
+        for layer, ids in self.speech.items():
+            if len(set(ids)) != len(ids) or any(not 0 <= e < self.num_experts for e in ids):
+                raise ValueError(f"layer {layer}: speech experts {ids} must be distinct ids in [0, {self.num_experts})")
+        if moe_layers is not None and sorted(self.speech) != sorted(moe_layers):
+            raise ValueError(f"assignment covers layers {sorted(self.speech)}, the model's MoE layers are {moe_layers}")
+
+    # ------------------------------------------------------------------------------------ artifact
+    def to_json(self) -> dict:
+        return {
+            "num_experts": self.num_experts,
+            "layers": {str(l): {"speech": sorted(v), "text": self.text(l)} for l, v in sorted(self.speech.items())},
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExpertAssignment":
+        try:
+            d = json.loads(Path(path).read_text())
+            layers = d["layers"]
+            a = cls(int(d["num_experts"]), {int(l): list(map(int, v["speech"])) for l, v in layers.items()})
+        except FileNotFoundError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not an expert-assignment artifact ({e})") from e
+        for l, v in layers.items():
+            if "text" in v and sorted(v["text"]) != a.text(int(l)):
+                raise ValueError(f"{path}: layer {l}: text experts must be exactly the complement of speech experts")
+        a.validate()
+        return a
+
+
+def assign_from_load(load_speech_LE: torch.Tensor, load_text_LE: torch.Tensor, n_speech: int,
+                     layer_ids: list[int]) -> ExpertAssignment:
+    """The paper's rule: per layer, the ``n_speech`` experts with the largest ``rho_A * (1 - rho_T)``."""
+    if load_speech_LE.shape != load_text_LE.shape or load_speech_LE.shape[0] != len(layer_ids):
+        raise ValueError("load tensors must both be [num_moe_layers, num_experts]")
+    E = load_speech_LE.shape[1]
+    if not 0 < n_speech < E:
+        raise ValueError(f"n_speech must be in (0, {E})")
+    score = load_speech_LE * (1 - load_text_LE)
+    top = torch.topk(score, n_speech, dim=1).indices
+    return ExpertAssignment(E, {l: sorted(top[i].tolist()) for i, l in enumerate(layer_ids)})
+
+
+# ---------------------------------------------------------------------------------------- routing modes
+def moe_layers(model: nn.Module) -> dict[int, MoE]:
+    """MoE modules keyed by their layer index (``layers.<i>.mlp``)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, MoE):
+            parts = name.split(".")
+            out[int(parts[parts.index("layers") + 1])] = mod
+    return out
+
+
+def set_routing_mode(model: nn.Module, mode: str, assignment: ExpertAssignment | None = None) -> None:
+    """Mask routing and gradients of every MoE layer to the experts of ``mode``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown routing mode {mode!r}; expected one of {MODES}")
+    layers = moe_layers(model)
+    if mode != "all":
+        if assignment is None:
+            raise ValueError(f"routing mode {mode!r} needs an expert assignment")
+        assignment.validate(list(layers))
+    for idx, moe in layers.items():
+        ids = None if assignment is None else assignment.experts(idx, mode)
+        if ids is None:
+            moe.set_expert_masks(None, None)
+        else:
+            mask = torch.zeros(moe.num_experts, dtype=torch.bool)
+            mask[ids] = True
+            moe.set_expert_masks(mask, mask)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups: decay on matrices, none on norms/biases, and none on tensors that hold several
+    experts while a modality mask freezes some of them (so frozen rows stay bit-identical)."""
+    masked = {id(p) for m in moe_layers(model).values() if m.trainable_E is not None
+              for p in (m.experts.gate_up_proj, m.experts.down_proj, m.gate.weight)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or id(p) in masked else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,167 @@
+"""DeepOmni: a DeepSeek-V2 MoE backbone that reads text + speech and writes a text channel plus K codec
+channels in parallel.
+
+    tokens_BLC --ChannelEmbedding (mean of channels; speech frames at AUDIO placeholders)--> x_BLD
+      -> layer 0..first_k_dense-1: x + MLA(norm x); x + MLP(norm x)
+      -> MoE layers:               x + MLA(norm x); x + MoE(norm x)      (shared + routed experts)
+      -> norm -> tied head, one logit slice per channel
+
+Parallelism (``deepomni.parallel``) and Ray plumbing (``jobs/``) never appear here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import KVCache, MLAttention, RMSNorm, Rotary
+from .channels import ChannelEmbedding, TextSpecial, VocabLayout, channel_loss
+from .moe import MLP, MoE
+from .speech import SpeechInput, audio_scatter
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x_BLD, rot, softmax_scale, cache):
+        x_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), rot, softmax_scale, cache)
+        h = self.mlp(self.post_attention_layernorm(x_BLD))
+        if isinstance(h, tuple):
+            h, aux = h
+        else:
+            aux = x_BLD.new_zeros(())
+        return x_BLD + h, aux
+
+
+@dataclass
+class Output:
+    logits: list[torch.Tensor]  # per channel, [B, L, channel vocab]
+    aux_loss: torch.Tensor  # sum over MoE layers of the balance loss (0 in eval mode)
+    loss: torch.Tensor | None = None  # channel loss + aux loss, when labels are given
+    channel_losses: torch.Tensor | None = None  # [C] per-channel cross-entropy (NaN where absent)
+
+
+class DeepOmniModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, with_speech_input: bool = True):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.layout = VocabLayout.from_config(cfg)
+        self.embed = ChannelEmbedding(self.layout, cfg.hidden_size, cfg.tie_word_embeddings)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg)
+        self.speech = SpeechInput(cfg.speech_encoder, cfg.hidden_size) if with_speech_input else None
+
+    # ------------------------------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> "DeepOmniModel":
+        """Random init as the DeepSeek-V2 family (normal, std ``initializer_range``; norms at 1). The
+        frozen speech encoder keeps its own (loaded or random) weights."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if name.startswith("speech.encoder.") or p.device.type == "meta":
+                continue
+            if name.endswith("layernorm.weight") or name in ("norm.weight",) or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        return self
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
+
+    # --------------------------------------------------------------------------------------- forward
+    def embed_inputs(self, tokens_BLC: torch.Tensor, audio: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Input embeddings; ``audio`` holds each sequence's projected speech (from :meth:`encode_speech`)."""
+        if audio is None:
+            return self.embed(tokens_BLC)
+        mask_BL = tokens_BLC[..., 0] == self.layout.text(TextSpecial.AUDIO)
+        audio_BLD = audio_scatter(audio, mask_BL, self.cfg.hidden_size)
+        return self.embed(tokens_BLC, audio_BLD, mask_BL)
+
+    def encode_speech(self, mel_BMT: torch.Tensor, num_mel_frames_B: list[int]) -> list[torch.Tensor]:
+        if self.speech is None:
+            raise RuntimeError("this model was built without speech input (with_speech_input=False)")
+        return self.speech(mel_BMT, num_mel_frames_B)
+
+    def forward(
+        self,
+        tokens_BLC: torch.Tensor | None,
+        audio: list[torch.Tensor] | None = None,
+        labels_BLC: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        channels: list[int] | None = None,
+        inputs_embeds_BLD: torch.Tensor | None = None,
+    ) -> Output:
+        """Full forward (``cache=None``) or one incremental step appending to ``cache``.
+
+        ``channels`` limits which channels' logits are computed (e.g. ``[0]`` for text-only decoding).
+        ``inputs_embeds_BLD`` replaces the channel embedding (``tokens_BLC=None``), e.g. to run the bare
+        backbone on text embeddings for parity checks against the released text model."""
+        if (tokens_BLC is None) == (inputs_embeds_BLD is None):
+            raise ValueError("pass exactly one of tokens_BLC and inputs_embeds_BLD")
+        B, L = (tokens_BLC if tokens_BLC is not None else inputs_embeds_BLD).shape[:2]
+        device = (tokens_BLC if tokens_BLC is not None else inputs_embeds_BLD).device
+        past = 0 if cache is None else cache.length
+        if past + L > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {past + L} positions exceeds max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
+        positions_BL = torch.arange(past, past + L, device=device).expand(B, L)
+        rot = self.rotary(positions_BL)
+        x_BLD = self.embed_inputs(tokens_BLC, audio) if inputs_embeds_BLD is None else inputs_embeds_BLD
+        aux = x_BLD.new_zeros(())
+        for block in self.layers:
+            x_BLD, a = block(x_BLD, rot, self.rotary.softmax_scale, cache)
+            aux = aux + a
+        h_BLD = self.norm(x_BLD)
+        logits = self.embed.logits(h_BLD, channels)
+        out = Output(logits, aux)
+        if labels_BLC is not None:
+            if channels is not None:
+                raise ValueError("labels need the logits of every channel (channels=None)")
+            ce, per_channel = channel_loss(logits, labels_BLC)
+            out.loss, out.channel_losses = ce + aux, per_channel
+        return out
+
+
+# ------------------------------------------------------------------------------------- parameter counts
+def count_parameters(cfg: ModelConfig, include_speech_encoder: bool = False) -> dict[str, int]:
+    """Parameter counts, computed on the meta device (nothing is allocated).
+
+    ``active`` follows DeepSeek's convention: the parameters a token's forward pass multiplies with —
+    everything but the routed experts, plus top-k experts per MoE layer, minus the input-embedding table
+    (a lookup, not a matmul) unless that table is also the tied output head. ``backbone_*`` are the same
+    counts for the text backbone as released (text vocabulary, embeddings and lm_head untied), which is
+    what DeepSeek-V2-Lite's "15.7B total / 2.4B active" refers to."""
+    with torch.device("meta"):
+        model = DeepOmniModel(cfg, with_speech_input=include_speech_encoder)
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(m.experts.gate_up_proj.numel() + m.experts.down_proj.numel() for m in model.moe_layers)
+    active_routed = routed * cfg.num_experts_per_tok // cfg.n_routed_experts
+    table = model.embed.weight.numel()
+    input_lookup = 0 if cfg.tie_word_embeddings else table
+    text_table = cfg.text_vocab_size * cfg.hidden_size
+    backbone_total = total - table * (1 if cfg.tie_word_embeddings else 2) + 2 * text_table
+    if model.speech is not None:
+        backbone_total -= sum(p.numel() for p in model.speech.parameters())
+    return {
+        "total": total,
+        "active": total - routed + active_routed - input_lookup,
+        "routed_experts": routed,
+        "embedding_table": table,
+        "backbone_total": backbone_total,
+        "backbone_active": backbone_total - routed + active_routed - text_table,
+    }
