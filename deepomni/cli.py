@@ -1,0 +1,58 @@
+"""``deepomni`` command line: ``deepomni info --preset tiny``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import list_presets, load_preset
+
+
+def _human(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .model.model import count_parameters
+
+    cfg = load_preset(args.preset)
+    counts = count_parameters(cfg, include_speech_encoder=args.with_encoder)
+    if args.json:
+        print(json.dumps({"preset": args.preset, "config": cfg.to_dict(), "parameters": counts}, indent=1))
+        return 0
+    moe = cfg.num_moe_layers
+    print(f"preset {args.preset}: {cfg.num_hidden_layers} layers ({cfg.first_k_dense_replace} dense, {moe} MoE), "
+          f"hidden {cfg.hidden_size}, {cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}) "
+          f"+ {cfg.n_shared_experts} shared, MLA {cfg.num_attention_heads} heads kv_lora {cfg.kv_lora_rank}")
+    print(f"channels: text ({cfg.text_vocab_size} + {cfg.num_special_tokens} specials) + {cfg.num_codec_channels} "
+          f"codec x ({cfg.codebook_size} + {cfg.num_special_tokens})")
+    enc = " (incl. speech encoder)" if args.with_encoder else ""
+    print(f"total parameters{enc}:  {_human(counts['total'])} ({counts['total']:,})")
+    print(f"active parameters{enc}: {_human(counts['active'])} ({counts['active']:,})")
+    print(f"text backbone as released (untied head, text vocab): total {_human(counts['backbone_total'])}, "
+          f"active {_human(counts['backbone_active'])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deepomni", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    info = sub.add_parser("info", help="print a preset's sizes and parameter counts")
+    info.add_argument("--preset", default="tiny", help=f"one of {list_presets()} or a JSON config path")
+    info.add_argument("--with-encoder", action="store_true", help="include the Whisper encoder in the counts")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(fn=cmd_info)
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as e:
+        print(f"deepomni: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
