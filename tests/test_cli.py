@@ -6,7 +6,7 @@ from deepomni.cli import main
 def test_info_prints_counts(capsys):
     assert main(["info", "--preset", "deepseek-v2-lite"]) == 0
     out = capsys.readouterr().out
-    assert "total parameters:  15.56B" in out and "active 2.45B" in out and "total 15.71B" in out
+    assert "total parameters:  15.83B" in out and "active 2.45B" in out and "total 15.71B" in out
 
 
 def test_info_json_and_bad_preset(capsys):
