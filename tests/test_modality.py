@@ -84,3 +84,19 @@ def test_mask_needs_at_least_top_k_experts(tiny_cfg):
         set_routing_mode(model, "text")
     with pytest.raises(ValueError, match="unknown routing mode"):
         set_routing_mode(model, "vision", small)
+
+
+def test_gradient_mask_survives_meta_materialisation(tiny_cfg):
+    """Models built on the meta device and materialised later (large checkpoints, FSDP) keep the mask."""
+    with torch.device("meta"):
+        model = DeepOmniModel(tiny_cfg, with_speech_input=False)
+    model.to_empty(device="cpu")
+    model.init_weights(0).train()
+    a = _assignment(model)
+    set_routing_mode(model, "text", a)
+    tok = torch.randint(0, 80, (2, 8, model.layout.num_channels))
+    model(tok, labels_BLC=tok).loss.backward()
+    for idx, moe in moe_layers(model).items():
+        frozen = a.speech[idx]
+        assert (moe.experts.gate_up_proj.grad[frozen] == 0).all() and (moe.gate.weight.grad[frozen] == 0).all()
+        assert moe.experts.down_proj.grad[a.text(idx)].abs().sum() > 0

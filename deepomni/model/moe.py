@@ -15,12 +15,19 @@ The layer, in the paper's terms (``../shared/PAPER.md``):
    block of the permuted input; ``counts_E`` gives the block sizes.
 3. **compute**: SwiGLU experts over the stacked weights ``gate_up_E2FD`` / ``down_EDF`` with torch's
    grouped matmul (one kernel for all blocks) where the device supports it, else a loop over the blocks.
-4. **combine**: un-permute, weight each pair by its router weight and sum the k outputs of every token;
-   add the shared experts (one SwiGLU MLP of width ``n_shared * F`` applied to every token).
+   Each pair's router weight is applied to the [N, F] activation before the down projection (equal to
+   weighting the [N, D] output, and cheaper).
+4. **combine**: un-permute and sum the k (weighted) outputs of every token; add the shared experts (one
+   SwiGLU MLP of width ``n_shared * F`` applied to every token).
+
+Outside the matmuls the layer is bound by memory traffic, so the permutation (gather forward, per-token
+sum backward, and its adjoint for the combine) and the weighted SwiGLU are small autograd Functions rather
+than what autograd derives from indexing / ``bmm`` / ``chunk``; ``benchmarks/moe_layer.py`` measures the
+layer against transformers' ``DeepseekV2Moe`` and a dense-matmul roofline.
 
 Modality experts: stacked weights cannot be frozen per expert with ``requires_grad``, so the layer keeps a
-*gradient mask*: hooks on the stacked expert weights and on the router weight zero the gradient rows of
-experts outside ``trainable_E``. With a fresh optimizer per stage and no weight decay on those tensors
+*gradient mask*: in the forward, the stacked expert weights and the router weight pass through an identity
+(:func:`mask_grad_rows`) whose backward zeroes the gradient rows of experts outside ``trainable_E``. With a fresh optimizer per stage and no weight decay on those tensors
 (:func:`deepomni.model.modality.param_groups` arranges it), the frozen experts' weights stay bit-identical.
 Step 2-4 over several processes (expert parallelism) live in ``deepomni.parallel.expert_parallel``; the
 math here is the single-process reference.
@@ -28,11 +35,14 @@ math here is the single-process reference.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..config import ModelConfig
 
@@ -48,6 +58,30 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ------------------------------------------------------------------------------------------ grad mask
+class _MaskGradRows(torch.autograd.Function):
+    """Identity on a stacked ``[E, ...]`` weight whose backward zeroes the gradient rows of frozen experts.
+
+    Applied in the forward (not as a parameter hook), so it survives anything that replaces parameter
+    tensors: materialising from the meta device, ``swap_tensors``, FSDP / ZeRO-3 partitioning, sharding."""
+
+    @staticmethod
+    def forward(ctx, w_EX: torch.Tensor, keep_E: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(keep_E)
+        return w_EX.view_as(w_EX)
+
+    @staticmethod
+    def backward(ctx, grad_EX: torch.Tensor):
+        (keep_E,) = ctx.saved_tensors
+        mask = keep_E.to(grad_EX.device, grad_EX.dtype).view(-1, *([1] * (grad_EX.dim() - 1)))
+        return grad_EX * mask, None
+
+
+def mask_grad_rows(w_EX: torch.Tensor, keep_E: torch.Tensor | None) -> torch.Tensor:
+    """``w_EX`` unchanged, with gradient only for the rows where ``keep_E`` is True (None: all rows)."""
+    return w_EX if keep_E is None else _MaskGradRows.apply(w_EX, keep_E)
 
 
 # ------------------------------------------------------------------------------------------------ route
@@ -68,9 +102,10 @@ class Router(nn.Module):
         self.routed_scaling_factor = cfg.routed_scaling_factor
         # kept in fp32 like the reference implementation: routing decisions are precision sensitive
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
+        self.trainable_E: torch.Tensor | None = None  # router rows that receive gradient (None: all)
 
     def forward(self, x_TD: torch.Tensor, allowed_E: torch.Tensor | None = None) -> Routing:
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        logits_TE = F.linear(x_TD.float(), mask_grad_rows(self.weight, self.trainable_E).float())
         if allowed_E is not None:
             logits_TE = logits_TE.masked_fill(~allowed_E, float("-inf"))
         scores_TE = logits_TE.softmax(dim=-1)
@@ -100,6 +135,14 @@ class Dispatch:
     order_N: torch.Tensor  # permutation of the flattened (token, k) pairs that sorts them by expert
     token_N: torch.Tensor  # source token of each permuted pair
     counts_E: torch.Tensor  # pairs per expert (block sizes of the permuted input)
+    # position of each flattened (token, k) pair in the permuted order (the inverse of order_N); computed
+    # from order_N when not given
+    inverse_N: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.inverse_N is None:
+            self.inverse_N = torch.empty_like(self.order_N)
+            self.inverse_N[self.order_N] = torch.arange(self.order_N.numel(), device=self.order_N.device)
 
 
 def dispatch(experts_TK: torch.Tensor, num_experts: int) -> Dispatch:
@@ -110,11 +153,71 @@ def dispatch(experts_TK: torch.Tensor, num_experts: int) -> Dispatch:
     return Dispatch(order_N, token_N, counts_E)
 
 
-def combine(y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Undo the permutation and take the router-weighted sum of each token's k expert outputs."""
-    T, k = weights_TK.shape
-    y_TKD = torch.empty_like(y_ND).index_copy(0, d.order_N, y_ND).view(T, k, -1)
-    return torch.bmm(weights_TK.unsqueeze(1).to(y_TKD.dtype), y_TKD).squeeze(1)
+def _sum_rows(src_ND: torch.Tensor, d: Dispatch, num_tokens: int) -> torch.Tensor:
+    """``out_TD[t] = sum of src_ND[n] over the pairs n of token t`` (the adjoint of ``x_TD[token_N]``).
+
+    fp32 on CPU: ``index_add_`` into a [T, D] buffer (deterministic there, and it never materialises an
+    [N, D] tensor). Elsewhere: gather each token's k rows with ``inverse_N`` and sum them in fp32, which
+    is deterministic on GPU (no atomics) and accumulates low-precision outputs in fp32.
+    """
+    if src_ND.device.type == "cpu" and src_ND.dtype == torch.float32:
+        out_TD = src_ND.new_zeros(num_tokens, src_ND.shape[-1])
+        return out_TD.index_add_(0, d.token_N, src_ND)
+    k = src_ND.shape[0] // max(num_tokens, 1)
+    rows_TKD = src_ND.index_select(0, d.inverse_N).view(num_tokens, k, -1)
+    return rows_TKD.sum(dim=1, dtype=torch.float32).to(src_ND.dtype)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """``x_ND = x_TD[token_N]`` whose backward sums each token's k row gradients with :func:`_sum_rows`
+    (autograd's own backward of the indexing is a slower accumulating ``index_put_``)."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        ctx.d, ctx.num_tokens = d, x_TD.shape[0]
+        return x_TD.index_select(0, d.token_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):
+        return _sum_rows(grad_ND, ctx.d, ctx.num_tokens), None
+
+
+class _UnpermuteSum(torch.autograd.Function):
+    """``out_TD = sum over each token's k rows of y_ND``: the adjoint of :class:`_PermuteTokens`, so its
+    backward is the plain gather ``grad_TD[token_N]``."""
+
+    @staticmethod
+    def forward(ctx, y_ND: torch.Tensor, d: Dispatch, num_tokens: int) -> torch.Tensor:
+        ctx.d = d
+        return _sum_rows(y_ND, d, num_tokens)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        return grad_TD.index_select(0, ctx.d.token_N), None, None
+
+
+def permute_tokens(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """The dispatched expert input ``x_TD[d.token_N]`` (each token copied to its k pairs, in expert order)."""
+    return _PermuteTokens.apply(x_TD, d)
+
+
+def pair_weights(d: Dispatch, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Router weight of every permuted pair (``weights_N``, aligned with ``x_TD[d.token_N]``)."""
+    return weights_TK.reshape(-1)[d.order_N]
+
+
+def combine(
+    y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor, *, weighted: bool = False
+) -> torch.Tensor:
+    """Undo the permutation and take the router-weighted sum of each token's k expert outputs.
+
+    ``weighted=True``: the rows of ``y_ND`` already carry their router weight (``expert_ffn(...,
+    weights_N=...)``), so only un-permute and sum; ``weights_TK`` then only gives the token count.
+    """
+    T = weights_TK.shape[0]
+    if not weighted:
+        y_ND = y_ND * pair_weights(d, weights_TK).to(y_ND.dtype).unsqueeze(-1)
+    return _UnpermuteSum.apply(y_ND, d, T)
 
 
 # ------------------------------------------------------------------------------------------ compute
@@ -129,41 +232,171 @@ def grouped_mm_supported(device: torch.device) -> bool:
     return False
 
 
-def expert_ffn(
-    x_ND: torch.Tensor, counts_E: torch.Tensor, gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor, impl: str
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up * w`` over the concatenated [gate | up] projection ``h_N2F``, ``w`` the router weight
+    of each row (optional). Scaling the down projection's input by ``w`` equals scaling its output,
+    ``(w a) W = w (a W)``, and the [N, F] activation is narrower than the [N, D] output.
+
+    Written out rather than left to autograd because the layer is bound by memory traffic outside the
+    matmuls: the forward multiplies in place, and the backward writes the gate and up gradients straight
+    into one [N, 2F] tensor (no ``cat`` of the two halves), with fewer temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx, h_N2F: torch.Tensor, weights_N: torch.Tensor | None) -> torch.Tensor:
+        gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+        silu_NF = F.silu(gate_NF)
+        a_NF = silu_NF * up_NF
+        if weights_N is not None:
+            a_NF.mul_(weights_N.to(a_NF.dtype).unsqueeze(-1))
+        ctx.save_for_backward(h_N2F, silu_NF, weights_N)
+        return a_NF
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_NF: torch.Tensor):
+        h_N2F, silu_NF, weights_N = ctx.saved_tensors
+        gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+        grad_h_N2F = torch.empty_like(h_N2F)
+        grad_gate_NF, grad_up_NF = grad_h_N2F.chunk(2, dim=-1)
+        grad_silu_NF = grad_NF * up_NF  # times w below
+        torch.mul(grad_NF, silu_NF, out=grad_up_NF)
+        grad_w_N = None
+        if weights_N is not None:
+            w_N1 = weights_N.to(grad_NF.dtype).unsqueeze(-1)
+            if ctx.needs_input_grad[1]:
+                grad_w_N = (grad_silu_NF * silu_NF).sum(dim=-1).to(weights_N.dtype)
+            grad_silu_NF.mul_(w_N1)
+            grad_up_NF.mul_(w_N1)
+        torch.ops.aten.silu_backward.grad_input(grad_silu_NF, gate_NF, grad_input=grad_gate_NF)
+        return grad_h_N2F, grad_w_N
+
+
+def swiglu(h_N2F: torch.Tensor, weights_N: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` of ``h_N2F = [gate | up]``, each row times ``weights_N`` when given."""
+    return _SwiGLU.apply(h_N2F, weights_N)
+
+
+# On CPU the grouped matmul runs over chunks of consecutive experts of about this many rows. Outside the
+# matmuls the layer is memory bound, and intermediates sized for the whole batch ([N, 2F] floats) both miss
+# the caches and, above glibc's 32 MiB mmap threshold, come back from the OS as fresh pages to fault in and
+# zero on every call. Chunks keep them small: 30-60% fewer page faults at 4096 tokens x top-6, and up to
+# ~15% faster forward+backward depending on the allocator's state (benchmarks/moe_layer.py). GPUs (caching
+# allocator, launch-bound) run all experts as one grouped matmul.
+CPU_CHUNK_ROWS = 4096
+
+
+def _expert_chunks(counts_E: list[int], min_rows: int) -> list[int]:
+    """Sizes (in experts) of consecutive expert chunks with at least ``min_rows`` rows each (bar the last)."""
+    sizes, start, rows = [], 0, 0
+    for e, count in enumerate(counts_E):
+        rows += count
+        if rows >= min_rows:
+            sizes.append(e + 1 - start)
+            start, rows = e + 1, 0
+    if start < len(counts_E):
+        sizes.append(len(counts_E) - start)
+    return sizes
+
+
+def _grouped_ffn(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    weights_N: torch.Tensor | None,
 ) -> torch.Tensor:
-    """SwiGLU of every expert over its contiguous block of ``x_ND`` (blocks sized by ``counts_E``)."""
+    """All experts with two grouped matmuls (one per projection)."""
+    offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+    h_N2F = torch._grouped_mm(x_ND, gate_up_E2FD.transpose(-2, -1), offs=offs_E)
+    return torch._grouped_mm(swiglu(h_N2F, weights_N), down_EDF.transpose(-2, -1), offs=offs_E)
+
+
+def _linear_ffn(
+    x_MD: torch.Tensor,
+    counts_1: torch.Tensor,
+    gate_up_12FD: torch.Tensor,
+    down_1DF: torch.Tensor,
+    weights_M: torch.Tensor | None,
+) -> torch.Tensor:
+    """One expert (the stacked weights sliced to it) with plain matmuls."""
+    return F.linear(swiglu(F.linear(x_MD, gate_up_12FD[0]), weights_M), down_1DF[0])
+
+
+def _ffn_over_chunks(
+    ffn: Callable[..., torch.Tensor],
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    weights_N: torch.Tensor | None,
+    experts_C: list[int],
+) -> torch.Tensor:
+    """``ffn`` over consecutive chunks of ``experts_C`` experts each, outputs concatenated. Rows and weights
+    are ``split`` (not sliced or indexed one by one) and the outputs joined by one ``cat``, so the backward
+    assembles each gradient in a single buffer; chunks without rows are skipped (their gradients are 0)."""
+    counts = counts_E.tolist()
+    bounds = list(itertools.accumulate(experts_C, initial=0))
+    rows_C = [sum(counts[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+    w_chunks = weights_N.split(rows_C) if weights_N is not None else [None] * len(rows_C)
+    chunks = zip(x_ND.split(rows_C), counts_E.split(experts_C), gate_up_E2FD.split(experts_C),
+                 down_EDF.split(experts_C), w_chunks)
+    outs = [ffn(*chunk) for chunk in chunks if chunk[0].shape[0]]
+    return torch.cat(outs) if outs else x_ND.new_zeros(0, down_EDF.shape[1])
+
+
+def expert_ffn(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    impl: str,
+    weights_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SwiGLU of every expert over its contiguous block of ``x_ND`` (blocks sized by ``counts_E``).
+
+    ``weights_N`` (optional, one router weight per row) scales each row's output; it is folded into the
+    activation before the down projection (see :class:`_SwiGLU`).
+    """
+    args = (x_ND, counts_E, gate_up_E2FD, down_EDF, weights_N)
     if impl == "auto":
         impl = "grouped_mm" if grouped_mm_supported(x_ND.device) else "loop"
     if impl == "grouped_mm":
-        offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        h_N2F = torch._grouped_mm(x_ND, gate_up_E2FD.transpose(-2, -1), offs=offs_E)
-        gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate_NF) * up_NF, down_EDF.transpose(-2, -1), offs=offs_E)
-    if impl != "loop":
-        raise ValueError(f"unknown moe_impl {impl!r} (expected auto | grouped_mm | loop)")
-    outs = []
-    for e, x_block in enumerate(torch.split(x_ND, counts_E.tolist())):
-        if x_block.numel() == 0:
-            continue
-        gate, up = F.linear(x_block, gate_up_E2FD[e]).chunk(2, dim=-1)
-        outs.append(F.linear(F.silu(gate) * up, down_EDF[e]))
-    return torch.cat(outs) if outs else x_ND.new_zeros(0, down_EDF.shape[1])
+        if x_ND.device.type == "cpu":
+            experts_C = _expert_chunks(counts_E.tolist(), CPU_CHUNK_ROWS)
+            if len(experts_C) > 1:
+                return _ffn_over_chunks(_grouped_ffn, *args, experts_C)
+        return _grouped_ffn(*args)
+    if impl == "loop":
+        return _ffn_over_chunks(_linear_ffn, *args, [1] * counts_E.numel())
+    raise ValueError(f"unknown moe_impl {impl!r} (expected auto | grouped_mm | loop)")
 
 
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored stacked (transformers' layout: ``gate_up_proj`` [E, 2F, D], ``down_proj``
-    [E, D, F]), so the HF checkpoint maps 1:1 and the grouped matmul reads them directly."""
+    [E, D, F]), so the HF checkpoint maps 1:1 and the grouped matmul reads them directly.
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto"):
+    Under expert parallelism a module holds experts ``[first_expert, first_expert + num_experts)`` of the
+    layer; ``trainable_E`` is the layer-wide gradient mask (None: all train)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto",
+                 first_expert: int = 0):
         super().__init__()
         self.num_experts = num_experts
+        self.first_expert = first_expert
         self.impl = impl
+        self.trainable_E: torch.Tensor | None = None
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return expert_ffn(x_ND, counts_E, self.gate_up_proj, self.down_proj, self.impl)
+    def forward(
+        self, x_ND: torch.Tensor, counts_E: torch.Tensor, weights_N: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        keep = self.trainable_E
+        if keep is not None:
+            keep = keep[self.first_expert : self.first_expert + self.num_experts]
+        gate_up, down = mask_grad_rows(self.gate_up_proj, keep), mask_grad_rows(self.down_proj, keep)
+        return expert_ffn(x_ND, counts_E, gate_up, down, self.impl, weights_N)
 
 
 # --------------------------------------------------------------------------------------------- layer
@@ -188,16 +421,8 @@ class MoE(nn.Module):
         self.routing_mask_E: torch.Tensor | None = None
         self.trainable_E: torch.Tensor | None = None
         self.token_dispatcher = None  # set by deepomni.parallel.expert_parallel.apply_expert_parallel
-        for p in (self.experts.gate_up_proj, self.experts.down_proj, self.gate.weight):
-            p.register_hook(self._mask_grad)
         # the most recent forward's routing, for the modality-load profiler and the balance loss
         self.last_routing: Routing | None = None
-
-    def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        if self.trainable_E is None:
-            return grad
-        mask = self.trainable_E.to(grad.device, grad.dtype)
-        return grad * mask.view(-1, *([1] * (grad.dim() - 1)))
 
     def set_expert_masks(self, routing_mask_E: torch.Tensor | None, trainable_E: torch.Tensor | None) -> None:
         for name, m in (("routing_mask_E", routing_mask_E), ("trainable_E", trainable_E)):
@@ -208,7 +433,7 @@ class MoE(nn.Module):
                 f"routing mask allows {int(routing_mask_E.sum())} experts, fewer than top-k={self.gate.top_k}"
             )
         self.routing_mask_E = routing_mask_E
-        self.trainable_E = trainable_E
+        self.trainable_E = self.gate.trainable_E = self.experts.trainable_E = trainable_E
 
     def forward(self, x_BLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(output_BLD, balance_loss)``."""
@@ -221,8 +446,9 @@ class MoE(nn.Module):
             routed_TD = self.token_dispatcher(x_TD, routing, self.experts)
         else:
             d = dispatch(routing.experts_TK, self.num_experts)
-            y_ND = self.experts(x_TD[d.token_N], d.counts_E)
-            routed_TD = combine(y_ND, d, routing.weights_TK)
+            weights_N = pair_weights(d, routing.weights_TK)
+            y_ND = self.experts(permute_tokens(x_TD, d), d.counts_E, weights_N)
+            routed_TD = combine(y_ND, d, routing.weights_TK, weighted=True)
         out_TD = routed_TD.to(x_TD.dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)

@@ -26,8 +26,8 @@ of the model stay replicated; only steps 2-4 of the MoE layer (dispatch -> compu
 
 Gradients: the expert weights on rank r receive the full gradient of their experts over the tokens of all
 ranks (no reduction needed inside the group); replicated parameters (router, shared experts) only see the
-local tokens and must be reduced by data parallelism as usual. Modality masking keeps working: the
-gradient-mask hooks of the sharded weights apply this rank's slice of ``MoE.trainable_E``.
+local tokens and must be reduced by data parallelism as usual. Modality masking keeps working: each
+sharded ``RoutedExperts`` knows its ``first_expert`` and applies its slice of the layer's ``trainable_E``.
 
 :func:`apply_expert_parallel` installs all of this on a model in place; the single-process math in
 ``deepomni.model.moe`` stays the reference (``tests/test_expert_parallel.py`` checks parity).
@@ -35,7 +35,6 @@ gradient-mask hooks of the sharded weights apply this rank's slice of ``MoE.trai
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -115,24 +114,8 @@ class AllToAllDispatcher:
 
 
 # ----------------------------------------------------------------------------------------- apply
-def _sliced_grad_mask(moe: MoE, lo: int, hi: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``MoE._mask_grad`` for a weight holding experts ``[lo, hi)``: applies that slice of ``trainable_E``,
-    read at backward time so ``set_expert_masks`` after sharding still takes effect."""
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        if moe.trainable_E is None:
-            return grad
-        mask_X = moe.trainable_E[lo:hi].to(grad.device, grad.dtype)
-        return grad * mask_X.view(-1, *([1] * (grad.dim() - 1)))
-
-    return hook
-
-
-def _shard(p: nn.Parameter, lo: int, hi: int, hook: Callable[[torch.Tensor], torch.Tensor]) -> nn.Parameter:
-    shard = nn.Parameter(p.detach()[lo:hi].clone())
-    # registered while requires_grad is True (as MoE does at init), so the mask survives freeze / unfreeze
-    shard.register_hook(hook)
-    return shard.requires_grad_(p.requires_grad)
+def _shard(p: nn.Parameter, lo: int, hi: int) -> nn.Parameter:
+    return nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad)
 
 
 def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -158,9 +141,10 @@ def apply_expert_parallel(module: nn.Module, group: dist.ProcessGroup | None = N
         lo, hi = ep_rank * X, (ep_rank + 1) * X
         _, D, F = old.down_proj.shape
         with torch.device("meta"):  # the constructor's torch.empty weights are replaced right below
-            new = RoutedExperts(X, D, F, old.impl)
-        new.gate_up_proj = _shard(old.gate_up_proj, lo, hi, _sliced_grad_mask(moe, lo, hi))
-        new.down_proj = _shard(old.down_proj, lo, hi, _sliced_grad_mask(moe, lo, hi))
+            new = RoutedExperts(X, D, F, old.impl, first_expert=lo)
+        new.gate_up_proj = _shard(old.gate_up_proj, lo, hi)
+        new.down_proj = _shard(old.down_proj, lo, hi)
+        new.trainable_E = old.trainable_E  # the layer-wide mask; the module applies its own slice
         moe.experts = new
         moe.token_dispatcher = AllToAllDispatcher(moe.num_experts, group)
     return module
