@@ -77,8 +77,13 @@ def rope_parameters(cfg: ModelConfig) -> tuple[torch.Tensor, float, float]:
 class Rotary(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         inv_freq, self.cos_sin_scale, self.softmax_scale = rope_parameters(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies (after ``to_empty`` from the meta device)."""
+        self.inv_freq = rope_parameters(self.cfg)[0].to(self.inv_freq.device)
 
     def forward(self, positions_BL: torch.Tensor) -> torch.Tensor:
         """Complex rotations ``[B, L, P/2]`` for the given absolute positions."""

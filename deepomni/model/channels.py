@@ -99,6 +99,9 @@ class ChannelEmbedding(nn.Module):
         self.head_weight = None if tied else nn.Parameter(torch.empty(layout.total_size, hidden_size))
         self.register_buffer("offsets_C", layout.offsets(), persistent=False)
 
+    def reset_buffers(self) -> None:
+        self.offsets_C = self.layout.offsets(self.offsets_C.device)
+
     def forward(
         self, tokens_BLC: torch.Tensor, audio_BLD: torch.Tensor | None = None, audio_mask_BL: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -65,7 +65,10 @@ class DeepOmniModel(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> "DeepOmniModel":
         """Random init as the DeepSeek-V2 family (normal, std ``initializer_range``; norms at 1). The
-        frozen speech encoder keeps its own (loaded or random) weights."""
+        frozen speech encoder keeps its own (loaded or random) weights. Also recomputes the derived
+        buffers, so a model built on the meta device can be ``to_empty``-ed and then initialised."""
+        self.embed.reset_buffers()
+        self.rotary.reset_buffers()
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.cfg.initializer_range
         for name, p in self.named_parameters():
