@@ -7,6 +7,7 @@ import json
 import sys
 
 from .config import list_presets, load_preset
+from .data.cli import add_data_commands
 
 
 def _human(n: int) -> str:
@@ -46,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--with-encoder", action="store_true", help="include the Whisper encoder in the counts")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(fn=cmd_info)
+    add_data_commands(sub)
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"deepomni: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,95 @@
+"""``deepomni data ...``: ``synth`` (the built-in espeak corpus) and ``import`` (LibriSpeech, JSONL
+manifests), both writing raw-item shards ``<out>/raw/<split>/part-*.parquet``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from pathlib import Path
+
+from .schema import SPLITS, ShardWriter
+
+
+def _mix(text: str) -> dict[str, float]:
+    """``"asr=0.3,tts=0.1"`` -> ``{"asr": 0.3, "tts": 0.1}``."""
+    try:
+        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected name=weight[,name=weight...], got {text!r}") from e
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import SynthConfig, synthesize
+    from .espeak import Voice
+
+    overrides = {"voices": tuple(args.voices) if args.voices else None, "task_mix": args.task_mix,
+                 "family_mix": args.family_mix}
+    cfg = SynthConfig(seed=args.seed, sizes={"train": args.train, "validation": args.validation, "test": args.test},
+                      workers=args.workers, rows_per_shard=args.rows_per_shard,
+                      speech_input_prob=args.speech_input_prob, assistant_voice=Voice(args.assistant_voice, 160, 50),
+                      **{k: v for k, v in overrides.items() if v})
+    synthesize(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"[synth] wrote {Path(args.out) / 'raw'} and {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .readers import read_jsonl_manifest, read_librispeech
+
+    if args.librispeech:
+        rows = read_librispeech(args.librispeech, args.split)
+    else:
+        rows = read_jsonl_manifest(args.manifest, args.split)
+    t0 = time.perf_counter()
+    writers: dict[str, ShardWriter] = {}
+    counts: Counter = Counter()
+    seconds = 0.0
+    for row in rows:
+        split = row["split"]
+        if split not in writers:
+            writers[split] = ShardWriter(Path(args.out) / "raw" / split, args.rows_per_shard, args.overwrite)
+        writers[split].add(row)
+        counts[(split, row["task"])] += 1
+        seconds += (row["question_seconds"] or 0.0) + (row["answer_seconds"] or 0.0)
+    for w in writers.values():
+        w.close()
+    for (split, task), n in sorted(counts.items()):
+        print(f"[import] {split:<10} {task:<10} {n:>7} items")
+    print(f"[import] {sum(counts.values())} items, {seconds / 3600:.3f} h audio, {time.perf_counter() - t0:.1f} s "
+          f"-> {Path(args.out) / 'raw'}")
+    return 0
+
+
+def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``data synth`` and ``data import`` under the top-level ``deepomni`` parser."""
+    data = subparsers.add_parser("data", help="build raw-item datasets (synth, import)")
+    sub = data.add_subparsers(dest="data_cmd", required=True)
+
+    s = sub.add_parser("synth", help="synthesize the built-in spoken corpus with espeak-ng",
+                       description="Templated ASR / TTS / spoken QA / text QA items spoken by espeak-ng; splits "
+                                   "share no template and no entity. See docs/data.md.")
+    s.add_argument("--out", required=True, help="output directory (raw/<split>/part-*.parquet, summary.json)")
+    s.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical shards")
+    for split, n in (("train", 200), ("validation", 50), ("test", 50)):
+        s.add_argument(f"--{split}", type=int, default=n, help=f"items in the {split} split (default {n})")
+    s.add_argument("--voices", nargs="+", help="espeak-ng voices for questions, e.g. en-us en-us+f2 en+f3")
+    s.add_argument("--assistant-voice", default="en-us", help="espeak-ng voice of every spoken answer")
+    s.add_argument("--task-mix", type=_mix, help="task weights, e.g. asr=0.3,spoken_qa=0.3,tts=0.1,text_qa=0.3")
+    s.add_argument("--family-mix", type=_mix, help="QA family weights, e.g. arith=1,spell=1")
+    s.add_argument("--speech-input-prob", type=float, default=0.5, help="spoken_qa: share of speech questions")
+    s.add_argument("--workers", type=int, default=2, help="parallel espeak-ng processes")
+    s.add_argument("--rows-per-shard", type=int, default=500)
+    s.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    s.set_defaults(fn=cmd_synth)
+
+    i = sub.add_parser("import", help="import LibriSpeech or a JSONL manifest as raw-item shards")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--librispeech", help="a LibriSpeech subset directory (<speaker>/<chapter>/...)")
+    src.add_argument("--manifest", help="a JSONL manifest (fields: audio, text, task, answer_text, ...)")
+    i.add_argument("--out", required=True, help="output directory (raw/<split>/part-*.parquet)")
+    i.add_argument("--split", default="train", choices=SPLITS, help="split of the rows (a manifest line may override)")
+    i.add_argument("--rows-per-shard", type=int, default=1000)
+    i.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+    i.set_defaults(fn=cmd_import)

@@ -1,0 +1,210 @@
+"""The built-in spoken corpus: items from :mod:`deepomni.data.content`, spoken by espeak-ng, written as
+raw-item shards ``<out>/raw/<split>/part-*.parquet`` plus ``<out>/summary.json``.
+
+Two steps, so the output is a pure function of the config:
+1. plan (main process, pure Python): per split, the task of every item (exact mixture quotas, shuffled),
+   then per item an rng seeded by ``(seed, split, index)`` picks the content, the input modality
+   (spoken_qa: speech or text at random, the paper's random input modality) and the question's voice,
+   speed and pitch;
+2. render (``workers`` threads, each running espeak-ng child processes): espeak-ng -> 16 kHz -> FLAC.
+   espeak is deterministic, so the same seed gives byte-identical shards whatever the number of workers.
+
+Questions are spoken by many voices (accents, male/female variants, speeds, pitches) so the model does not
+learn one speaker; spoken answers use one fixed *assistant* voice, because the model's own voice should be
+consistent and codec targets in one voice are easier for a small model to learn.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from . import content
+from .espeak import Voice, check_voices, encode_flac, speak, SAMPLE_RATE
+from .schema import ASR, SPEECH, SPLITS, SPOKEN_QA, TASKS, TEXT, TEXT_QA, TTS, ShardWriter
+
+# every entry checked to give distinct samples with espeak-ng 1.51+ (variants on "en-gb" are ignored,
+# hence "en+f3"); f* are female variants, m* male
+DEFAULT_VOICES = ("en-us", "en-us+f2", "en-us+f4", "en-us+m3", "en", "en+f3", "en-gb-scotland", "en-gb-scotland+f2",
+                  "en-gb-x-rp+f4", "en-029", "en-us-nyc+m2", "en-gb-x-gbcwmd+f1")
+DEFAULT_TASK_MIX = {ASR: 0.3, SPOKEN_QA: 0.3, TTS: 0.1, TEXT_QA: 0.3}
+DEFAULT_FAMILY_MIX = {"arith": 0.2, "fact_town": 0.1, "fact_job": 0.1, "fact_pet": 0.1, "repeat": 0.1, "spell": 0.1,
+                      "letter": 0.08, "next": 0.1, "opposite": 0.06, "count": 0.06}
+
+
+@dataclass
+class SynthConfig:
+    """What to synthesize. Sizes are items per split; mixes are relative weights (normalised)."""
+
+    seed: int = 0
+    sizes: dict[str, int] = field(default_factory=lambda: {"train": 200, "validation": 50, "test": 50})
+    task_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_MIX))
+    family_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FAMILY_MIX))  # for spoken_qa, text_qa
+    voices: tuple[str, ...] = DEFAULT_VOICES  # question voices, drawn per item
+    speed_range: tuple[int, int] = (140, 190)  # words per minute, drawn per item (espeak default 175)
+    pitch_range: tuple[int, int] = (30, 70)  # 0..99, drawn per item
+    assistant_voice: Voice = Voice("en-us", 160, 50)  # every spoken answer (tts, spoken_qa)
+    speech_input_prob: float = 0.5  # spoken_qa: probability that the question is speech rather than text
+    rows_per_shard: int = 500
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        mixes = (("task_mix", self.task_mix, TASKS), ("family_mix", self.family_mix, content.QA_FAMILIES))
+        for name, mix, known in mixes:
+            unknown = set(mix) - set(known)
+            if unknown or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+                raise ValueError(f"{name} {mix} must give non-negative weights to names in {list(known)}")
+        unknown = set(self.sizes) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"unknown split(s) {sorted(unknown)} in sizes; expected {list(SPLITS)}")
+        if not self.voices:
+            raise ValueError("need at least one voice")
+
+
+# -------------------------------------------------------------------------------------------- plan
+
+@dataclass(frozen=True)
+class Job:
+    """One item to render: its row without audio, and what espeak should say in which voice."""
+
+    row: dict[str, Any]
+    question: tuple[str, Voice] | None
+    answer: tuple[str, Voice] | None
+
+
+def task_quotas(n: int, mix: dict[str, float]) -> list[str]:
+    """Exactly ``n`` task names in the mixture's proportions (largest remainder), every weighted task at
+    least once when ``n`` allows, so even a 12-item corpus has all tasks."""
+    total = sum(mix.values())
+    tasks = [t for t in TASKS if mix.get(t, 0) > 0]
+    exact = {t: n * mix[t] / total for t in tasks}
+    counts = {t: int(exact[t]) for t in tasks}
+    for t in sorted(tasks, key=lambda t: counts[t] - exact[t])[: n - sum(counts.values())]:
+        counts[t] += 1
+    if n >= len(tasks):
+        for t in tasks:
+            if counts[t] == 0:
+                counts[max(counts, key=counts.get)] -= 1
+                counts[t] = 1
+    return [t for t in tasks for _ in range(counts[t])]
+
+
+def _weighted(rng: random.Random, mix: dict[str, float]) -> str:
+    names = sorted(mix)
+    return rng.choices(names, weights=[mix[k] for k in names])[0]
+
+
+def plan_item(cfg: SynthConfig, pools: content.SplitPools, task: str, index: int) -> Job:
+    rng = random.Random(f"deepomni-synth/{cfg.seed}/{pools.split}/{index}")
+    if task in (ASR, TTS):
+        item = content.sentence(pools, rng)
+        answer_text = content.transcript(item.answer_text) if task == ASR else item.answer_text
+    else:
+        item = content.qa_item(pools, _weighted(rng, cfg.family_mix), rng)
+        answer_text = item.answer_text
+    speech_in = task == ASR or (task == SPOKEN_QA and rng.random() < cfg.speech_input_prob)
+    q_voice = None
+    if speech_in:
+        q_voice = Voice(rng.choice(cfg.voices), rng.randint(*cfg.speed_range), rng.randint(*cfg.pitch_range))
+    a_voice = cfg.assistant_voice if task in (TTS, SPOKEN_QA) else None
+    meta = {"source": "synth", "seed": cfg.seed, "family": item.family, "template": item.template,
+            "entities": list(item.entities), "question_voice": q_voice and q_voice.to_dict(),
+            "answer_voice": a_voice and a_voice.to_dict()}
+    row = {"id": f"synth-s{cfg.seed}-{pools.split}-{index:06d}", "split": pools.split, "task": task,
+           "input_modality": SPEECH if speech_in else TEXT, "question_text": item.question_text,
+           "answer_text": answer_text, "meta": json.dumps(meta, sort_keys=True)}
+    return Job(row,
+               (item.question_speak or item.question_text, q_voice) if q_voice else None,
+               (item.answer_speak or item.answer_text, a_voice) if a_voice else None)
+
+
+def plan(cfg: SynthConfig) -> dict[str, list[Job]]:
+    pools = content.build_pools(cfg.seed)
+    jobs = {}
+    for split in SPLITS:
+        n = cfg.sizes.get(split, 0)
+        tasks = task_quotas(n, cfg.task_mix)
+        random.Random(f"deepomni-synth/{cfg.seed}/{split}/tasks").shuffle(tasks)
+        jobs[split] = [plan_item(cfg, pools[split], t, i) for i, t in enumerate(tasks)]
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------ render
+
+def render(job: Job) -> dict[str, Any]:
+    """The job's row with its audio columns filled (runs in a worker thread)."""
+    row = dict(job.row, question_audio=None, question_seconds=None, answer_audio=None, answer_seconds=None)
+    for side, spec in (("question", job.question), ("answer", job.answer)):
+        if spec is not None:
+            x_T = speak(*spec)
+            row[f"{side}_audio"] = encode_flac(x_T)
+            row[f"{side}_seconds"] = len(x_T) / SAMPLE_RATE
+    return row
+
+
+def synthesize(cfg: SynthConfig, out_dir: str | Path, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Plan, render and write the corpus; returns (and writes to ``out_dir/summary.json``) a summary:
+    items per split and task, audio hours per split, wall time, items per second."""
+    t0 = time.perf_counter()
+    check_voices(list(cfg.voices) + [cfg.assistant_voice.name])
+    out = Path(out_dir)
+    jobs = plan(cfg)
+    total = sum(len(j) for j in jobs.values())
+    counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
+    seconds: dict[str, float] = {s: 0.0 for s in SPLITS}
+    # every split's directory is checked (and cleared with overwrite) before any work
+    writers = {s: ShardWriter(out / "raw" / s, cfg.rows_per_shard, overwrite) for s in SPLITS}
+    # threads suffice: ~85% of an item's time is the espeak-ng child process, the rest mostly GIL-free C
+    pool = ThreadPoolExecutor(cfg.workers) if cfg.workers > 1 else None
+    try:
+        with tqdm(total=total, desc="synth", unit="item", disable=not progress) as bar:
+            for split in SPLITS:
+                rows = pool.map(render, jobs[split]) if pool else map(render, jobs[split])
+                for row in rows:
+                    writers[split].add(row)
+                    counts[split][row["task"]] += 1
+                    seconds[split] += (row["question_seconds"] or 0.0) + (row["answer_seconds"] or 0.0)
+                    bar.update()
+                writers[split].close()
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    wall = time.perf_counter() - t0
+    summary = {
+        "items": {s: dict(sorted(counts[s].items())) for s in SPLITS},
+        "audio_hours": {s: round(seconds[s] / 3600, 4) for s in SPLITS},
+        "audio_seconds_per_item": round(sum(seconds.values()) / max(total, 1), 3),
+        "wall_seconds": round(wall, 2),
+        "items_per_second": round(total / wall, 2) if wall > 0 else None,
+        "config": _config_dict(cfg),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if progress:
+        print(format_summary(summary))
+    return summary
+
+
+def _config_dict(cfg: SynthConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["voices"] = list(cfg.voices)
+    return d
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = []
+    for s in SPLITS:
+        items = summary["items"][s]
+        tasks = " ".join(f"{t}={n}" for t, n in items.items())
+        lines.append(f"[synth] {s:<10} {sum(items.values()):>6} items ({tasks}), "
+                     f"{summary['audio_hours'][s]:.3f} h audio")
+    lines.append(f"[synth] {summary['wall_seconds']:.1f} s wall, {summary['items_per_second']} items/s, "
+                 f"{summary['audio_seconds_per_item']:.2f} s audio per item")
+    return "\n".join(lines)
