@@ -6,7 +6,14 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints-cpu.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: setup demo test bench info clean
+.PHONY: setup sysdeps demo test bench info clean
+
+# espeak-ng speaks the built-in corpus; installed from Debian when missing and we are root
+sysdeps:
+	@command -v espeak-ng >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
+	  else echo "warning: espeak-ng is missing (apt-get install espeak-ng): built-in speech data is unavailable"; fi; }
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,7 +21,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q $(PIP_C) -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: sysdeps $(STAMP)
 
 demo: setup
 	$(PY) -m jobs.demo
@@ -24,6 +31,8 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/codec_quality.py
+	$(PY) benchmarks/data_pipeline.py
 
 info: setup
 	$(PY) -m deepomni.cli info --preset deepseek-v2-lite

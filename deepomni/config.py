@@ -123,6 +123,25 @@ class ModelConfig:
             raise ValueError("num_codec_channels must be >= 0")
 
 
+@dataclass
+class DataConfig:
+    """Preprocessing: raw items (audio bytes) -> tokenized sequences (``deepomni data prepare``)."""
+
+    preset: str = "tiny"  # model preset (or JSON path) whose channel layout and encoder the data is built for
+    tokenizer: str = "bytes"  # "bytes" | "hf:<dir>" (see deepomni.text)
+    # "builtin": fit the built-in codec on the train split's speech answers and save it with the data;
+    # "builtin:<dir>" / "snac:<dir>": a saved codec (its K and codebook must match the preset)
+    codec: str = "builtin"
+    codec_fit_items: int = 200  # answers used to fit the built-in codec
+    max_audio_seconds: float | None = None  # None: the encoder window (max_source_positions * 20 ms)
+    batch_size: int = 16  # rows per map_batches call
+    feature_actors: int = 1  # actor pool size for log-mel extraction
+    codec_actors: int = 1  # actor pool size for codec encoding
+    actor_num_cpus: float = 0.5  # fractional CPUs per actor (2-core machines: leave room for the rest)
+    rows_per_file: int = 512
+    seed: int = 0
+
+
 PRESETS_DIR = "presets"
 
 

@@ -1,5 +1,6 @@
 """``deepomni data ...``: ``synth`` (the built-in espeak corpus) and ``import`` (LibriSpeech, JSONL
-manifests), both writing raw-item shards ``<out>/raw/<split>/part-*.parquet``."""
+manifests), both writing raw-item shards ``<out>/raw/<split>/part-*.parquet``; ``prepare`` (Ray Data)
+turning them into tokenized shards ``<out>/tokenized/split=<split>/status=ok|rejected/``."""
 
 from __future__ import annotations
 
@@ -61,9 +62,47 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from ..config import DataConfig
+    from .pipeline import prepare
+
+    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
+    raw = Path(args.raw) if args.raw else Path(args.out) / "raw"
+    s = prepare(raw, args.out, cfg)
+    for key, tasks in sorted(s.per_split_task.items()):
+        print(f"[prepare] {key:<22} " + " ".join(f"{t}={n}" for t, n in sorted(tasks.items())))
+    print(f"[prepare] {s.items} items ({s.rejected} rejected), {s.audio_seconds / 60:.1f} min audio in "
+          f"{s.wall_seconds:.1f} s: {s.items_per_second:.1f} items/s, {s.audio_seconds_per_second:.1f} audio s/s")
+    print(f"[prepare] codec {s.codec} -> {s.out}")
+    return 0
+
+
+def _add_prepare_args(p: argparse.ArgumentParser) -> None:
+    from dataclasses import MISSING, fields
+
+    from ..config import DataConfig
+
+    p.add_argument("--out", required=True, help="output directory (tokenized/, codec/, prepare_summary.json)")
+    p.add_argument("--raw", help="raw-item shards (default: <out>/raw)")
+    for f in fields(DataConfig):
+        default = f.default if f.default is not MISSING else None
+        typ = {int: int, float: float}.get(type(default), str)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=default,
+                       help=f"(default {default})")
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    """``python -m jobs.prepare_data``: the same as ``deepomni data prepare``."""
+    p = argparse.ArgumentParser(prog="jobs.prepare_data", description="Tokenize raw items on Ray Data.")
+    _add_prepare_args(p)
+    return cmd_prepare(p.parse_args(argv))
+
+
 def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``data synth`` and ``data import`` under the top-level ``deepomni`` parser."""
-    data = subparsers.add_parser("data", help="build raw-item datasets (synth, import)")
+    data = subparsers.add_parser("data", help="build datasets (synth, import, prepare)")
     sub = data.add_subparsers(dest="data_cmd", required=True)
 
     s = sub.add_parser("synth", help="synthesize the built-in spoken corpus with espeak-ng",
@@ -93,3 +132,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--rows-per-shard", type=int, default=1000)
     i.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
     i.set_defaults(fn=cmd_import)
+
+    pr = sub.add_parser("prepare", help="tokenize raw items on Ray Data (features, codec, sequences)")
+    _add_prepare_args(pr)
+    pr.set_defaults(fn=cmd_prepare)

@@ -1,0 +1,251 @@
+"""The preprocessing pipeline on Ray Data: raw items -> tokenized sequences.
+
+    read_parquet(raw/)                                    raw items, audio as encoded bytes
+      -> map_batches(FeatureStage, actor pool)            spoken questions: decode, 16 kHz, log-mel
+      -> map_batches(CodecStage, actor pool)              spoken answers: codec codes [K, frames]
+      -> map_batches(build_batch)                         chat template, channel packing, delay, loss masks
+      -> write_parquet(tokenized/, split=.../status=ok|rejected)
+
+Actors hold the expensive state (the feature extractor, the codec weights) and are reused across batches.
+A row whose audio is bad is not dropped silently and does not stop the run: it carries its error to the
+end and is written under ``status=rejected`` with the reason. Runs on whatever Ray the process is connected
+to: the embedded local one when no address is set, a cluster under ``ray job submit``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import torch
+
+from ..config import DataConfig, ModelConfig, load_preset
+from ..model.channels import VocabLayout
+from ..model.speech import num_audio_positions
+from .schema import RAW_SCHEMA
+from .sequences import INSTRUCTIONS, SPEECH_OUT_TASKS, build_sequence
+from .tokenized import TOKENIZED_SCHEMA
+
+FEATURE_FIELDS = [("mel", pa.list_(pa.float16())), ("mel_bins", pa.int32()), ("mel_frames", pa.int32()),
+                  ("audio_positions", pa.int32()), ("error", pa.string())]
+CODEC_FIELDS = [("answer_codes", pa.list_(pa.int32())), ("answer_frames", pa.int32())]
+FEATURED_SCHEMA = pa.schema(list(RAW_SCHEMA) + [pa.field(n, t) for n, t in FEATURE_FIELDS])
+CODED_SCHEMA = pa.schema(list(FEATURED_SCHEMA) + [pa.field(n, t) for n, t in CODEC_FIELDS])
+
+
+def _rows(batch: pa.Table) -> list[dict]:
+    return batch.to_pylist()
+
+
+class FeatureStage:
+    """Spoken questions -> log-mel (``LogMel``), and the number of AUDIO positions they will fill."""
+
+    def __init__(self, model_cfg: dict, data_cfg: dict):
+        from ..audio import LogMel
+
+        self.model_cfg = ModelConfig.from_dict(model_cfg)
+        self.data_cfg = DataConfig(**data_cfg)
+        self.logmel = LogMel.from_config(self.model_cfg.speech_encoder)
+        self.max_seconds = min(self.data_cfg.max_audio_seconds or self.logmel.max_seconds, self.logmel.max_seconds)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from ..audio import load_audio
+
+        rows = _rows(batch)
+        wavs, idx = [], []
+        for i, r in enumerate(rows):
+            r.update(mel=[], mel_bins=0, mel_frames=0, audio_positions=0, error=None)
+            if r["input_modality"] != "speech":
+                continue
+            try:
+                if r["question_audio"] is None:
+                    raise ValueError("speech input without question_audio")
+                wavs.append(load_audio(r["question_audio"], 16000, self.max_seconds))
+                idx.append(i)
+            except ValueError as e:  # AudioError is a ValueError: keep the row, say why
+                r["error"] = f"question_audio: {e}"
+        if wavs:
+            mel_BMT, frames = self.logmel(wavs)
+            for b, i in enumerate(idx):
+                n = frames[b]
+                m = mel_BMT[b, :, :n].numpy().astype(np.float16)
+                rows[i].update(mel=m.reshape(-1), mel_bins=m.shape[0], mel_frames=n,
+                               audio_positions=num_audio_positions(n, self.model_cfg.speech_encoder.downsample))
+        return pa.Table.from_pylist(rows, schema=FEATURED_SCHEMA)
+
+
+class CodecStage:
+    """Spoken answers -> codec codes ``[K, frames]`` (stored flat, channel-major)."""
+
+    def __init__(self, codec_spec: str, max_seconds: float | None):
+        from ..codec import load_codec
+
+        self.codec = load_codec(codec_spec)
+        self.max_seconds = max_seconds
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from ..audio import load_audio
+
+        rows = _rows(batch)
+        for r in rows:
+            r.update(answer_codes=[], answer_frames=0)
+            if r["task"] not in SPEECH_OUT_TASKS or r["error"]:
+                continue
+            try:
+                if r["answer_audio"] is None:
+                    raise ValueError(f"task {r['task']} without answer_audio")
+                wav = load_audio(r["answer_audio"], self.codec.sample_rate, self.max_seconds)
+                codes = self.codec.encode(wav)
+                r.update(answer_codes=codes.reshape(-1).tolist(), answer_frames=int(codes.shape[1]))
+            except ValueError as e:
+                r["error"] = f"answer_audio: {e}"
+        return pa.Table.from_pylist(rows, schema=CODED_SCHEMA)
+
+
+class SequenceStage:
+    """Chat template + channel packing (:func:`deepomni.data.sequences.build_sequence`)."""
+
+    def __init__(self, model_cfg: dict, tokenizer: str):
+        from ..text import load_tokenizer
+
+        cfg = ModelConfig.from_dict(model_cfg)
+        self.layout = VocabLayout.from_config(cfg)
+        self.tok = load_tokenizer(tokenizer, cfg.text_vocab_size)
+        self.instructions = {t: self.tok.encode(s) for t, s in INSTRUCTIONS.items()}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        K = self.layout.num_codec_channels
+        for r in _rows(batch):
+            row = {k: r[k] for k in ("id", "split", "task", "input_modality", "question_text", "answer_text",
+                                     "audio_positions", "mel", "mel_bins", "mel_frames", "answer_frames", "error")}
+            row.update(length=0, num_channels=self.layout.num_channels, tokens=[], labels=[])
+            if not r["error"]:
+                try:
+                    speech_in = r["input_modality"] == "speech"
+                    codes = None
+                    if r["answer_frames"]:
+                        codes = torch.tensor(r["answer_codes"], dtype=torch.long).view(K, -1)
+                    seq = build_sequence(
+                        self.layout, r["task"], self.tok.encode(r["answer_text"] or ""), self.instructions[r["task"]],
+                        question_ids=None if speech_in else self.tok.encode(r["question_text"] or ""),
+                        audio_positions=r["audio_positions"] if speech_in else None,
+                        answer_codes_KF=codes,
+                    )
+                    row.update(length=seq.tokens_LC.shape[0], tokens=seq.tokens_LC.reshape(-1).tolist(),
+                               labels=seq.labels_LC.reshape(-1).tolist())
+                except ValueError as e:
+                    row["error"] = f"sequence: {e}"
+            row["status"] = "rejected" if row["error"] else "ok"
+            out.append(row)
+        return pa.Table.from_pylist(out, schema=TOKENIZED_SCHEMA.append(pa.field("status", pa.string())))
+
+
+# ------------------------------------------------------------------------------------------- driver
+@dataclass
+class PrepareSummary:
+    items: int
+    rejected: int
+    per_split_task: dict
+    audio_seconds: float
+    wall_seconds: float
+    codec: str
+    out: str
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.wall_seconds
+
+    @property
+    def audio_seconds_per_second(self) -> float:
+        return self.audio_seconds / self.wall_seconds
+
+
+def resolve_codec(raw_dir: Path, out_dir: Path, data_cfg: DataConfig, model_cfg: ModelConfig) -> str:
+    """The codec spec the workers load; ``builtin`` fits one on the train split's spoken answers first."""
+    from ..codec import load_codec
+
+    spec = data_cfg.codec
+    if spec == "builtin":
+        from ..audio import load_audio
+        from ..codec.builtin import fit_builtin_codec
+        from .schema import read_raw
+
+        table = read_raw(raw_dir / "train") if (raw_dir / "train").exists() else read_raw(raw_dir)
+        audio = [a for a in table.column("answer_audio").to_pylist() if a is not None][: data_cfg.codec_fit_items]
+        if not audio:
+            raise ValueError(f"no spoken answers under {raw_dir} to fit the built-in codec on")
+        wavs = []
+        for a in audio:
+            try:
+                wavs.append(load_audio(a, 16000))
+            except ValueError:  # bad audio: its row is rejected by CodecStage with the reason
+                continue
+        if not wavs:
+            raise ValueError(f"none of the spoken answers under {raw_dir} decodes: cannot fit the built-in codec")
+        codec = fit_builtin_codec(wavs, sample_rate=16000, num_channels=model_cfg.num_codec_channels,
+                                  codebook_size=model_cfg.codebook_size, seed=data_cfg.seed)
+        codec.save(out_dir / "codec")
+        spec = f"builtin:{out_dir / 'codec'}"
+    codec = load_codec(spec)
+    if codec.num_channels != model_cfg.num_codec_channels or codec.codebook_size > model_cfg.codebook_size:
+        raise ValueError(
+            f"codec {spec!r} has {codec.num_channels} channels x {codec.codebook_size} codes; the model expects "
+            f"{model_cfg.num_codec_channels} x {model_cfg.codebook_size}"
+        )
+    return spec
+
+
+def prepare(raw_dir: str | Path, out_dir: str | Path, data_cfg: DataConfig | None = None) -> PrepareSummary:
+    """Run the pipeline on the connected (or an embedded local) Ray and write ``out_dir/tokenized``."""
+    import ray
+
+    data_cfg = data_cfg or DataConfig()
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    if not raw_dir.exists():
+        raise FileNotFoundError(f"raw data directory {raw_dir} does not exist (run `deepomni data synth` first?)")
+    model_cfg = load_preset(data_cfg.preset)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # 2-core machines: logical CPUs
+    t0 = time.perf_counter()
+    codec_spec = resolve_codec(raw_dir, out_dir, data_cfg, model_cfg)
+
+    files = sorted(str(p) for p in raw_dir.rglob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards under {raw_dir}")
+    pool = lambda n: ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, n))  # noqa: E731
+    ds = ray.data.read_parquet(files)
+    ds = ds.map_batches(FeatureStage, fn_constructor_args=(model_cfg.to_dict(), asdict(data_cfg)),
+                        batch_size=data_cfg.batch_size, batch_format="pyarrow",
+                        compute=pool(data_cfg.feature_actors), num_cpus=data_cfg.actor_num_cpus)
+    ds = ds.map_batches(CodecStage, fn_constructor_args=(codec_spec, data_cfg.max_audio_seconds),
+                        batch_size=data_cfg.batch_size, batch_format="pyarrow",
+                        compute=pool(data_cfg.codec_actors), num_cpus=data_cfg.actor_num_cpus)
+    ds = ds.map_batches(SequenceStage, fn_constructor_args=(model_cfg.to_dict(), data_cfg.tokenizer),
+                        batch_size=data_cfg.batch_size, batch_format="pyarrow", compute=pool(1),
+                        num_cpus=data_cfg.actor_num_cpus)
+    tok_dir = out_dir / "tokenized"
+    ds.write_parquet(str(tok_dir), partition_cols=["split", "status"], min_rows_per_file=data_cfg.rows_per_file,
+                     mode="overwrite")
+    wall = time.perf_counter() - t0
+
+    tbl = pads.dataset(str(tok_dir), format="parquet", partitioning="hive").to_table(columns=["split", "task", "status"])
+    per: dict = {}
+    for split, task, status in zip(*(tbl.column(c).to_pylist() for c in ("split", "task", "status"))):
+        per.setdefault(f"{split}/{status}", {}).setdefault(task, 0)
+        per[f"{split}/{status}"][task] += 1
+    raw = pads.dataset(files, format="parquet").to_table(columns=["question_seconds", "answer_seconds"])
+    audio_s = float(sum(x or 0 for c in ("question_seconds", "answer_seconds") for x in raw.column(c).to_pylist()))
+    status = tbl.column("status").to_pylist()
+    summary = PrepareSummary(items=len(status), rejected=status.count("rejected"), per_split_task=per,
+                             audio_seconds=audio_s, wall_seconds=wall, codec=codec_spec, out=str(tok_dir))
+    (out_dir / "prepare_summary.json").write_text(json.dumps(
+        {**asdict(summary), "items_per_second": summary.items_per_second,
+         "audio_seconds_per_second": summary.audio_seconds_per_second, "data_config": asdict(data_cfg)}, indent=1))
+    return summary
