@@ -26,6 +26,7 @@ import torch
 
 from ..config import DataConfig, ModelConfig, load_preset
 from ..model.channels import VocabLayout
+from ..ray_env import init_ray
 from ..model.speech import num_audio_positions
 from .schema import RAW_SCHEMA
 from .sequences import INSTRUCTIONS, SPEECH_OUT_TASKS, build_sequence
@@ -211,8 +212,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, data_cfg: DataConfig | Non
         raise FileNotFoundError(f"raw data directory {raw_dir} does not exist (run `deepomni data synth` first?)")
     model_cfg = load_preset(data_cfg.preset)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # 2-core machines: logical CPUs
+    init_ray()
     t0 = time.perf_counter()
     codec_spec = resolve_codec(raw_dir, out_dir, data_cfg, model_cfg)
 
