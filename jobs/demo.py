@@ -3,7 +3,7 @@
     python -m jobs.demo [--preset tiny] [--steps 48] [--seconds 2.0] [--seed 0]
 
 Speech in: a synthetic 2 s utterance (a gliding tone with noise) through transformers'
-WhisperFeatureExtractor -> the frozen Whisper encoder -> projector. Then one full forward of the spoken
+WhisperFeatureExtractor (deepomni.audio.LogMel) -> the frozen Whisper encoder -> projector. Then one full forward of the spoken
 turn and a batch-parallel generation (text item + speech item, KV cache, delay pattern). The weights are
 random, so the tokens mean nothing yet; later stages train them.
 """
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from transformers import WhisperFeatureExtractor
+    from deepomni.audio import LogMel
 
     torch.manual_seed(args.seed)
     cfg = load_preset(args.preset)
@@ -51,10 +51,9 @@ def main(argv: list[str] | None = None) -> None:
           f"({time.perf_counter() - t0:.2f}s)")
 
     wav = synthetic_utterance(args.seconds, seed=args.seed)
-    fe = WhisperFeatureExtractor(feature_size=cfg.speech_encoder.num_mel_bins)
+    logmel = LogMel.from_config(cfg.speech_encoder)
     t0 = time.perf_counter()
-    feats = fe(wav, sampling_rate=16000, return_tensors="pt", return_attention_mask=True)
-    mel, n_mel = feats.input_features, int(feats.attention_mask.sum())
+    mel, (n_mel,) = logmel([wav])
     with torch.no_grad():
         audio = model.encode_speech(mel, [n_mel])[0]
     print(f"[speech in] {args.seconds:.1f}s audio -> log-mel {tuple(mel.shape)} ({n_mel} frames) -> "
