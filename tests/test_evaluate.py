@@ -1,0 +1,129 @@
+"""Held-out evaluation (deepomni/train/evaluate.py, jobs/evaluate.py)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from deepomni.checkpoint import save_model
+from deepomni.data.tokenized import row_tensors
+from deepomni.model.channels import TextSpecial
+from deepomni.model.generate import Generation
+from deepomni.model.model import DeepOmniModel
+from deepomni.text import load_tokenizer
+from deepomni.train import evaluate as ev
+from deepomni.train.profile import read_rows
+from test_profile import ANSWER_FRAMES, write_tiny_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_cfg):
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"), tiny_cfg, "test")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_cfg):
+    return save_model(DeepOmniModel(tiny_cfg).init_weights(0), tmp_path_factory.mktemp("ckpt"))
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def test_normalize_and_exact_match():
+    assert ev.normalize("  Mira Kolb lives in Tarnwick. ") == "mira kolb lives in tarnwick"
+    assert ev.normalize("C, A,  T!") == "c a t"
+    assert ev.normalize("don't\tstop") == "don t stop"
+    assert ev.exact_match("Twelve.", "twelve") and not ev.exact_match("twelve two", "twelve")
+    assert ev.normalize("") == ""
+
+
+def test_word_edits_and_wer():
+    assert ev.word_edits("the cat sat", "the cat sat") == (0, 3)
+    assert ev.word_edits("the cat sat", "the bat sat") == (1, 3)  # substitution
+    assert ev.word_edits("the cat sat", "the sat") == (1, 3)  # deletion
+    assert ev.word_edits("the cat sat", "the cat sat down") == (1, 3)  # insertion
+    assert ev.word_edits("a b", "") == (2, 2) and ev.word_edits("", "x y") == (2, 0)
+    assert ev.word_edits("The Cat.", "the cat") == (0, 2)  # normalised first
+    assert ev.wer(["the cat sat", "a b"], ["the bat sat", "a b c d"]) == pytest.approx(3 / 5)
+    assert math.isnan(ev.wer([], []))
+
+
+def test_relative_drop():
+    assert ev.relative_drop(0.5, 1.0) == -1.0
+    assert ev.relative_drop(0.8, 0.6) == pytest.approx(0.25)
+    assert ev.relative_drop(0.0, 0.5) is None and ev.relative_drop(None, 0.5) is None
+
+
+# -------------------------------------------------------------------------------------------- prompts
+def test_prompt_is_the_training_prompt(corpus, tiny_cfg):
+    model = DeepOmniModel(tiny_cfg).init_weights(0).eval()
+    tok = load_tokenizer("bytes")
+    assistant = model.layout.text(TextSpecial.ASSISTANT)
+    for row in read_rows(corpus, "test"):
+        tokens, _, _ = row_tensors(row)
+        end = int((tokens[:, 0] == assistant).nonzero()[0]) + 1
+        prompt, audio = ev.build_prompt(model, tok, row)
+        assert torch.equal(prompt, tokens[:end]), row["id"]
+        assert (audio is None) == (row["input_modality"] == "text")
+        if audio is not None:
+            assert audio[0].shape == (row["audio_positions"], tiny_cfg.hidden_size)
+
+
+# -------------------------------------------------------------------------------------------- the job
+def test_job_on_random_checkpoint(tmp_path, corpus, checkpoint, tiny_cfg):
+    from jobs.evaluate import main
+
+    out = tmp_path / "eval"
+    assert main(["--checkpoint", str(checkpoint), "--base", str(checkpoint), "--data", str(corpus),
+                 "--out", str(out), "--split", "test", "--margin", "2"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    m = result["metrics"]
+    assert set(ev.METRICS) | {"items", "base_text_qa_accuracy", "text_drop"} <= set(m)
+    assert m["items"] == {"text_qa_accuracy": 2, "spoken_qa_accuracy": 1, "spoken_qa_text_input_accuracy": 1,
+                          "asr_wer": 1, "codec_accuracy": 3, "speech_length_consistency": 2}
+    for k in ev.METRICS:
+        assert m[k] is not None and (m[k] >= 0 if k == "asr_wer" else 0 <= m[k] <= 1), k
+    # teacher-forced codec labels: K channels x (frames + EOS) per speech-out item
+    assert m["codec_tokens"] == 3 * tiny_cfg.num_codec_channels * (ANSWER_FRAMES + 1)
+    md = (out / "eval.md").read_text()
+    for k in (*ev.METRICS, "text_drop"):
+        assert f"| {k}" in md
+    items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 6
+    for r in items:  # decoding is bounded by the reference answer's length
+        if "steps" in r:
+            speech = r["task"] == "spoken_qa"
+            bound = ev.step_bound({"answer_text": r["reference"], "answer_frames": ANSWER_FRAMES if speech else 0},
+                                  load_tokenizer("bytes"), tiny_cfg.num_codec_channels, speech, 2)
+            assert r["steps"] <= bound + 1
+
+
+def _oracle(correct_ids: set[str] | None = None):
+    """A stand-in for the model's answers: the reference text (for ids in ``correct_ids``, else "wrong"),
+    with as many codec frames as the reference speech."""
+    tok = load_tokenizer("bytes")
+
+    def answer(model, tok_, row, speech, cfg):
+        text = row["answer_text"] if correct_ids is None or row["id"] in correct_ids else "wrong"
+        frames = [torch.zeros(model.layout.num_codec_channels, dtype=torch.long)] * int(row["answer_frames"] or 1) if speech else []
+        return Generation(text_ids=tok.encode(text), frames=frames, steps=len(text) + 1)
+
+    return answer
+
+
+def test_correct_answers_score_one_and_drop_vs_base(monkeypatch, corpus, tiny_cfg):
+    model = DeepOmniModel(tiny_cfg).init_weights(0).eval()
+    rows = read_rows(corpus, "test")
+    monkeypatch.setattr(ev, "answer_item", _oracle())
+    metrics, records = ev.evaluate(model, rows)
+    assert metrics["text_qa_accuracy"] == 1.0 and metrics["spoken_qa_accuracy"] == 1.0
+    assert metrics["spoken_qa_text_input_accuracy"] == 1.0 and metrics["asr_wer"] == 0.0
+    assert metrics["speech_length_consistency"] == 1.0
+    # a base that answers one of the two text_qa items: 0.5 -> drop (0.5 - 1) / 0.5 = -1
+    text_ids = [r["id"] for r in rows if r["task"] == "text_qa"]
+    monkeypatch.setattr(ev, "answer_item", _oracle({text_ids[0]}))
+    base, _ = ev.evaluate(model, rows, ev.EvalConfig(tasks=("text_qa",)))
+    assert base["text_qa_accuracy"] == 0.5
+    both = ev.compare(metrics, base)
+    assert both["base_text_qa_accuracy"] == 0.5 and both["text_drop"] == -1.0
+    # and the other way round: the model at 0.5 against a perfect base drops by half
+    assert ev.compare(base, metrics)["text_drop"] == 0.5
