@@ -39,10 +39,6 @@ FEATURED_SCHEMA = pa.schema(list(RAW_SCHEMA) + [pa.field(n, t) for n, t in FEATU
 CODED_SCHEMA = pa.schema(list(FEATURED_SCHEMA) + [pa.field(n, t) for n, t in CODEC_FIELDS])
 
 
-def _rows(batch: pa.Table) -> list[dict]:
-    return batch.to_pylist()
-
-
 class FeatureStage:
     """Spoken questions -> log-mel (``LogMel``), and the number of AUDIO positions they will fill."""
 
@@ -57,7 +53,7 @@ class FeatureStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ..audio import load_audio
 
-        rows = _rows(batch)
+        rows = batch.to_pylist()
         wavs, idx = [], []
         for i, r in enumerate(rows):
             r.update(mel=[], mel_bins=0, mel_frames=0, audio_positions=0, error=None)
@@ -92,7 +88,7 @@ class CodecStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ..audio import load_audio
 
-        rows = _rows(batch)
+        rows = batch.to_pylist()
         for r in rows:
             r.update(answer_codes=[], answer_frames=0)
             if r["task"] not in SPEECH_OUT_TASKS or r["error"]:
@@ -122,7 +118,7 @@ class SequenceStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         K = self.layout.num_codec_channels
-        for r in _rows(batch):
+        for r in batch.to_pylist():
             row = {k: r[k] for k in ("id", "split", "task", "input_modality", "question_text", "answer_text",
                                      "audio_positions", "mel", "mel_bins", "mel_frames", "answer_frames", "error")}
             row.update(length=0, num_channels=self.layout.num_channels, tokens=[], labels=[])

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from ..model.moe import MoE, RoutedExperts, Routing, combine, dispatch
+from ..model.moe import MoE, RoutedExperts, Routing, combine, dispatch, permute_tokens
 
 
 class AllToAllDispatcher:
@@ -73,7 +73,7 @@ class AllToAllDispatcher:
             )
         # 1. local dispatch: pairs sorted by expert = grouped by destination rank, then by its local expert
         d = dispatch(routing.experts_TK, E)
-        x_ND = x_TD[d.token_N]
+        x_ND = permute_tokens(x_TD, d)
         counts_RX = d.counts_E.view(R, X)
 
         # 2. exchange counts: recv_counts_RX[s, x] = rows that rank s sends to our local expert x
