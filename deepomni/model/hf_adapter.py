@@ -318,9 +318,9 @@ def _keep_fp32(name: str) -> bool:
 def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """The backbone, constructed directly in ``dtype`` on ``device``, to be overwritten by the checkpoint.
 
-    Constructed for real rather than on the meta device: the MoE registers its gradient-mask hooks on
-    its parameters at construction, and materialising meta parameters (``Module.to_empty``, even
-    ``torch.utils.swap_tensors``) silently drops them. Construction is cheap anyway: the routed experts
+    Constructed for real rather than on the meta device, so nothing relies on ``to_empty`` +
+    ``init_weights`` restoring derived buffers (the MoE gradient mask itself lives in the forward and
+    would survive either way). Construction is cheap: the routed experts
     (most of the parameters) and the vocabulary are ``torch.empty``; only the attention / dense / shared
     weights get a throw-away default init. ``torch.set_default_dtype(dtype)`` makes every parameter
     that is not explicitly typed (the router is fp32 by construction) ``dtype`` from the start, so no
