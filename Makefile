@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints-cpu.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: setup sysdeps demo test bench info clean
+.PHONY: setup sysdeps demo clean-demo test bench info clean
 
 # espeak-ng speaks the built-in corpus; installed from Debian when missing and we are root
 sysdeps:
@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 setup: sysdeps $(STAMP)
 
+# the main job: corpus -> prepare -> base -> profile -> staged recipe + baseline -> evaluation table
+# (steps already done under runs/demo are skipped; `make clean-demo` starts over)
 demo: setup
-	$(PY) -m jobs.demo
+	$(PY) -m jobs.pipeline --out runs/demo
+
+clean-demo:
+	rm -rf runs/demo
 
 test: setup
 	$(PY) -m pytest

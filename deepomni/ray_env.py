@@ -16,5 +16,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)  # a cluster: its resources are its own
     else:
+        # a private, loopback-only instance: token auth would only get in the way of its own state API
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=num_cpus or max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=False)

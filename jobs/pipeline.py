@@ -6,7 +6,9 @@
 
     python -m jobs.pipeline [--out runs/pipeline] [--config tiny] [--steps-scale 1.0] [--n-speech 25%]
 
-Ends with a table: base, DeepTalk recipe, full fine-tune (text score, relative text drop, spoken QA).
+Ends with a table: base, DeepTalk recipe, full fine-tune: text QA (exact match, and teacher-forced token
+accuracy: the text ability a tiny model measurably has), the relative text drop vs base, spoken QA, ASR,
+codec accuracy (definitions: deepomni/train/evaluate.py).
 Steps already done (their output exists) are skipped, so a re-run continues where it stopped.
 """
 
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/pipeline")
     ap.add_argument("--config", default="tiny", help="training preset or TrainConfig JSON")
     ap.add_argument("--train-items", type=int, default=400)
-    ap.add_argument("--eval-items", type=int, default=60)
+    ap.add_argument("--eval-items", type=int, default=30, help="held-out items per task")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps")
     ap.add_argument("--n-speech", default="25%", help="speech experts per layer (count or percent)")
     ap.add_argument("--seed", type=int, default=0)
@@ -94,13 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = json.loads((ev_dir / "eval.json").read_text())
 
     wall = time.perf_counter() - t_start
-    lines = ["| model | text QA acc | relative text drop | spoken QA acc | ASR WER | codec acc |",
-             "|---|---|---|---|---|---|"]
+    cols = [("text QA exact", "text_qa_accuracy"), ("text QA token acc", "text_qa_token_accuracy"),
+            ("relative text drop (token acc)", "text_token_drop"), ("spoken QA exact", "spoken_qa_accuracy"),
+            ("spoken QA token acc", "spoken_qa_token_accuracy"), ("ASR WER", "asr_wer"),
+            ("codec acc", "codec_accuracy")]
+    lines = ["| model | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in results.items():
         m = r.get("metrics", r)
-        f = lambda k: "-" if m.get(k) is None else f"{m[k]:.3f}"  # noqa: E731
-        lines.append(f"| {name} | {f('text_qa_accuracy')} | {f('text_drop')} | {f('spoken_qa_accuracy')} | "
-                     f"{f('asr_wer')} | {f('codec_accuracy')} |")
+        lines.append(f"| {name} | " + " | ".join("-" if m.get(k) is None else f"{m[k]:.3f}" for _, k in cols) + " |")
     table = "\n".join(lines)
     (out / "summary.md").write_text(table + f"\n\nwall time {wall:.0f} s; steps: {json.dumps(times)}\n")
     print(table)

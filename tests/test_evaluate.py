@@ -79,7 +79,10 @@ def test_job_on_random_checkpoint(tmp_path, corpus, checkpoint, tiny_cfg):
     m = result["metrics"]
     assert set(ev.METRICS) | {"items", "base_text_qa_accuracy", "text_drop"} <= set(m)
     assert m["items"] == {"text_qa_accuracy": 2, "spoken_qa_accuracy": 1, "spoken_qa_text_input_accuracy": 1,
-                          "asr_wer": 1, "codec_accuracy": 3, "speech_length_consistency": 2}
+                          "asr_wer": 1, "codec_accuracy": 3, "speech_length_consistency": 2,
+                          "text_qa_token_accuracy": 2, "spoken_qa_token_accuracy": 1}
+    # the checkpoint is its own base: no drop (None when the base scores 0, the relative drop is undefined)
+    assert m["text_token_drop"] == (None if m["base_text_qa_token_accuracy"] == 0 else 0.0)
     for k in ev.METRICS:
         assert m[k] is not None and (m[k] >= 0 if k == "asr_wer" else 0 <= m[k] <= 1), k
     # teacher-forced codec labels: K channels x (frames + EOS) per speech-out item
@@ -127,3 +130,34 @@ def test_correct_answers_score_one_and_drop_vs_base(monkeypatch, corpus, tiny_cf
     assert both["base_text_qa_accuracy"] == 0.5 and both["text_drop"] == -1.0
     # and the other way round: the model at 0.5 against a perfect base drops by half
     assert ev.compare(base, metrics)["text_drop"] == 0.5
+
+
+def test_teacher_forced_token_accuracy(corpus, tiny_cfg):
+    """A stand-in model whose text logits put their maximum on the label (or one off) scores 1 (or 0)."""
+    from types import SimpleNamespace
+
+    from deepomni.data.tokenized import row_tensors
+
+    row = next(r for r in read_rows(corpus, "test") if r["task"] == "text_qa")
+    _, labels_LC, _ = row_tensors(row)
+    lay = DeepOmniModel(tiny_cfg).layout
+
+    class Stub:
+        embed = SimpleNamespace(weight=torch.zeros(1))
+
+        def __init__(self, shift):
+            self.shift = shift
+
+        def __call__(self, tokens, audio=None):
+            L = tokens.shape[1]
+            logits = []
+            for c in range(lay.num_channels):
+                lg = torch.zeros(1, L, lay.channel_size(c))
+                lab = labels_LC[:, c].clamp(min=0)
+                lg[0, torch.arange(L), (lab + self.shift) % lay.channel_size(c)] = 1.0
+                logits.append(lg)
+            return SimpleNamespace(logits=logits)
+
+    n_text = int((labels_LC[:, 0] != -100).sum())
+    assert ev.teacher_forced_hits(Stub(0), row)["text"] == (n_text, n_text)
+    assert ev.teacher_forced_hits(Stub(1), row)["text"] == (0, n_text)

@@ -208,3 +208,18 @@ def test_generation_stops_when_codec_ends(tiny_model):
     # text ends at once; channel 0 may end at step 1 (its first), channel i one step after channel i-1
     assert g.text_ids == [] and g.frames == []
     assert g.steps == K + 1
+
+
+def test_random_build_on_device_in_dtype(tiny_cfg):
+    """``DeepOmniModel.random`` materialises nothing on the host first; on CPU/fp32 it draws the same
+    weights as ``init_weights`` with the same seed, and in bf16 it still decodes finite logits."""
+    ref = DeepOmniModel(tiny_cfg, with_speech_input=False).init_weights(seed=3)
+    fast = DeepOmniModel.random(tiny_cfg, seed=3, with_speech_input=False)
+    for (n, a), (_, b) in zip(ref.named_parameters(), fast.named_parameters()):
+        assert torch.equal(a, b), n
+    half = DeepOmniModel.random(tiny_cfg, dtype=torch.bfloat16, seed=0).eval()
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    enc = [p for n, p in half.named_parameters() if n.startswith("speech.encoder.") and p.dim() > 1]
+    assert enc and all(float(p.float().std()) > 0 for p in enc)  # the encoder is initialised too
+    tokens = torch.randint(0, 100, (1, 12, tiny_cfg.num_codec_channels + 1))
+    assert all(torch.isfinite(l.float()).all() for l in half(tokens).logits)

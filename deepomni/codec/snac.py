@@ -128,6 +128,12 @@ class SnacStreamState:
     emitted: int = 0  # coarse frames whose audio has been returned
 
 
+# hubertsiuzdak/snac_24khz config.json (the paper's codec: 3 levels at ~12, 23, 47 Hz, 4096 codes)
+SNAC_24KHZ = dict(sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024,
+                  decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=4096, codebook_dim=8,
+                  vq_strides=[4, 2, 1], noise=True, depthwise=True)
+
+
 class SnacCodec(Codec):
     """A loaded SNAC model (eval mode, on ``device``) with 7-channel flattening and streaming decode."""
 
@@ -141,6 +147,15 @@ class SnacCodec(Codec):
         self.clock = _NoiseClock()
         _install_positional_noise(self.model.decoder, self.clock, noise_seed)
         self.context = self.lookahead = math.ceil(receptive_field(self.model.decoder) / VQ_STRIDES[0])
+
+    @classmethod
+    def random(cls, config: dict | None = None, device: str | torch.device = "cpu", seed: int = 0) -> SnacCodec:
+        """SNAC's architecture (default: ``snac_24khz``'s published config) with random weights: what a
+        benchmark needs to time decoding where no checkpoint can be downloaded."""
+        from snac import SNAC
+
+        torch.manual_seed(seed)
+        return cls(SNAC(**(config or SNAC_24KHZ)), device)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> SnacCodec:

@@ -104,8 +104,12 @@ class LayerCache:
 
 
 class KVCache:
-    """Per-layer MLA latents for incremental decoding. ``select`` keeps a subset of batch rows (used when
-    the text item of batch-parallel decoding finishes)."""
+    """Per-layer MLA latents for incremental decoding; every row has the same length. ``select`` keeps a
+    subset of batch rows (used when the text item of batch-parallel decoding finishes).
+
+    The cache protocol the model uses (shared with :class:`SlotKVCache`): :meth:`positions` of the new
+    tokens, :meth:`update` (append one layer's new entries; returns what attention reads and its mask,
+    ``None`` meaning plain causal) and :meth:`advance` once per forward."""
 
     def __init__(self, num_layers: int):
         self.layers: list[LayerCache | None] = [None] * num_layers
@@ -115,13 +119,28 @@ class KVCache:
         first = self.layers[0]
         return 0 if first is None else first.latent_BSR.shape[1]
 
-    def update(self, idx: int, latent_BLR: torch.Tensor, k_pe_BLP: torch.Tensor) -> LayerCache:
+    def positions(self, B: int, L: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.length, self.length + L, device=device).expand(B, L)
+
+    def update(
+        self, idx: int, latent_BLR: torch.Tensor, k_pe_BLP: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         old = self.layers[idx]
+        past = 0 if old is None else old.latent_BSR.shape[1]
+        L = latent_BLR.shape[1]
         if old is not None:
             latent_BLR = torch.cat([old.latent_BSR, latent_BLR], dim=1)
             k_pe_BLP = torch.cat([old.k_pe_BSP, k_pe_BLP], dim=1)
         self.layers[idx] = LayerCache(latent_BLR, k_pe_BLP)
-        return self.layers[idx]
+        if past == 0:
+            return latent_BLR, k_pe_BLP, None
+        # new queries sit at positions past..past+L-1 and see every key up to their own position
+        S, device = past + L, latent_BLR.device
+        mask_LS = torch.arange(S, device=device)[None, :] <= torch.arange(past, S, device=device)[:, None]
+        return latent_BLR, k_pe_BLP, mask_LS
+
+    def advance(self, L: int) -> None:
+        pass  # lengths follow the stored tensors
 
     def select(self, rows: torch.Tensor | list[int]) -> None:
         rows = torch.as_tensor(rows, dtype=torch.long)
@@ -129,6 +148,97 @@ class KVCache:
             if c is not None:
                 r = rows.to(c.latent_BSR.device)
                 self.layers[i] = LayerCache(c.latent_BSR[r], c.k_pe_BSP[r])
+
+
+class SlotKVCache:
+    """Preallocated latents for continuous batching: rows ``0..n-1`` are in use, each with its own length.
+
+    A forward over this cache takes exactly ``n`` rows; row ``b``'s new tokens go to positions
+    ``lens[b]...`` and attend to its own keys only. :meth:`append` adds the rows of a prefilled
+    :class:`KVCache` (a session joining the batch), :meth:`keep` drops rows and compacts the rest to
+    ``0..n'-1`` in the given order (sessions leaving). Attention reads ``[:n, :max(lens)+L]`` views, so a
+    step costs what the longest live row needs, not the capacity."""
+
+    def __init__(self, num_layers: int, rows: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.capacity, self.max_len = rows, max_len
+        self.latent = [torch.zeros(rows, max_len, kv_lora_rank, dtype=dtype, device=device)
+                       for _ in range(num_layers)]
+        self.k_pe = [torch.zeros(rows, max_len, rope_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.n = 0
+        self._pos_BL = self._mask_B1LS = torch.zeros(0)
+
+    @classmethod
+    def for_model(cls, model, rows: int, max_len: int) -> "SlotKVCache":
+        cfg, w = model.cfg, model.embed.weight
+        return cls(len(model.layers), rows, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, w.dtype, w.device)
+
+    @property
+    def free_rows(self) -> int:
+        return self.capacity - self.n
+
+    def append(self, prefill: KVCache, rows: list[int] | None = None) -> list[int]:
+        """Copy ``rows`` of a prefilled cache (all by default) into new slots; returns their row ids."""
+        src = list(range(prefill.layers[0].latent_BSR.shape[0])) if rows is None else rows
+        S = prefill.length
+        if len(src) > self.free_rows:
+            raise RuntimeError(f"{len(src)} rows requested, {self.free_rows} free")
+        if S > self.max_len:
+            raise ValueError(f"prefill of {S} positions exceeds the cache's max_len {self.max_len}")
+        dst = list(range(self.n, self.n + len(src)))
+        idx = torch.as_tensor(src, dtype=torch.long, device=self.lens.device)
+        for i, c in enumerate(prefill.layers):
+            self.latent[i][dst[0] : dst[-1] + 1, :S] = c.latent_BSR.index_select(0, idx.to(c.latent_BSR.device))
+            self.k_pe[i][dst[0] : dst[-1] + 1, :S] = c.k_pe_BSP.index_select(0, idx.to(c.k_pe_BSP.device))
+        self.lens[dst[0] : dst[-1] + 1] = S
+        self.n += len(src)
+        return dst
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in this order) as the new rows ``0..len(rows)-1``."""
+        if rows == list(range(self.n))[: len(rows)]:
+            self.n = len(rows)
+            return
+        if not rows:
+            self.n = 0
+            return
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.lens.device)
+        S = int(self.lens[idx].max())
+        m = len(rows)
+        for i in range(len(self.latent)):
+            self.latent[i][:m, :S] = self.latent[i][idx, :S]
+            self.k_pe[i][:m, :S] = self.k_pe[i][idx, :S]
+        self.lens[:m] = self.lens[idx].clone()
+        self.n = m
+
+    def positions(self, B: int, L: int, device: torch.device) -> torch.Tensor:
+        if B != self.n:
+            raise ValueError(f"a step over a SlotKVCache takes all {self.n} rows in use, got {B}")
+        longest = int(self.lens[:B].max()) if B else 0
+        if longest + L > self.max_len:
+            raise ValueError(f"a row would exceed the cache's max_len {self.max_len}")
+        # kept for this forward's layers: where each row writes, what it attends to
+        self._pos_BL = self.lens[:B, None] + torch.arange(L, device=self.lens.device)
+        S = longest + L
+        self._mask_B1LS = (torch.arange(S, device=self.lens.device)[None, None, :] <= self._pos_BL[:, :, None]).unsqueeze(1)
+        return self._pos_BL
+
+    def update(
+        self, idx: int, latent_BLR: torch.Tensor, k_pe_BLP: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L, _ = latent_BLR.shape
+        pos_BL, mask_B1LS = self._pos_BL, self._mask_B1LS  # set by positions() at the start of the forward
+        if pos_BL.shape != (B, L):
+            raise RuntimeError("SlotKVCache.update without positions() for this step")
+        rows_BL = torch.arange(B, device=pos_BL.device)[:, None].expand(B, L)
+        self.latent[idx][rows_BL, pos_BL] = latent_BLR.to(self.latent[idx].dtype)
+        self.k_pe[idx][rows_BL, pos_BL] = k_pe_BLP.to(self.k_pe[idx].dtype)
+        S = mask_B1LS.shape[-1]
+        return self.latent[idx][:B, :S], self.k_pe[idx][:B, :S], mask_B1LS
+
+    def advance(self, L: int) -> None:
+        self.lens[: self.n] += L
 
 
 # ----------------------------------------------------------------------------------------------- MLA
@@ -156,7 +266,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.H * self.V, D, bias=False)
 
     def forward(
-        self, x_BLD: torch.Tensor, rot: torch.Tensor, softmax_scale: float, cache: KVCache | None = None
+        self, x_BLD: torch.Tensor, rot: torch.Tensor, softmax_scale: float, cache: KVCache | SlotKVCache | None = None
     ) -> torch.Tensor:
         B, L, _ = x_BLD.shape
         q = self.q_proj(x_BLD) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BLD)))
@@ -168,22 +278,17 @@ class MLAttention(nn.Module):
         q_pe = apply_rotary(q_pe, rot)
         k_pe_BLP = apply_rotary(k_pe.unsqueeze(1), rot).squeeze(1)
 
-        past = 0
+        mask = None  # None: plain causal from position 0
         if cache is not None:
-            old = cache.layers[self.layer_idx]
-            past = 0 if old is None else old.latent_BSR.shape[1]
-            entry = cache.update(self.layer_idx, latent_BLR, k_pe_BLP)
-            latent_BLR, k_pe_BLP = entry.latent_BSR, entry.k_pe_BSP
+            latent_BLR, k_pe_BLP, mask = cache.update(self.layer_idx, latent_BLR, k_pe_BLP)
         S = latent_BLR.shape[1]
 
         kv_BSHX = self.kv_b_proj(latent_BLR).view(B, S, self.H, self.N + self.V)
         k_nope, v = kv_BSHX.transpose(1, 2).split([self.N, self.V], dim=-1)
         k_BHSQ = torch.cat([k_nope, k_pe_BLP.unsqueeze(1).expand(B, self.H, S, self.P)], dim=-1)
         q_BHLQ = torch.cat([q_nope, q_pe], dim=-1)
-        if past == 0:
+        if mask is None:
             o = F.scaled_dot_product_attention(q_BHLQ, k_BHSQ, v, is_causal=True, scale=softmax_scale)
-        else:  # new queries sit at positions past..past+L-1 and see every key up to their own position
-            qpos = torch.arange(past, past + L, device=x_BLD.device)
-            mask_LS = torch.arange(S, device=x_BLD.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(q_BHLQ, k_BHSQ, v, attn_mask=mask_LS, scale=softmax_scale)
+        else:
+            o = F.scaled_dot_product_attention(q_BHLQ, k_BHSQ, v, attn_mask=mask, scale=softmax_scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, self.H * self.V))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import KVCache, MLAttention, RMSNorm, Rotary
+from .attention import KVCache, MLAttention, RMSNorm, Rotary, SlotKVCache
 from .channels import ChannelEmbedding, TextSpecial, VocabLayout, channel_loss
 from .moe import MLP, MoE
 from .speech import SpeechInput, audio_scatter
@@ -63,24 +63,40 @@ class DeepOmniModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ init
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> "DeepOmniModel":
+    def init_weights(self, seed: int | None = None, include_encoder: bool = False) -> "DeepOmniModel":
         """Random init as the DeepSeek-V2 family (normal, std ``initializer_range``; norms at 1). The
-        frozen speech encoder keeps its own (loaded or random) weights. Also recomputes the derived
-        buffers, so a model built on the meta device can be ``to_empty``-ed and then initialised."""
+        frozen speech encoder keeps its own (loaded or random) weights unless ``include_encoder``. Also
+        recomputes the derived buffers, so a model built on the meta device can be ``to_empty``-ed and then
+        initialised. Draws happen on each parameter's device (one generator per device, from ``seed``)."""
         self.embed.reset_buffers()
         self.rotary.reset_buffers()
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        gens: dict[torch.device, torch.Generator] = {}
         std = self.cfg.initializer_range
         for name, p in self.named_parameters():
-            if name.startswith("speech.encoder.") or p.device.type == "meta":
+            if (name.startswith("speech.encoder.") and not include_encoder) or p.device.type == "meta":
                 continue
-            if name.endswith("layernorm.weight") or name in ("norm.weight",) or name.endswith("norm.weight"):
+            if name.endswith("norm.weight") or name.endswith("layer_norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+                gen = None
+                if seed is not None:
+                    gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device=p.device) * std)
         return self
+
+    @classmethod
+    def random(cls, cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               seed: int = 0, with_speech_input: bool = True) -> "DeepOmniModel":
+        """A randomly initialised model built directly on ``device`` in ``dtype`` (nothing is materialised
+        on the host first: a DeepSeek-V2-Lite-sized model goes straight to a GPU), encoder included."""
+        with torch.device("meta"):
+            model = cls(cfg, with_speech_input=with_speech_input)
+        if dtype is not None:
+            model = model.to(dtype)
+        model = model.to_empty(device=device)
+        return model.init_weights(seed, include_encoder=True)
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -105,7 +121,7 @@ class DeepOmniModel(nn.Module):
         tokens_BLC: torch.Tensor | None,
         audio: list[torch.Tensor] | None = None,
         labels_BLC: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotKVCache | None = None,
         channels: list[int] | None = None,
         inputs_embeds_BLD: torch.Tensor | None = None,
     ) -> Output:
@@ -118,17 +134,21 @@ class DeepOmniModel(nn.Module):
             raise ValueError("pass exactly one of tokens_BLC and inputs_embeds_BLD")
         B, L = (tokens_BLC if tokens_BLC is not None else inputs_embeds_BLD).shape[:2]
         device = (tokens_BLC if tokens_BLC is not None else inputs_embeds_BLD).device
-        past = 0 if cache is None else cache.length
-        if past + L > self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {past + L} positions exceeds max_position_embeddings "
+        if cache is None:
+            positions_BL = torch.arange(L, device=device).expand(B, L)
+        else:
+            positions_BL = cache.positions(B, L, device)
+        if B and L and int(positions_BL.max()) >= self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {int(positions_BL.max()) + 1} positions exceeds max_position_embeddings "
                              f"{self.cfg.max_position_embeddings}")
-        positions_BL = torch.arange(past, past + L, device=device).expand(B, L)
         rot = self.rotary(positions_BL)
         x_BLD = self.embed_inputs(tokens_BLC, audio) if inputs_embeds_BLD is None else inputs_embeds_BLD
         aux = x_BLD.new_zeros(())
         for block in self.layers:
             x_BLD, a = block(x_BLD, rot, self.rotary.softmax_scale, cache)
             aux = aux + a
+        if cache is not None:
+            cache.advance(L)
         h_BLD = self.norm(x_BLD)
         logits = self.embed.logits(h_BLD, channels)
         out = Output(logits, aux)

@@ -17,6 +17,12 @@
                                                                  [0.5 x min, 2 x max] of the references' ratio
                                                                  on the same split; necessary, not sufficient
     text_drop                     text_qa, with --base           (base - model) / base of text_qa_accuracy
+    text_qa_token_accuracy        text_qa                        teacher-forced: argmax of the text channel vs
+                                                                 the reference answer's tokens (and EOT); the
+                                                                 text ability a tiny model has measurably (its
+                                                                 exact match on unseen templates is ~0)
+    spoken_qa_token_accuracy      spoken_qa, speech input        the same on answers to spoken questions
+    text_token_drop               text_qa, with --base           (base - model) / base of text_qa_token_accuracy
 
 Exact match compares :func:`normalize`-d strings (lower case, punctuation removed, spaces collapsed).
 Prompts are built as in training (:func:`deepomni.model.prompt.user_turn` with the task's instruction on
@@ -46,7 +52,8 @@ from ..model.prompt import user_turn
 from ..text import TextTokenizer, load_tokenizer
 from .profile import read_rows, speech_input
 
-METRICS = ("text_qa_accuracy", "spoken_qa_accuracy", "spoken_qa_text_input_accuracy", "asr_wer",
+METRICS = ("text_qa_accuracy", "text_qa_token_accuracy", "spoken_qa_accuracy", "spoken_qa_token_accuracy",
+           "spoken_qa_text_input_accuracy", "asr_wer",
            "codec_accuracy", "speech_length_consistency")
 
 
@@ -129,18 +136,20 @@ def answer_item(model: DeepOmniModel, tok: TextTokenizer, row: dict, speech: boo
 
 
 @torch.no_grad()
-def codec_hits(model: DeepOmniModel, row: dict) -> tuple[int, int]:
-    """Teacher-forced codec tokens predicted right and counted (positions with a codec label)."""
+def teacher_forced_hits(model: DeepOmniModel, row: dict) -> dict[str, tuple[int, int]]:
+    """Teacher-forced tokens predicted right and counted, over the positions with a label: ``{"text":
+    (hits, total) of the text channel, "codec": (hits, total) over the codec channels}``."""
     tokens_LC, labels_LC, mel_MT = row_tensors(row)
     device = model.embed.weight.device
     out = model(tokens_LC.unsqueeze(0).to(device), audio=speech_input(model, row, mel_MT))
-    hits = total = 0
-    for c in range(1, labels_LC.shape[1]):
+    hits = {"text": [0, 0], "codec": [0, 0]}
+    for c in range(labels_LC.shape[1]):
         lab = labels_LC[:, c].to(device)
         keep = lab != IGNORE
-        hits += int((out.logits[c][0].argmax(-1)[keep] == lab[keep]).sum())
-        total += int(keep.sum())
-    return hits, total
+        h = hits["text" if c == 0 else "codec"]
+        h[0] += int((out.logits[c][0].argmax(-1)[keep] == lab[keep]).sum())
+        h[1] += int(keep.sum())
+    return {k: (v[0], v[1]) for k, v in hits.items()}
 
 
 def frames_per_char(text: str, frames: int) -> float:
@@ -191,8 +200,10 @@ def evaluate(model: DeepOmniModel, rows: list[dict], cfg: EvalConfig | None = No
                 rec["frames"], rec["speech_ended"] = frames, ended
                 rec["length_consistent"] = bool(ended and frames > 0 and rec["prediction"].strip()
                                                 and band[0] <= ratio <= band[1])
+        tf = teacher_forced_hits(model, row)
+        rec["text_hits"], rec["text_total"] = tf["text"]
         if task in SPEECH_OUT_TASKS and K > 0:
-            rec["codec_hits"], rec["codec_total"] = codec_hits(model, row)
+            rec["codec_hits"], rec["codec_total"] = tf["codec"]
         records.append(rec)
     return summarize(records), records
 
@@ -211,15 +222,25 @@ def summarize(records: list[dict]) -> dict:
     cons = [r["length_consistent"] for r in records if "length_consistent" in r]
     edits, words = sum(r["word_edits"] for r in asr), sum(r["reference_words"] for r in asr)
     hits, total = sum(r["codec_hits"] for r in codec), sum(r["codec_total"] for r in codec)
+    def token_acc(sel) -> tuple[float | None, int]:
+        rs = [r for r in records if sel(r) and r.get("text_total")]
+        n = sum(r["text_total"] for r in rs)
+        return (sum(r["text_hits"] for r in rs) / n if n else None), len(rs)
+
+    text_tok, n_text_tok = token_acc(lambda r: r["task"] == "text_qa")
+    sqa_tok, n_sqa_tok = token_acc(lambda r: r["task"] == "spoken_qa" and r["input_modality"] == "speech")
     metrics = {
         "text_qa_accuracy": _mean(text),
+        "text_qa_token_accuracy": text_tok,
+        "spoken_qa_token_accuracy": sqa_tok,
         "spoken_qa_accuracy": _mean(sqa),
         "spoken_qa_text_input_accuracy": _mean(sqa_t),
         "asr_wer": edits / words if words else None,
         "codec_accuracy": hits / total if total else None,
         "speech_length_consistency": _mean(cons),
     }
-    counts = {"text_qa_accuracy": len(text), "spoken_qa_accuracy": len(sqa), "spoken_qa_text_input_accuracy": len(sqa_t),
+    counts = {"text_qa_accuracy": len(text), "text_qa_token_accuracy": n_text_tok,
+              "spoken_qa_token_accuracy": n_sqa_tok, "spoken_qa_accuracy": len(sqa), "spoken_qa_text_input_accuracy": len(sqa_t),
               "asr_wer": len(asr), "codec_accuracy": len(codec), "speech_length_consistency": len(cons)}
     return {**metrics, "items": counts, "codec_tokens": total, "asr_reference_words": words}
 
@@ -229,7 +250,9 @@ def compare(metrics: dict, base: dict | None) -> dict:
     if base is None:
         return metrics
     return {**metrics, "base_text_qa_accuracy": base["text_qa_accuracy"],
-            "text_drop": relative_drop(base["text_qa_accuracy"], metrics["text_qa_accuracy"])}
+            "text_drop": relative_drop(base["text_qa_accuracy"], metrics["text_qa_accuracy"]),
+            "base_text_qa_token_accuracy": base["text_qa_token_accuracy"],
+            "text_token_drop": relative_drop(base["text_qa_token_accuracy"], metrics["text_qa_token_accuracy"])}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -246,6 +269,9 @@ def markdown(result: dict) -> str:
     if "text_drop" in m:
         lines.append(f"| base_text_qa_accuracy | {_fmt(m['base_text_qa_accuracy'])} | {m['items']['text_qa_accuracy']} | higher |")
         lines.append(f"| text_drop = (base - model) / base | {_fmt(m['text_drop'])} | | lower |")
+        lines.append(f"| base_text_qa_token_accuracy | {_fmt(m['base_text_qa_token_accuracy'])} | "
+                     f"{m['items']['text_qa_token_accuracy']} | higher |")
+        lines.append(f"| text_token_drop (same, on token accuracy) | {_fmt(m['text_token_drop'])} | | lower |")
     lines += ["", "Definitions: `deepomni/train/evaluate.py` (module docstring). "
               "`speech_length_consistency` is a length-plausibility proxy, not an ASR check.", ""]
     return "\n".join(lines)

@@ -154,6 +154,39 @@ def save_full_model(cfg: ModelConfig, state: dict, directory: Path, assignment) 
     save_model(shell, directory, assignment)
 
 
+# -------------------------------------------------------------------------------------- progress
+PROGRESS_FILE = "progress.json"  # rank 0 -> driver, on the shared storage path
+
+
+def write_progress(path: Path, step: int, max_steps: int, metrics: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step, "max_steps": max_steps, "loss": metrics.get("loss"),
+                               "tokens_per_s": metrics.get("tokens_per_s_run")}))
+    tmp.replace(path)
+
+
+def _follow_progress(path: Path, desc: str, done) -> None:
+    """Driver side: a progress bar fed by the file rank 0 updates, until ``done()``."""
+    from tqdm import tqdm
+
+    bar = None
+    while not done():
+        time.sleep(0.5)
+        try:
+            p = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if bar is None:
+            bar = tqdm(total=p["max_steps"], desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+        bar.n = p["step"]
+        bar.set_postfix(loss=f"{p['loss']:.3f}" if p.get("loss") is not None else "-",
+                        tok_s=f"{p['tokens_per_s']:.0f}" if p.get("tokens_per_s") else "-", refresh=False)
+        bar.refresh()
+    if bar is not None:
+        bar.close()
+
+
 # -------------------------------------------------------------------------------------- train_func
 def train_func(config: dict) -> None:
     import ray.train  # Ray: the worker's context
@@ -189,6 +222,7 @@ def train_func(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")  # Ray: this worker's rows
     layout = model.layout
     fail_marker = Path(cfg.storage_path) / cfg.run_name / ".failed_once"
+    progress_file = Path(cfg.storage_path) / cfg.run_name / PROGRESS_FILE
 
     def batches():
         while True:
@@ -234,6 +268,8 @@ def train_func(config: dict) -> None:
                    "tokens_per_s_run": run_tokens / run_time,  # this worker, since (re)start
                    "routed_outside_mode": routed_outside_mode(model),
                    "expert_load": expert_load(model, batch["masks"]), "rank": rank}
+        if rank == 0 and (step % cfg.log_every == 0 or step == max_steps):
+            write_progress(progress_file, step, max_steps, metrics)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < max_steps:
             save_checkpoint(metrics)
         elif step % cfg.log_every == 0 and step < max_steps:
@@ -261,9 +297,9 @@ def read_dataset(cfg: TrainConfig, stage: Stage):
     return ds
 
 
-def fit(cfg: TrainConfig, dataset=None):
+def fit(cfg: TrainConfig, dataset=None, progress: bool = True):
     """Run the stage on Ray Train; returns the ``ray.train.Result``. ``dataset`` replaces the stage's
-    rows (tests)."""
+    rows (tests); ``progress`` shows a bar (steps, loss, tokens/s) fed by rank 0."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -281,4 +317,18 @@ def fit(cfg: TrainConfig, dataset=None):
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets={"train": ds},
     )
-    return trainer.fit()
+    if not progress:
+        return trainer.fit()
+    import threading
+
+    progress_file = Path(cfg.storage_path) / cfg.run_name / PROGRESS_FILE
+    progress_file.unlink(missing_ok=True)
+    finished = threading.Event()
+    follower = threading.Thread(target=_follow_progress, args=(progress_file, stage.name, finished.is_set),
+                                daemon=True)
+    follower.start()
+    try:
+        return trainer.fit()
+    finally:
+        finished.set()
+        follower.join(timeout=5)

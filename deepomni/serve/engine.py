@@ -1,0 +1,221 @@
+"""Continuous batching of batch-parallel spoken answers (PAPER.md "Inference"), independent of Ray Serve.
+
+Every live session holds one or two rows of one shared :class:`~deepomni.model.attention.SlotKVCache`
+(speech item, and the text item until its EOT). :meth:`BatchEngine.step`:
+
+1. drops cancelled sessions, then admits queued ones while rows are free: each new prompt is prefilled on
+   its own (its own length, its own speech input) and its cache rows are appended to the batch;
+2. runs ONE decoding step over every live row at once (rows of different sessions have different lengths;
+   each attends only to its own keys), then lets each session's
+   :class:`~deepomni.model.generate.AnswerDecoder` pick its next tokens and emit its events.
+
+A session joins or leaves between two steps; leaving rows are compacted away. The per-session logic is the
+same object :func:`deepomni.model.generate.stream` uses, so a session decodes the same tokens whether it
+runs alone or in a batch (up to floating-point differences of batched matmuls).
+
+The engine also counts which experts the tokens it runs were routed to, per modality: prompt positions
+holding speech (the ``AUDIO`` placeholders) and decoding rows of speech items count as ``speech``; text
+prompt positions and text items as ``text`` (:meth:`take_expert_load`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.attention import KVCache, SlotKVCache
+from ..model.channels import TextSpecial
+from ..model.generate import AnswerDecoder, Event, GenerationConfig
+from ..model.model import DeepOmniModel
+
+
+DEFAULT_MAX_LEN = 4096  # positions per row: a spoken turn of ~60 s in + ~4 min of 12.5 Hz speech out
+
+
+@dataclass
+class Request:
+    prompt_LC: torch.Tensor  # LongTensor [L, C]: the prompt (see deepomni.model.prompt.user_turn)
+    audio_ND: torch.Tensor | None = None  # projected speech for the prompt's AUDIO positions
+    gen: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class _Session:
+    sid: int
+    request: Request
+    decoder: AnswerDecoder | None = None
+    cancelled: bool = False
+
+
+class BatchEngine:
+    """Sessions in, events out; one :meth:`step` = admissions + one batched decoding step.
+
+    ``max_rows`` bounds the batch (a speech answer takes 2 rows while its text lives, then 1); ``max_len``
+    bounds prompt + answer positions per row (default: ``DEFAULT_MAX_LEN``, at most the model's
+    ``max_position_embeddings``; the cache is preallocated, ``max_rows x max_len`` latents). Sessions
+    beyond the free rows wait in a queue, first come first served. Not thread-safe: call it from one
+    thread (a Serve replica runs :meth:`step` in a worker thread and submits between steps)."""
+
+    def __init__(self, model: DeepOmniModel, max_rows: int = 32, max_len: int | None = None):
+        if max_rows < 2:
+            raise ValueError("max_rows must be at least 2 (one speech answer takes 2 rows)")
+        self.model = model.eval()
+        self.max_len = min(max_len or DEFAULT_MAX_LEN, model.cfg.max_position_embeddings)
+        self.cache = SlotKVCache.for_model(model, max_rows, self.max_len)
+        self.device = model.embed.weight.device
+        self._ids = itertools.count()
+        self._queue: deque[_Session] = deque()
+        self._live: list[_Session] = []  # in row order: each owns decoder.n_items consecutive rows
+        self._sessions: dict[int, _Session] = {}
+        moe = model.moe_layers
+        self.moe_layer_ids = [i for i, b in enumerate(model.layers) if getattr(b, "mlp", None) in moe]
+        E = model.cfg.n_routed_experts
+        self._load = {m: torch.zeros(len(moe), E, dtype=torch.long) for m in ("text", "speech")}
+        self._audio_id = model.layout.text(TextSpecial.AUDIO)
+
+    # ------------------------------------------------------------------------------------------- API
+    def submit(self, request: Request) -> int:
+        """Queue a session; returns its id. Raises ``ValueError`` for a prompt that cannot fit."""
+        L, C = request.prompt_LC.shape
+        if C != self.model.layout.num_channels:
+            raise ValueError(f"prompt has {C} channels, the model {self.model.layout.num_channels}")
+        if L < 1 or L >= self.max_len:
+            raise ValueError(f"prompt of {L} positions does not fit max_len {self.max_len}")
+        n_audio = int((request.prompt_LC[:, 0] == self._audio_id).sum())
+        n_given = 0 if request.audio_ND is None else request.audio_ND.shape[0]
+        if n_audio != n_given:
+            raise ValueError(f"prompt has {n_audio} AUDIO positions but {n_given} speech frames were given")
+        sess = _Session(next(self._ids), request)
+        self._sessions[sess.sid] = sess
+        self._queue.append(sess)
+        return sess.sid
+
+    def cancel(self, sid: int) -> None:
+        """Forget a session (queued or live); its rows are freed at the next step. Unknown ids are ignored."""
+        sess = self._sessions.get(sid)
+        if sess is not None:
+            sess.cancelled = True
+
+    @property
+    def idle(self) -> bool:
+        return not self._live and not self._queue
+
+    def stats(self) -> dict[str, int]:
+        return {"active_sessions": len(self._live), "queued": len(self._queue), "rows": self.cache.n}
+
+    def take_expert_load(self) -> dict[str, torch.Tensor]:
+        """Routed-token counts ``[moe layers, experts]`` per modality since the last call (then reset)."""
+        out = {m: t.clone() for m, t in self._load.items()}
+        for t in self._load.values():
+            t.zero_()
+        return out
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, Event]]:
+        """Admit what fits, then decode one step for every live session. Returns ``(session id, event)``
+        pairs in order; a session's ``"end"`` event is its last."""
+        events: list[tuple[int, Event]] = []
+        self._drop_cancelled()
+        self._admit(events)
+        if self._live:
+            self._decode(events)
+        return events
+
+    # ------------------------------------------------------------------------------------ internals
+    def _drop_cancelled(self) -> None:
+        if any(s.cancelled for s in self._queue):
+            self._queue = deque(s for s in self._queue if not s.cancelled)
+        if any(s.cancelled for s in self._live):
+            self._compact(self._rows(), [s for s in self._live if not s.cancelled], dropped_text=set())
+        self._sessions = {k: s for k, s in self._sessions.items() if not s.cancelled}
+
+    def _rows(self) -> list[list[int]]:
+        """Each live session's rows, from the decoders' current ``n_items`` (sessions are consecutive)."""
+        rows, r = [], 0
+        for s in self._live:
+            rows.append(list(range(r, r + s.decoder.n_items)))
+            r += s.decoder.n_items
+        return rows
+
+    def _compact(self, rows: list[list[int]], keep: list[_Session], dropped_text: set[int]) -> None:
+        """Keep the rows of ``keep`` (``rows``: every live session's rows before this step's changes),
+        without the text row of sessions in ``dropped_text``; they become rows ``0..n-1`` in order."""
+        old = {s.sid: r for s, r in zip(self._live, rows)}
+        kept: list[int] = []
+        for s in keep:
+            kept.extend(old[s.sid][:1] if s.sid in dropped_text else old[s.sid])
+        self.cache.keep(kept)
+        self._live = keep
+
+    def _admit(self, events: list[tuple[int, Event]]) -> None:
+        while self._queue:
+            sess = self._queue[0]
+            dec = AnswerDecoder(self.model.layout, self._clamped(sess.request))
+            if dec.n_items > self.cache.free_rows:
+                return
+            self._queue.popleft()
+            req = sess.request
+            cache = KVCache(len(self.model.layers))
+            tokens = dec.prompt_tokens(req.prompt_LC.to(self.device))
+            audio = None if req.audio_ND is None else [req.audio_ND.to(self.device)] * dec.n_items
+            logits = self.model(tokens, audio=audio, cache=cache).logits
+            self._count_prefill(tokens)
+            for ev in dec.advance(logits, list(range(dec.n_items))):
+                events.append((sess.sid, ev))
+            if dec.finished:
+                self._sessions.pop(sess.sid, None)
+                continue
+            sess.decoder = dec
+            self.cache.append(cache, [0] if dec.dropped_text else None)
+            self._live.append(sess)
+
+    def _clamped(self, req: Request) -> GenerationConfig:
+        room = self.max_len - req.prompt_LC.shape[0]
+        g = req.gen
+        if g.max_steps <= room:
+            return g
+        return GenerationConfig(max_steps=room, top_k=g.top_k, temperature=g.temperature, speech=g.speech, seed=g.seed)
+
+    def _decode(self, events: list[tuple[int, Event]]) -> None:
+        rows = self._rows()
+        tokens = torch.cat([s.decoder.next_tokens_N1C for s in self._live]).to(self.device)
+        logits = self.model(tokens, cache=self.cache).logits
+        self._count_decode(rows)
+        keep, dropped = [], set()
+        for s, r in zip(self._live, rows):
+            for ev in s.decoder.advance(logits, r):
+                events.append((s.sid, ev))
+            if s.decoder.finished:
+                self._sessions.pop(s.sid, None)
+                continue
+            keep.append(s)
+            if s.decoder.dropped_text:
+                dropped.add(s.sid)
+        if len(keep) != len(self._live) or dropped:
+            self._compact(rows, keep, dropped)
+
+    # ---------------------------------------------------------------------------------- expert load
+    def _routed(self) -> list[torch.Tensor]:
+        return [m.last_routing.experts_TK for m in self.model.moe_layers]
+
+    def _add_load(self, modality_T: torch.Tensor) -> None:
+        """``modality_T``: True where the token (flattened batch x positions) is speech."""
+        E = self.model.cfg.n_routed_experts
+        for li, experts_TK in enumerate(self._routed()):
+            m = modality_T.to(experts_TK.device)
+            for name, sel in (("speech", m), ("text", ~m)):
+                if bool(sel.any()):
+                    self._load[name][li] += torch.bincount(experts_TK[sel].flatten(), minlength=E).cpu()
+
+    def _count_prefill(self, tokens_NLC: torch.Tensor) -> None:
+        self._add_load((tokens_NLC[..., 0] == self._audio_id).flatten())
+
+    def _count_decode(self, rows: list[list[int]]) -> None:
+        speech = torch.zeros(sum(len(r) for r in rows), dtype=torch.bool)
+        for s, r in zip(self._live, rows):
+            if s.decoder.speech:
+                speech[r[0]] = True  # the speech item; a text item (r[1]) stays text
+        self._add_load(speech)

@@ -1,0 +1,138 @@
+"""Continuous batching (deepomni.serve.engine): sessions that join, leave and are cancelled between steps
+decode exactly what they decode alone; queueing when rows run out; expert load by modality; bad prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepomni.config import load_preset
+from deepomni.model.channels import CodecSpecial, TextSpecial
+from deepomni.model.generate import GenerationConfig, generate
+from deepomni.model.model import DeepOmniModel
+from deepomni.model.prompt import user_turn
+from deepomni.serve.engine import BatchEngine, Request
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Tiny random model whose text ends (EOT) and speech ends (EOS) at state-dependent steps, so that
+    sessions leave the batch, and text items leave before their speech items, at different times."""
+    m = DeepOmniModel(load_preset("tiny"), with_speech_input=True).init_weights(seed=0).eval()
+    lay = m.layout
+    eot, eos = lay.text(TextSpecial.EOT), lay.codec(CodecSpecial.EOS)
+    plain = m.embed.logits
+
+    def logits(h, channels=None):
+        out = plain(h, channels)
+        chans = list(range(lay.num_channels)) if channels is None else channels
+        out[chans.index(0)][..., eot] += 1e3 * (h[..., 0] > 0.5)
+        if 1 in chans:
+            out[chans.index(1)][..., eos] += 1e3 * (h[..., 1] > 0.45)
+        return out
+
+    m.embed.logits = logits
+    return m
+
+
+def _prompts(m, n):
+    return [user_turn(m.layout, list(range(10 + i, 30 + 3 * i))) for i in range(n)]
+
+
+def _run(engine, requests, join_every=2, cancel=None):
+    """Submit one request every ``join_every`` steps; collect each session's events by request index."""
+    out, sid_of, step, pending = {}, {}, 0, list(range(len(requests)))
+    while pending or not engine.idle:
+        if pending and step % join_every == 0:
+            i = pending.pop(0)
+            sid_of[engine.submit(requests[i])] = i
+        if cancel and step == cancel[1]:
+            engine.cancel(next(s for s, i in sid_of.items() if i == cancel[0]))
+        for sid, ev in engine.step():
+            o = out.setdefault(sid_of[sid], {"text": [], "frames": [], "end": None})
+            if ev.kind == "text":
+                o["text"].append(ev.text_id)
+            elif ev.kind == "frame":
+                o["frames"].append(ev.frame_K.tolist())
+            else:
+                assert o["end"] is None, "events after end"
+                o["end"] = ev.step
+        step += 1
+    return out
+
+
+def test_batched_sessions_decode_as_alone(model):
+    prompts = _prompts(model, 6)
+    gens = [GenerationConfig(max_steps=40, speech=i % 3 != 1, seed=i) for i in range(6)]
+    alone = [generate(model, p, None, g) for p, g in zip(prompts, gens)]
+    # the patched model makes answers end at different steps, some text before speech
+    assert len({a.steps for a in alone}) > 2
+    assert any(g.speech and len(a.text_ids) + 1 < a.steps for a, g in zip(alone, gens))
+    engine = BatchEngine(model, max_rows=5)  # fewer rows than sessions want: some wait in the queue
+    out = _run(engine, [Request(p, None, g) for p, g in zip(prompts, gens)])
+    for i, a in enumerate(alone):
+        assert out[i]["text"] == a.text_ids, i
+        assert out[i]["frames"] == [f.tolist() for f in a.frames], i
+        assert out[i]["end"] == a.steps, i
+    assert engine.stats() == {"active_sessions": 0, "queued": 0, "rows": 0}
+
+
+def test_cancel_frees_rows_and_leaves_others_alone(model):
+    prompts = _prompts(model, 3)
+    gens = [GenerationConfig(max_steps=30, speech=True, seed=i) for i in range(3)]
+    alone = [generate(model, p, None, g) for p, g in zip(prompts, gens)]
+    engine = BatchEngine(model, max_rows=6)
+    out = _run(engine, [Request(p, None, g) for p, g in zip(prompts, gens)], join_every=1, cancel=(1, 2))
+    assert out[1]["end"] is None  # cancelled: no end event, no further events
+    for i in (0, 2):
+        assert out[i]["text"] == alone[i].text_ids and out[i]["end"] == alone[i].steps
+    assert engine.idle and engine.cache.n == 0
+
+
+def test_queue_when_rows_run_out(model):
+    prompts = _prompts(model, 3)
+    engine = BatchEngine(model, max_rows=2)
+    for p in prompts:
+        engine.submit(Request(p, None, GenerationConfig(max_steps=5, speech=True, seed=0)))
+    engine.step()
+    assert engine.stats()["queued"] >= 2 and engine.cache.n <= 2
+
+
+def test_expert_load_by_modality(model):
+    lay = model.layout
+    n_audio = 7
+    prompt = user_turn(lay, audio_positions=n_audio)
+    audio = torch.randn(n_audio, model.cfg.hidden_size)
+    engine = BatchEngine(model, max_rows=4)
+    engine.submit(Request(prompt, audio, GenerationConfig(max_steps=6, speech=True, seed=0)))
+    n_rows_steps = 0
+    while not engine.idle:
+        n_rows_steps += engine.cache.n
+        engine.step()
+    load = engine.take_expert_load()
+    k, L = model.cfg.num_experts_per_tok, len(model.moe_layers)
+    # prefill: 2 items x prompt positions; each routed token picks k experts in each MoE layer
+    total = int(load["text"].sum() + load["speech"].sum())
+    assert load["speech"].shape == (L, model.cfg.n_routed_experts)
+    assert int(load["speech"].sum()) >= 2 * n_audio * k * L  # the AUDIO positions of both items
+    assert total % (k * L) == 0 and total // (k * L) >= 2 * prompt.shape[0]
+    assert all(int(t.sum()) == 0 for t in engine.take_expert_load().values())  # reset by take
+
+
+def test_bad_requests(model):
+    engine = BatchEngine(model, max_rows=2, max_len=64)
+    lay = model.layout
+    with pytest.raises(ValueError, match="channels"):
+        engine.submit(Request(torch.zeros(5, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match="max_len"):
+        engine.submit(Request(user_turn(lay, list(range(100)))))
+    with pytest.raises(ValueError, match="AUDIO"):
+        engine.submit(Request(user_turn(lay, audio_positions=3), None))
+    with pytest.raises(ValueError, match="max_rows"):
+        BatchEngine(model, max_rows=1)
+    # a prompt near max_len: the answer is cut at the cache's capacity instead of failing mid-decode
+    sid = engine.submit(Request(user_turn(lay, list(range(40))), None, GenerationConfig(max_steps=500, speech=True)))
+    ends = []
+    while not engine.idle:
+        ends += [ev for s, ev in engine.step() if s == sid and ev.kind == "end"]
+    assert len(ends) == 1 and ends[0].step <= 64
