@@ -4,7 +4,8 @@
 #   cluster/local.sh start     # head on 127.0.0.1, dashboard :8265, metrics :8080, jobs use this repo's .venv
 #   eval "$(cluster/local.sh env)"
 #   ray job submit --working-dir . -- python -m jobs.prepare_data --out data
-#   cluster/local.sh stop
+#   cluster/local.sh stop     # `ray stop`: note that it stops EVERY Ray instance on this machine, embedded
+#                              # ones of running jobs (make demo, tests) included
 #
 # Auth: Ray 2.60 enables token auth by default; this development head runs with RAY_AUTH_MODE=disabled
 # and listens on loopback only. Jobs run with the interpreter found on the head's PATH, so the head is
@@ -28,6 +29,11 @@ case "${1:-}" in
     ray start --head --node-ip-address 127.0.0.1 --num-cpus "$num_cpus" \
       --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" \
       --metrics-export-port "$metrics_port" --disable-usage-stats
+    # job submission needs the node's dashboard agent: wait until it answers (slow machines take a while)
+    for _ in $(seq 1 60); do
+      curl -sf "http://127.0.0.1:52365/api/local_raylet_healthz" >/dev/null 2>&1 && break
+      sleep 1
+    done
     echo "dashboard http://127.0.0.1:$dash_port  metrics http://127.0.0.1:$metrics_port/metrics"
     echo "submit jobs with: eval \"\$($0 env)\"; ray job submit --working-dir . -- python -m jobs.<name>"
     ;;

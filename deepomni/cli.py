@@ -39,6 +39,47 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The Serve app (serve_apps/, docs/serving.md) on the embedded local Ray, until Ctrl-C."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    if (Path(repo) / "serve_apps").is_dir():  # a source checkout: serve_apps/ sits beside the package
+        sys.path.insert(0, repo)
+        # the embedded Ray's workers inherit this process's environment, not its sys.path
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    from ray import serve
+    from serve_apps.app import APP_NAME, build_app
+
+    from .ray_env import init_ray
+
+    app_args = {k: v for k, v in (("checkpoint", args.checkpoint), ("codec", args.codec),
+                                  ("tokenizer", args.tokenizer), ("device", args.device)) if v is not None}
+    if args.config is not None:
+        app_args["serve_config"] = args.config
+    app = build_app(app_args)  # checks the args before Ray starts
+    init_ray()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    print(f"DeepOmni is serving on http://{args.host}:{args.port}/ (page), POST /v1/dialogue, WS /v1/realtime; "
+          f"Ctrl-C stops it", flush=True)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+        serve.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="deepomni", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -48,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(fn=cmd_info)
     add_data_commands(sub)
+    srv = sub.add_parser("serve", help="run the Ray Serve app (docs/serving.md) on the embedded local Ray")
+    srv.add_argument("--checkpoint", help="checkpoint directory (deepomni.checkpoint); default: random tiny model")
+    srv.add_argument("--codec", help="builtin:<dir> or snac:<dir>; default: a cached built-in codec")
+    srv.add_argument("--tokenizer", help="bytes (default) or hf:<dir>")
+    srv.add_argument("--device", help="cpu | cuda | auto (default)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--config", help="Serve config whose deployments section sets replicas and autoscaling "
+                                      "(default serve_apps/config.yaml; 'none': the code's defaults)")
+    srv.set_defaults(fn=cmd_serve)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -18,5 +18,6 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         # a private, loopback-only instance: token auth would only get in the way of its own state API
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus or max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False,
+        # address="local": always a fresh private instance, even when a `ray start` cluster runs here
+        ray.init(address="local", num_cpus=num_cpus or max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=False)

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -23,10 +24,14 @@ def test_start_submit_stop():
         assert "RAY_ADDRESS=http://127.0.0.1:8365" in exports and "RAY_AUTH_MODE=disabled" in exports
         job_env = {**env, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "http://127.0.0.1:8365",
                    "PATH": f"{ROOT / '.venv' / 'bin'}:{env['PATH']}"}
-        job = subprocess.run(
-            ["ray", "job", "submit", "--working-dir", ".", "--", "python", "-c",
-             "import sys, deepomni.config as c; print('JOB', sys.prefix, c.load_preset('tiny').hidden_size)"],
-            cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=180)
+        for attempt in range(4):  # a loaded machine: the head may not have discovered its job agent yet
+            job = subprocess.run(
+                ["ray", "job", "submit", "--working-dir", ".", "--", "python", "-c",
+                 "import sys, deepomni.config as c; print('JOB', sys.prefix, c.load_preset('tiny').hidden_size)"],
+                cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=180)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
         line = next(l for l in job.stdout.splitlines() if l.startswith("JOB"))
         assert line.endswith(" 128") and ".venv" in line  # the project's interpreter and package

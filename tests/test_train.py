@@ -3,6 +3,7 @@ resume after a re-run and after a worker failure. A 24-item corpus is prepared o
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -18,7 +19,7 @@ from deepomni.checkpoint import load_model, save_model
 from deepomni.config import load_preset
 from deepomni.model.model import DeepOmniModel
 from deepomni.model.modality import moe_layers
-from deepomni.train.config import TrainConfig
+from deepomni.train.config import PRESET_DIR, TrainConfig
 from deepomni.train.engine import lr_factor
 from deepomni.train.profile import random_assignment
 from deepomni.train.stages import STAGES, get_stage, set_trainable
@@ -98,8 +99,9 @@ def test_config_preset_and_overrides():
 
     cli = parse(["--config", "tiny", "--stage", "s2_text_experts", "--num-workers", "2", "--ep-size", "2",
                  "--lr", "5e-4", "--init", "ckpt/s1"])
+    preset_steps = json.loads((PRESET_DIR / "tiny.json").read_text())["stages"]["s2_text_experts"]["max_steps"]
     assert (cli.stage, cli.num_workers, cli.ep_size, cli.lr, cli.init, cli.max_steps) == \
-        ("s2_text_experts", 2, 2, 5e-4, "ckpt/s1", 100)
+        ("s2_text_experts", 2, 2, 5e-4, "ckpt/s1", preset_steps)
     # warmup 3% then cosine
     assert lr_factor(0, 100, 0.03) == pytest.approx(1 / 3) and lr_factor(2, 100, 0.03) == 1.0
     assert lr_factor(99, 100, 0.03) < 0.01

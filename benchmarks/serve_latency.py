@@ -1,0 +1,345 @@
+"""Spoken-dialogue latency: time to first audio (TTFA) and real-time factor, Serve vs in-process.
+
+    python benchmarks/serve_latency.py                    # tiny preset, CPU: in-process and Serve, 1 and 16 sessions
+    python benchmarks/serve_latency.py --only inprocess --preset deepseek-v2-lite --device cuda --codec snac-random
+
+One run measures, on the same model, codec and spoken question (espeak-ng speech, else a synthetic tone):
+
+* ``inprocess``: the pipeline with no Serve: log-mel -> speech encoder + projector -> continuous batching
+  (:class:`deepomni.serve.engine.BatchEngine`, stepped by one background thread) -> streaming codec
+  decoder, all in this process (the reference: what the split costs is the difference);
+* ``serve``: the Serve app (``serve_apps``) on 127.0.0.1, ``POST /v1/dialogue`` with the WAV, reading the
+  server-sent events (its deployments split the same components across replicas).
+
+For 1 and N (default 16) concurrent sessions, and N sessions run one after another: TTFA = request sent
+-> first audio samples received (p50, p99), RTF = answer time / answer audio seconds (per session), and
+aggregate throughput = answer audio seconds / wall seconds. Answers are bounded by ``--answer-steps``
+decoding steps (the random model rarely ends earlier); both sides load the same saved weights and codec,
+and RTF and throughput are per audio second, so answers of different lengths compare fairly. Saves
+``benchmarks/results/serve_latency[_<preset>_<device>].json``; the last line is ``ttfa_p50_ms=<figure>``
+(the Serve figure for 1 session when Serve ran, else the in-process one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))  # serve_apps (the app lives beside the package)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def question_wav(seconds: float = 2.0) -> tuple[bytes, np.ndarray]:
+    """A spoken question as WAV bytes (espeak-ng when present, else a 16 kHz tone sweep) and its samples."""
+    import shutil
+    import subprocess
+
+    wav = None
+    if shutil.which("espeak-ng"):
+        out = subprocess.run(["espeak-ng", "--stdout", "-v", "en-us", "What is the capital of France, please?"],
+                             capture_output=True, check=True).stdout
+        import soundfile as sf
+
+        data, sr = sf.read(io.BytesIO(out), dtype="float32")
+        if sr != 16000:
+            import soxr
+
+            data = soxr.resample(data, sr, 16000)
+        wav = data.astype(np.float32)
+    if wav is None:
+        t = np.arange(int(seconds * 16000)) / 16000
+        wav = (0.3 * np.sin(2 * np.pi * (200 + 150 * t) * t)).astype(np.float32)
+    buf = io.BytesIO()
+    import soundfile as sf
+
+    sf.write(buf, wav, 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue(), wav
+
+
+# ------------------------------------------------------------------------------------- in-process
+@dataclass
+class Answer:
+    ttfa_s: float | None = None
+    total_s: float = 0.0
+    audio_s: float = 0.0
+
+
+class InProcess:
+    """encoder -> BatchEngine (one stepping thread) -> codec stream decoder, in this process."""
+
+    def __init__(self, model, codec, answer_steps: int, max_rows: int):
+        from deepomni.audio import LogMel
+        from deepomni.serve.engine import BatchEngine
+
+        self.model, self.codec = model, codec
+        self.logmel = LogMel.from_config(model.cfg.speech_encoder)
+        self.engine = BatchEngine(model, max_rows=max_rows)
+        self.answer_steps = answer_steps
+        self.device = model.embed.weight.device
+        self.lock = threading.Lock()  # submit/cancel between steps only
+        self.queues: dict[int, asyncio.Queue] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.wake = threading.Event()
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop:
+            with self.lock:
+                events = [] if self.engine.idle else self.engine.step()
+            if not events and self.engine.idle:
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            for sid, ev in events:
+                self.loop.call_soon_threadsafe(self.queues[sid].put_nowait, ev)
+
+    @torch.no_grad()
+    def _encode(self, wav_bytes: bytes) -> torch.Tensor:
+        from deepomni.audio import load_audio
+
+        wav = load_audio(wav_bytes, max_seconds=self.logmel.max_seconds)
+        mel, frames = self.logmel([wav])
+        dtype = self.model.embed.weight.dtype
+        return self.model.speech(mel.to(self.device, dtype), frames)[0]
+
+    async def answer(self, wav_bytes: bytes) -> Answer:
+        from deepomni.model.generate import GenerationConfig
+        from deepomni.model.prompt import user_turn
+        from deepomni.serve.engine import Request
+
+        self.loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        audio_ND = await asyncio.to_thread(self._encode, wav_bytes)
+        prompt = user_turn(self.model.layout, audio_positions=audio_ND.shape[0])
+        req = Request(prompt, audio_ND, GenerationConfig(max_steps=self.answer_steps, speech=True, seed=0))
+        q: asyncio.Queue = asyncio.Queue()
+        with self.lock:
+            sid = self.engine.submit(req)
+            self.queues[sid] = q
+        self.wake.set()
+        state, ans = self.codec.init_stream_state(), Answer()
+        samples = 0
+        while True:
+            ev = await q.get()
+            if ev.kind == "frame":
+                codes = ev.frame_K.view(-1, 1).clamp(max=self.codec.codebook_size - 1)
+                pcm = await asyncio.to_thread(self.codec.stream_step, state, codes.to(self.codec_device))
+                if len(pcm) and ans.ttfa_s is None:
+                    ans.ttfa_s = time.perf_counter() - t0
+                samples += len(pcm)
+            elif ev.kind == "end":
+                samples += len(await asyncio.to_thread(self.codec.stream_flush, state))
+                break
+        ans.total_s = time.perf_counter() - t0
+        ans.audio_s = samples / self.codec.sample_rate
+        del self.queues[sid]
+        return ans
+
+    @property
+    def codec_device(self):
+        return getattr(self.codec, "device", torch.device("cpu"))
+
+    def close(self) -> None:
+        self.stop = True
+        self.wake.set()
+        self.thread.join(timeout=5)
+
+
+# ------------------------------------------------------------------------------------------ serve
+class ServeClient:
+    """POST /v1/dialogue with the WAV; reads the SSE stream (docs/serving.md)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    async def answer(self, wav_bytes: bytes) -> Answer:
+        import httpx
+
+        ans, samples, rate = Answer(), 0, None
+        t0 = time.perf_counter()
+        async with httpx.AsyncClient(timeout=600) as client:
+            async with client.stream("POST", f"{self.url}/v1/dialogue", content=wav_bytes,
+                                     headers={"content-type": "audio/wav"}) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+                event = None
+                async for line in r.aiter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:") and event == "audio":
+                        msg = json.loads(line[5:])
+                        n = len(msg.get("pcm_b64", msg.get("audio_b64", ""))) * 3 // 4 // 2
+                        rate = msg.get("sample_rate", rate)
+                        if n and ans.ttfa_s is None:
+                            ans.ttfa_s = time.perf_counter() - t0
+                        samples += n
+        ans.total_s = time.perf_counter() - t0
+        ans.audio_s = samples / (rate or 16000)
+        return ans
+
+
+# ------------------------------------------------------------------------------------- measuring
+async def sessions(target, wav_bytes: bytes, n: int, concurrent: bool) -> dict:
+    t0 = time.perf_counter()
+    if concurrent:
+        answers = await asyncio.gather(*(target.answer(wav_bytes) for _ in range(n)))
+    else:
+        answers = [await target.answer(wav_bytes) for _ in range(n)]
+    wall = time.perf_counter() - t0
+    ttfa = sorted(a.ttfa_s * 1e3 for a in answers if a.ttfa_s is not None)
+    audio = sum(a.audio_s for a in answers)
+
+    def pct(p):
+        return ttfa[min(len(ttfa) - 1, int(round(p / 100 * (len(ttfa) - 1))))] if ttfa else None
+
+    return {"sessions": n, "concurrent": concurrent, "ttfa_p50_ms": pct(50), "ttfa_p99_ms": pct(99),
+            "rtf_mean": statistics.mean(a.total_s / a.audio_s for a in answers if a.audio_s) if audio else None,
+            "audio_seconds": audio, "wall_s": wall, "throughput_audio_s_per_s": audio / wall}
+
+
+async def measure(target, wav_bytes: bytes, n: int, repeats: int) -> dict:
+    await target.answer(wav_bytes)  # warm-up (first-use costs: allocations, JIT, connections)
+    single = [await sessions(target, wav_bytes, 1, True) for _ in range(repeats)]
+    ttfa = sorted(s["ttfa_p50_ms"] for s in single)
+    one = {**single[0], "ttfa_p50_ms": statistics.median(ttfa), "ttfa_p99_ms": ttfa[-1],
+           "rtf_mean": statistics.median(s["rtf_mean"] for s in single), "repeats": repeats}
+    many = await sessions(target, wav_bytes, n, True)
+    seq = await sessions(target, wav_bytes, n, False)
+    return {"1_session": one, f"{n}_concurrent": many, f"{n}_sequential": seq,
+            "concurrency_gain": many["throughput_audio_s_per_s"] / seq["throughput_audio_s_per_s"]}
+
+
+def build_model(args):
+    from deepomni.config import load_preset
+    from deepomni.model.model import DeepOmniModel
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    cfg = load_preset(args.preset)
+    model = DeepOmniModel.random(cfg, device=args.device, dtype=dtype, seed=0).eval()
+    return model, cfg
+
+
+def default_codec(cfg) -> str:
+    from serve_apps.loading import default_codec_spec  # the Serve app's default built-in codec
+
+    return default_codec_spec(cfg)
+
+
+def build_codec(spec: str, device: str):
+    if spec == "snac-random":  # SNAC's architecture with random weights: a realistic decoder cost
+        from deepomni.codec.snac import SnacCodec
+
+        return SnacCodec.random(device=device)
+    from deepomni.codec import load_codec
+
+    return load_codec(spec)
+
+
+def report(name: str, r: dict) -> None:
+    for k, v in r.items():
+        if isinstance(v, dict):
+            print(f"  {name:9s} {k:15s} ttfa p50 {v['ttfa_p50_ms']:8.1f} ms  p99 {v['ttfa_p99_ms']:8.1f} ms  "
+                  f"rtf {v['rtf_mean']:.3f}  throughput {v['throughput_audio_s_per_s']:.2f} audio s/s")
+    print(f"  {name:9s} concurrency gain ({[k for k in r if k.endswith('concurrent')][0]} vs sequential): "
+          f"{r['concurrency_gain']:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=("inprocess", "serve"), help="run one side only")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the preset's float32)")
+    ap.add_argument("--codec", default=None, help="codec spec, or snac-random; default: the app's built-in codec")
+    ap.add_argument("--sessions", type=int, default=16)
+    ap.add_argument("--answer-steps", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=5, help="single-session runs behind the 1-session figures")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wav_bytes, wav = question_wav()
+    out = {"preset": args.preset, "device": args.device, "dtype": args.dtype or "float32",
+           "question_seconds": len(wav) / 16000, "answer_steps": args.answer_steps, "sessions": args.sessions,
+           "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    if args.device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name()
+
+    import tempfile
+
+    from deepomni.checkpoint import load_model, save_model
+
+    t0 = time.perf_counter()
+    model, cfg = build_model(args)
+    ckpt = str(save_model(model, Path(tempfile.mkdtemp(prefix="deepomni-bench-")) / "model")) \
+        if args.only != "inprocess" else None
+    codec_spec = args.codec or default_codec(cfg)
+    if args.only != "serve":
+        if ckpt:  # exactly the weights the Serve replicas load
+            model = load_model(ckpt, device=args.device)[0].eval()
+        codec = build_codec(codec_spec, args.device)
+        print(f"[inprocess] model {args.preset} on {args.device} built in {time.perf_counter() - t0:.0f} s", flush=True)
+        target = InProcess(model, codec, args.answer_steps, max_rows=32)  # as the app's Backbone (config.yaml max_rows)
+        out["inprocess"] = asyncio.run(measure(target, wav_bytes, args.sessions, args.repeats))
+        target.close()
+        report("inprocess", out["inprocess"])
+        del target
+    if args.only != "inprocess":
+        del model
+        out["serve"] = run_serve(args, ckpt, codec_spec, wav_bytes)
+        report("serve", out["serve"])
+    if "serve" in out and "inprocess" in out:
+        out["serve_overhead_ttfa_ms"] = out["serve"]["1_session"]["ttfa_p50_ms"] - out["inprocess"]["1_session"]["ttfa_p50_ms"]
+        print(f"Serve split adds {out['serve_overhead_ttfa_ms']:.1f} ms to TTFA p50 (1 session)")
+    suffix = "" if (args.preset, args.device) == ("tiny", "cpu") else f"_{args.preset}_{args.device.split(':')[0]}"
+    path = RESULTS / f"serve_latency{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"saved {path}")
+    side = out.get("serve") or out["inprocess"]
+    print(f"ttfa_p50_ms={side['1_session']['ttfa_p50_ms']:.1f}")
+
+
+def run_serve(args, ckpt: str, codec_spec: str, wav_bytes: bytes) -> dict:
+    """The Serve app (config.yaml's deployments) on 127.0.0.1, same checkpoint and codec as in-process."""
+    import socket
+
+    from ray import serve
+
+    from deepomni.ray_env import init_ray
+    from serve_apps.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"checkpoint": ckpt, "codec": codec_spec, "max_steps": args.answer_steps,
+                         "torch_threads": args.threads or 1}), name="deepomni", route_prefix="/")
+    try:
+        return asyncio.run(measure(ServeClient(f"http://127.0.0.1:{port}"), wav_bytes, args.sessions, args.repeats))
+    finally:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""The HTTP / WebSocket front (FastAPI under ``@serve.ingress``); the protocol is ``docs/serving.md``.
+
+One answer, whichever endpoint asked for it (:meth:`Ingress._answer`):
+
+    audio --SpeechEncoder.encode--> speech [n, D] --Backbone.generate (stream)--> text deltas + codec frames
+          --Vocoder.decode (state in, state out)--> PCM chunks -> the client
+
+While the ingress waits for the vocoder, the backbone goes on decoding; the next batch it streams holds
+every frame produced meanwhile, so chunks grow when the vocoder is the bottleneck and the first audio
+leaves as soon as the first frame exists. Every refusal is a :class:`~serve_apps.protocol.Rejection`
+(HTTP status + reason), counted in ``deepomni_rejected_requests`` by reason.
+"""
+
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from .loading import AppConfig
+from .protocol import (AUDIO_FORMAT, WS_INPUT_FORMATS, WS_INVALID_PAYLOAD, WS_MESSAGE_TOO_BIG,
+                       WS_POLICY_VIOLATION, WS_UNSUPPORTED_DATA, AnswerOptions, REASONS, Rejection, decode_b64, pcm_s16le,
+                       reject, sse)
+
+STATIC = Path(__file__).parent / "static"
+STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "pcm-recorder.js": "text/javascript"}
+MAX_TEXT_CHARS = 4000
+
+app = FastAPI(title="DeepOmni", description="Spoken dialogue with a speech-text MoE LM (docs/serving.md)")
+
+
+def _status(e: Rejection) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+class _Realtime:
+    """One WebSocket connection: turns in (audio frames + ``end_of_turn``, or ``text``), answers out.
+
+    One answer runs at a time, as a task, so the connection keeps reading while it streams: a new turn or
+    ``cancel`` stops the running answer first (barge-in)."""
+
+    def __init__(self, ingress: "Ingress", ws: WebSocket):
+        self.ing, self.ws = ingress, ws
+        self.cfg = ingress.cfg
+        self.turn = 0
+        self.fmt, self.rate = "pcm_s16le", 16000
+        self.opts = AnswerOptions()
+        self.buf = bytearray()
+        self.task: asyncio.Task | None = None
+
+    async def close(self, code: int, reason: str, why: str) -> None:
+        self.ing._rejected(Rejection(400, why, reason), "realtime")
+        await self.stop_answer()
+        await self.ws.close(code=code, reason=reason[:120])
+
+    async def run(self) -> None:
+        await self.ws.send_json({"type": "ready", **await self.ing.info(), "input_formats": list(WS_INPUT_FORMATS)})
+        while True:
+            msg = await self.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            if msg.get("bytes") is not None:
+                self.buf += msg["bytes"]
+                if len(self.buf) > self.cfg.max_body_bytes:
+                    return await self.close(WS_MESSAGE_TOO_BIG, f"turn audio over {self.cfg.max_body_bytes} bytes",
+                                            "body_too_large")
+                continue
+            try:
+                data = json.loads(msg.get("text") or "")
+            except json.JSONDecodeError:
+                return await self.close(WS_INVALID_PAYLOAD, "text frames must be JSON objects", "malformed_json")
+            if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+                return await self.close(WS_INVALID_PAYLOAD, "text frames must be JSON objects with a string 'type'",
+                                        "malformed_json")
+            kind = data["type"]
+            if kind == "start_turn":
+                fmt, rate = data.get("format", self.fmt), data.get("sample_rate", self.rate)
+                if fmt not in WS_INPUT_FORMATS or not isinstance(rate, int) or isinstance(rate, bool) or rate <= 0:
+                    return await self.close(WS_POLICY_VIOLATION, f"start_turn needs format in {list(WS_INPUT_FORMATS)} "
+                                            "and a positive integer sample_rate", "protocol_error")
+                try:
+                    self.opts = AnswerOptions.parse(data, self.cfg.max_steps_limit)
+                except Rejection as e:
+                    return await self.close(WS_POLICY_VIOLATION, e.message, e.reason)
+                self.fmt, self.rate, self.buf = fmt, rate, bytearray()
+            elif kind == "end_of_turn":
+                if self.fmt == "pcm_s16le" and len(self.buf) % 2:
+                    return await self.close(WS_INVALID_PAYLOAD, "pcm_s16le turn audio has an odd number of bytes",
+                                            "bad_audio")
+                audio, self.buf = bytes(self.buf), bytearray()
+                await self.start_answer(audio=audio)
+            elif kind == "text":
+                text = data.get("text")
+                if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT_CHARS:
+                    return await self.close(WS_POLICY_VIOLATION, "text needs a non-empty 'text' string",
+                                            "protocol_error")
+                await self.start_answer(text=text)
+            elif kind == "cancel":
+                await self.stop_answer()
+            else:
+                return await self.close(WS_UNSUPPORTED_DATA, f"unknown message type {kind!r}", "protocol_error")
+
+    async def stop_answer(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self.task = None
+
+    async def start_answer(self, audio: bytes | None = None, text: str | None = None) -> None:
+        await self.stop_answer()
+        self.turn += 1
+        self.task = asyncio.get_running_loop().create_task(self.answer(self.turn, audio, text, time.perf_counter()))
+
+    async def answer(self, turn: int, audio: bytes | None, text: str | None, t0: float) -> None:
+        ws, events = self.ws, None
+        try:
+            audio_ND = None
+            if audio is not None:
+                audio_ND = await self.ing._encode(audio, self.rate if self.fmt == "pcm_s16le" else None)
+            events = self.ing._answer(audio_ND, text, self.opts, t0)
+            async for ev in events:
+                if ev["type"] == "audio":
+                    await ws.send_bytes(ev["pcm"])
+                else:
+                    await ws.send_json({**ev, "turn": turn})
+        except Rejection as e:  # a bad turn: said so, counted, and the connection goes on
+            self.ing._rejected(e, "realtime")
+            await ws.send_json({"type": "error", "turn": turn, **e.body()["error"]})
+        except asyncio.CancelledError:
+            try:
+                await ws.send_json({"type": "end", "turn": turn, "cancelled": True})
+            except Exception:
+                pass
+            raise
+        finally:
+            if events is not None:
+                await events.aclose()
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, encoder: DeploymentHandle, backbone: DeploymentHandle, vocoder: DeploymentHandle,
+                 cfg: AppConfig):
+        from .metrics import ingress_metrics
+
+        self.encoder, self.backbone, self.vocoder, self.cfg = encoder, backbone, vocoder, cfg
+        self.metrics = ingress_metrics()
+        self._info: dict | None = None
+
+    async def info(self) -> dict:
+        """Sample rate and limits, asked of the deployments once (and checked against each other)."""
+        if self._info is None:
+            enc, bb, voc = await asyncio.gather(self.encoder.info.remote(), self.backbone.info.remote(),
+                                                self.vocoder.info.remote())
+            if voc["num_channels"] != bb["num_codec_channels"]:
+                raise RuntimeError(f"vocoder codec has {voc['num_channels']} channels, the model "
+                                   f"{bb['num_codec_channels']}")
+            self._info = {"sample_rate": voc["sample_rate"], "format": AUDIO_FORMAT, "codec": voc["codec"],
+                          "max_seconds": enc["max_seconds"], "max_body_bytes": self.cfg.max_body_bytes,
+                          "max_steps": self.cfg.max_steps, "max_steps_limit": self.cfg.max_steps_limit}
+        return self._info
+
+    def _rejected(self, e: Rejection, endpoint: str) -> None:
+        self.metrics.rejected_requests.inc(tags={"reason": e.reason, "endpoint": endpoint})
+
+    # ------------------------------------------------------------------------------------ plain routes
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        info, stats = await asyncio.gather(self.info(), self.backbone.stats.remote())
+        return {"status": "ok", **info, "backbone": stats}
+
+    @app.get("/")
+    async def index(self) -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}")
+    async def static(self, name: str) -> Response:
+        if name not in STATIC_FILES:
+            return JSONResponse({"error": {"reason": "not_found", "message": f"no static file {name!r}"}}, 404)
+        return FileResponse(STATIC / name, media_type=STATIC_FILES[name])
+
+    # ------------------------------------------------------------------------------------ POST /v1/dialogue
+    @app.post("/v1/dialogue")
+    async def dialogue(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        try:
+            audio, pcm_rate, text, opts = await self._parse_dialogue(request)
+            audio_ND = await self._encode(audio, pcm_rate) if audio is not None else None
+            events = self._answer(audio_ND, text, opts, t0)
+            first = await events.__anext__()  # a refusal by the backbone is still a plain 4xx here
+        except Rejection as e:
+            self._rejected(e, "dialogue")
+            return _status(e)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield sse(first["type"], first)
+                async for ev in events:
+                    if ev["type"] == "audio":
+                        ev = {k: v for k, v in ev.items() if k != "pcm"} | {"pcm_b64": base64.b64encode(ev["pcm"]).decode()}
+                    yield sse(ev["type"], ev)
+            finally:  # the client went away: close the answer, which cancels the backbone session
+                await events.aclose()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _parse_dialogue(self, request: Request) -> tuple[bytes | None, int | None, str | None, AnswerOptions]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        is_json = ctype == "application/json" or ctype.endswith("+json")
+        if not (is_json or ctype.startswith("audio/") or ctype == "application/octet-stream"):
+            raise reject("unsupported_media_type", f"Content-Type {ctype or '(none)'!r} is not accepted: send "
+                         f"audio bytes as audio/* (audio/wav, audio/flac, ...) or a JSON body as application/json")
+        body = await self._read_body(request)
+        if not is_json:
+            opts = AnswerOptions.parse(dict(request.query_params), self.cfg.max_steps_limit)
+            return body, None, None, opts
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise reject("malformed_json", f"the body is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise reject("malformed_json", f"the body must be a JSON object, got {type(data).__name__}")
+        opts = AnswerOptions.parse(data, self.cfg.max_steps_limit)
+        has_audio, text = data.get("audio_b64") is not None, data.get("text")
+        if has_audio == (text is not None):
+            raise reject("bad_request", "give exactly one of audio_b64 (a spoken question) and text (a written one)")
+        if text is not None:
+            if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT_CHARS:
+                raise reject("bad_request", f"text must be a non-empty string of at most {MAX_TEXT_CHARS} characters")
+            return None, None, text, opts
+        audio = decode_b64(data["audio_b64"])
+        fmt = data.get("format", "file")
+        if fmt == "file":
+            return audio, None, None, opts
+        if fmt != "pcm_s16le":
+            raise reject("bad_request", f"format must be 'file' or 'pcm_s16le', got {fmt!r}")
+        rate = data.get("sample_rate")
+        if not isinstance(rate, int) or isinstance(rate, bool):
+            raise reject("bad_request", "format pcm_s16le needs an integer sample_rate")
+        if len(audio) % 2:
+            raise reject("bad_audio", f"pcm_s16le audio must have an even number of bytes, got {len(audio)}")
+        return audio, rate, None, opts
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_big = reject("body_too_large", f"the body is over the limit of {limit} bytes")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise too_big
+        return bytes(buf)
+
+    # ------------------------------------------------------------------------------------ one answer
+    async def _encode(self, audio: bytes, pcm_rate: int | None) -> np.ndarray:
+        out = await self.encoder.encode.remote(audio, pcm_rate)
+        if "error" in out:
+            raise reject(out["error"]["reason"], out["error"]["message"])
+        return out["audio_ND"]
+
+    async def _answer(self, audio_ND: np.ndarray | None, text: str | None, opts: AnswerOptions,
+                      t0: float) -> AsyncIterator[dict]:
+        """Protocol events of one answer: ``start``, ``text``, ``audio`` (with raw ``pcm`` bytes), ``end``.
+        Closing this generator early (client gone) cancels the backbone stream and so the session."""
+        info = await self.info()
+        sr = info["sample_rate"]
+        stream = self.backbone.options(stream=True).generate.remote(
+            audio_ND, text, {"speech": opts.speech, "max_steps": opts.max_steps, "seed": opts.seed})
+        state, seq, samples, finished = None, 0, 0, False
+        first_audio = last_audio = None
+        try:
+            started = False
+            async for item in stream:
+                if item["error"] is not None:
+                    reason = item["error"]["reason"]
+                    raise reject(reason if reason in REASONS else "internal_error", item["error"]["message"])
+                if not started:
+                    started = True
+                    yield {"type": "start", "sample_rate": sr, "format": AUDIO_FORMAT, "speech": opts.speech}
+                if item["text"]:
+                    yield {"type": "text", "delta": item["text"]}
+                end = item["end"]
+                if opts.speech and (item["codes_KF"] is not None or end is not None):
+                    wav, state = await self.vocoder.decode.remote(state, item["codes_KF"], end is not None)
+                    if len(wav):
+                        now = time.perf_counter()
+                        if first_audio is None:
+                            first_audio = now
+                            self.metrics.time_to_first_audio_seconds.observe(now - t0)
+                        else:
+                            self.metrics.audio_chunk_gap_seconds.observe(now - last_audio)
+                        last_audio = now
+                        samples += len(wav)
+                        yield {"type": "audio", "seq": seq, "sample_rate": sr, "format": AUDIO_FORMAT,
+                               "samples": len(wav), "pcm": pcm_s16le(wav)}
+                        seq += 1
+                if end is not None:
+                    elapsed = time.perf_counter() - t0
+                    audio_s = samples / sr
+                    rtf = elapsed / audio_s if audio_s else None
+                    if rtf is not None:
+                        self.metrics.real_time_factor.observe(rtf)
+                    finished = True
+                    yield {"type": "end", "text": end["text"], "steps": end["steps"],
+                           "text_tokens": end["text_tokens"], "frames": end["frames"], "audio_chunks": seq,
+                           "audio_seconds": round(audio_s, 4), "elapsed_ms": round(elapsed * 1e3, 2),
+                           "ttfa_ms": None if first_audio is None else round((first_audio - t0) * 1e3, 2),
+                           "queue_ms": end["queue_ms"], "rtf": None if rtf is None else round(rtf, 4)}
+                    return
+        finally:
+            if not finished:
+                stream.cancel()
+
+    # ------------------------------------------------------------------------------------ WS /v1/realtime
+    @app.websocket("/v1/realtime")
+    async def realtime(self, ws: WebSocket) -> None:
+        await ws.accept()
+        session = _Realtime(self, ws)
+        try:
+            await session.run()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await session.stop_answer()

@@ -1,0 +1,141 @@
+"""The wire protocol of ``docs/serving.md``: message kinds, rejection reasons, close codes, PCM encoding.
+
+Server and page follow this module (the page's ``static/app.js`` mirrors the names); nothing here
+depends on Ray, so it is unit-testable and importable by clients.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+# ------------------------------------------------------------------------------------------ audio out
+AUDIO_FORMAT = "pcm_s16le"  # answer audio: signed 16-bit little-endian mono at the codec's sample rate
+
+
+def pcm_s16le(wav: np.ndarray) -> bytes:
+    """Float audio (clipped to [-1, 1]) -> 16-bit little-endian PCM bytes."""
+    x = np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0)
+    return (x * 32767.0).round().astype("<i2").tobytes()
+
+
+def pcm_s16le_to_float(data: bytes) -> np.ndarray:
+    """16-bit little-endian PCM bytes -> float32 in [-1, 1). Raises ``ValueError`` on an odd byte count."""
+    if len(data) % 2:
+        raise ValueError(f"pcm_s16le audio must have an even number of bytes, got {len(data)}")
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+
+
+# ------------------------------------------------------------------------------------------ rejections
+class Rejection(Exception):
+    """A request we refuse: HTTP status, a machine-readable ``reason`` (the metric's tag) and a message for
+    the person who sent it. Over WebSocket the same reasons travel in ``error`` messages or close frames."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(status, reason, message)
+        self.status, self.reason, self.message = status, reason, message
+
+    def body(self) -> dict:
+        return {"error": {"reason": self.reason, "message": self.message}}
+
+
+# reason -> HTTP status (docs/serving.md "Errors"); every reason is also a value of the rejected metric's tag
+REASONS = {
+    "unsupported_media_type": 415,  # Content-Type neither audio/* nor application/json
+    "body_too_large": 413,  # request body (or one WebSocket turn's audio) over max_body_bytes
+    "malformed_json": 400,  # body or WebSocket text frame is not a JSON object
+    "bad_base64": 400,  # audio_b64 is not valid base64
+    "bad_request": 400,  # fields missing, of the wrong type or out of range
+    "not_audio": 422,  # bytes no audio decoder recognises
+    "truncated_audio": 422,  # an audio file cut short (header declares more than is there) or corrupt
+    "empty_audio": 422,  # no samples
+    "audio_too_long": 422,  # longer than the speech encoder's window
+    "bad_audio": 422,  # other unusable audio (sample rate, NaN samples, ...)
+    "prompt_too_long": 422,  # the prompt does not fit the model's positions
+    "protocol_error": 400,  # WebSocket: a message the protocol does not allow here
+    "internal_error": 500,  # generation failed (a bug): the server logs it and keeps serving
+}
+
+
+def reject(reason: str, message: str) -> Rejection:
+    return Rejection(REASONS[reason], reason, message)
+
+
+def audio_reason(message: str) -> str:
+    """Classify a :class:`deepomni.audio.AudioError` message into a rejection reason."""
+    m = message.lower()
+    if "not a recognised audio file" in m or "which is not audio" in m:
+        return "not_audio"
+    if "truncated" in m or "could not be decoded" in m:
+        return "truncated_audio"
+    if "holds no audio" in m or "0 bytes" in m or "0 samples" in m:
+        return "empty_audio"
+    if "over the limit" in m or ("window" in m and "long" in m):
+        return "audio_too_long"
+    return "bad_audio"
+
+
+def decode_b64(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise reject("bad_request", "audio_b64 must be a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise reject("bad_base64", f"audio_b64 is not valid base64: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------ options
+@dataclass
+class AnswerOptions:
+    """Per-request generation options (JSON fields or query parameters of the same names)."""
+
+    speech: bool = True  # False: a text answer only
+    max_steps: int | None = None  # None: the server's default; capped by the server's max_steps
+    seed: int | None = None  # codec sampling seed (None: random)
+
+    @classmethod
+    def parse(cls, raw: dict, cap: int) -> AnswerOptions:
+        opts = cls()
+        if "speech" in raw:
+            v = raw["speech"]
+            if isinstance(v, str):
+                v = v.lower() in ("1", "true", "yes")
+            if not isinstance(v, bool):
+                raise reject("bad_request", "speech must be true or false")
+            opts.speech = v
+        for name in ("max_steps", "seed"):
+            if raw.get(name) is None:
+                continue
+            v = raw[name]
+            try:
+                v = int(v) if not isinstance(v, bool) and float(v).is_integer() else None
+            except (TypeError, ValueError):
+                v = None
+            if v is None or v < (1 if name == "max_steps" else 0):
+                raise reject("bad_request", f"{name} must be a {'positive' if name == 'max_steps' else 'non-negative'} "
+                                            f"integer, got {raw[name]!r}")
+            setattr(opts, name, v)
+        if opts.max_steps is not None and opts.max_steps > cap:
+            raise reject("bad_request", f"max_steps must be at most {cap}, got {opts.max_steps}")
+        return opts
+
+
+# ------------------------------------------------------------------------------------------ SSE
+def sse(event: str, data: dict) -> bytes:
+    """One server-sent event: ``event: <kind>`` and a one-line JSON ``data``."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+# ------------------------------------------------------------------------------------------ WebSocket
+# close codes (RFC 6455) the server uses, with the reason text it sends (docs/serving.md "WebSocket")
+WS_UNSUPPORTED_DATA = 1003  # a message kind the protocol does not know ("type" unknown)
+WS_INVALID_PAYLOAD = 1007  # a text frame that is not a JSON object, or pcm_s16le audio of odd length
+WS_POLICY_VIOLATION = 1008  # a message not allowed in the current state, or invalid fields
+WS_MESSAGE_TOO_BIG = 1009  # one turn's audio over max_body_bytes
+WS_INTERNAL_ERROR = 1011
+
+WS_INPUT_FORMATS = ("pcm_s16le", "file")  # binary frames of a turn: raw PCM at sample_rate, or one audio file
