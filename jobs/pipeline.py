@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     step("synth", (data / "summary.json").exists(), lambda: synthesize(
+        # the test split holds ~eval_items items of each of asr / text_qa / spoken_qa (tts is 1/10 of items)
         SynthConfig(seed=args.seed, sizes={"train": args.train_items, "validation": args.eval_items // 2,
-                                           "test": args.eval_items}), data, progress=False))
+                                           "test": args.eval_items * 10 // 3}), data, progress=False))
     step("prepare", (data / "prepare_summary.json").exists(),
          lambda: prepare(data / "raw", data, DataConfig(seed=args.seed, codec_fit_items=100)))
 

@@ -107,6 +107,32 @@ def test_config_preset_and_overrides():
     assert lr_factor(99, 100, 0.03) < 0.01
 
 
+def test_s1_trains_only_the_extension_rows_of_the_embedding():
+    """S1 (PAPER.md: "extended embeddings"): the text LLM's own vocabulary rows stay bit-identical through
+    AdamW steps with weight decay; the rows the extension added (specials, codec blocks) and the projector
+    learn."""
+    from deepomni.model.modality import param_groups
+
+    torch.manual_seed(0)
+    model = DeepOmniModel(load_preset("tiny")).init_weights(seed=0)
+    set_trainable(model, get_stage("s1_align"))
+    before = model.embed.weight.detach().clone()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    lay = model.layout
+    tokens = torch.randint(0, 200, (2, 16, lay.num_channels))
+    for _ in range(2):
+        out = model(tokens, labels_BLC=tokens)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.embed.weight.detach()
+    V = lay.text_vocab_size
+    assert torch.equal(after[:V], before[:V])
+    assert not torch.equal(after[V:], before[V:])
+    set_trainable(model, get_stage("s3_joint"))
+    assert model.embed.trainable_rows is None  # later stages train the whole table
+
+
 # ----------------------------------------------------------------------------------- Ray Train runs
 def test_stage_end_to_end_and_resume(corpus, tmp_path, ray_local):
     cfg = _cfg(corpus, tmp_path, stage="text_pretrain", run_name="base", max_steps=2, checkpoint_every=1, lr=3e-3)

@@ -97,7 +97,20 @@ class ChannelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(layout.total_size, hidden_size))
         # untied: a separate output table with the same layout (see ModelConfig.tie_word_embeddings)
         self.head_weight = None if tied else nn.Parameter(torch.empty(layout.total_size, hidden_size))
+        # rows that get gradients (None: all); S1 trains only the rows the extension added (PAPER.md table)
+        self.trainable_rows: torch.Tensor | None = None
         self.register_buffer("offsets_C", layout.offsets(), persistent=False)
+
+    def _rows(self, w: torch.Tensor) -> torch.Tensor:
+        from .moe import mask_grad_rows
+
+        return w if self.trainable_rows is None else mask_grad_rows(w, self.trainable_rows.to(w.device))
+
+    def extension_rows(self) -> torch.Tensor:
+        """True for the rows a text LLM's vocabulary does not have: text specials and every codec block."""
+        rows = torch.ones(self.layout.total_size, dtype=torch.bool)
+        rows[: self.layout.text_vocab_size] = False
+        return rows
 
     def reset_buffers(self) -> None:
         self.offsets_C = self.layout.offsets(self.offsets_C.device)
@@ -111,7 +124,7 @@ class ChannelEmbedding(nn.Module):
         C = tokens_BLC.shape[-1]
         if C != self.layout.num_channels:
             raise ValueError(f"tokens have {C} channels, the model expects {self.layout.num_channels}")
-        emb_BLCD = F.embedding(tokens_BLC + self.offsets_C, self.weight)
+        emb_BLCD = F.embedding(tokens_BLC + self.offsets_C, self._rows(self.weight))
         if audio_BLD is None:
             return emb_BLCD.mean(dim=2)
         K = C - 1
@@ -121,7 +134,7 @@ class ChannelEmbedding(nn.Module):
 
     def logits(self, h_BLD: torch.Tensor, channels: list[int] | None = None) -> list[torch.Tensor]:
         """Per-channel logits (channel-local vocabularies) from the tied table."""
-        table = self.weight if self.head_weight is None else self.head_weight
+        table = self._rows(self.weight if self.head_weight is None else self.head_weight)
         out = []
         for c in range(self.layout.num_channels) if channels is None else channels:
             start = self.layout.channel_offset(c)

@@ -130,6 +130,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     experts while a modality mask freezes some of them (so frozen rows stay bit-identical)."""
     masked = {id(p) for m in moe_layers(model).values() if m.trainable_E is not None
               for p in (m.experts.gate_up_proj, m.experts.down_proj, m.gate.weight)}
+    embed = getattr(model, "embed", None)
+    if embed is not None and getattr(embed, "trainable_rows", None) is not None:  # row-masked tables too
+        masked |= {id(p) for p in (embed.weight, embed.head_weight) if p is not None}
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
