@@ -6,8 +6,9 @@
 One run measures, on the same model, codec and spoken question (espeak-ng speech, else a synthetic tone):
 
 * ``inprocess``: the pipeline with no Serve: log-mel -> speech encoder + projector -> continuous batching
-  (:class:`deepomni.serve.engine.BatchEngine`, stepped by one background thread) -> streaming codec
-  decoder, all in this process (the reference: what the split costs is the difference);
+  (:class:`deepomni.serve.engine.BatchEngine`, stepped by one thread) -> streaming codec decoder (a
+  second thread, decoding everything pending as one batch), all in this process (the reference: what the
+  split costs is the difference);
 * ``serve``: the Serve app (``serve_apps``) on 127.0.0.1, ``POST /v1/dialogue`` with the WAV, reading the
   server-sent events (its deployments split the same components across replicas).
 
@@ -80,7 +81,7 @@ class Answer:
 
 
 class InProcess:
-    """encoder -> BatchEngine (one stepping thread) -> codec stream decoder, in this process."""
+    """encoder -> BatchEngine (decoding thread) -> batched codec stream decoder (vocoder thread)."""
 
     def __init__(self, model, codec, answer_steps: int, max_rows: int):
         from deepomni.audio import LogMel
@@ -93,13 +94,18 @@ class InProcess:
         self.device = model.embed.weight.device
         self.lock = threading.Lock()  # submit/cancel between steps only
         self.queues: dict[int, asyncio.Queue] = {}
+        self.states: dict[int, object] = {}  # codec stream state per answer
         self.loop: asyncio.AbstractEventLoop | None = None
         self.wake = threading.Event()
         self.stop = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.voc_cv = threading.Condition()
+        self.voc_pending: list = []
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._run, self._vocode)]
+        for t in self.threads:
+            t.start()
 
     def _run(self) -> None:
+        """The decoding loop: one batched step, then its frames and ends go to the vocoder thread."""
         while not self.stop:
             with self.lock:
                 events = [] if self.engine.idle else self.engine.step()
@@ -107,10 +113,35 @@ class InProcess:
                 self.wake.wait(0.05)
                 self.wake.clear()
                 continue
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            for sid, ev in events:
-                self.loop.call_soon_threadsafe(self.queues[sid].put_nowait, ev)
+            with self.voc_cv:
+                for sid, ev in events:
+                    if ev.kind in ("frame", "end"):
+                        self.voc_pending.append((sid, ev))
+                self.voc_cv.notify()
+
+    def _vocode(self) -> None:
+        """The vocoder loop: everything pending at once, as one batched codec step
+        (``Codec.stream_step_many``: under load, many answers' frames share the per-step overhead)."""
+        top = self.codec.codebook_size - 1
+        while not self.stop:
+            with self.voc_cv:
+                while not self.voc_pending and not self.stop:
+                    self.voc_cv.wait(0.05)
+                pending, self.voc_pending = self.voc_pending, []
+            frames: dict[int, list[torch.Tensor]] = {}
+            ended = []
+            for sid, ev in pending:
+                if ev.kind == "frame":
+                    frames.setdefault(sid, []).append(ev.frame_K)
+                else:
+                    ended.append(sid)
+            sids = list(frames)
+            pcms = self.codec.stream_step_many([self.states[s] for s in sids],
+                                               [torch.stack(frames[s], 1).clamp(max=top) for s in sids])
+            out = [(s, ("audio", len(p))) for s, p in zip(sids, pcms)]
+            out += [(s, ("end", len(self.codec.stream_flush(self.states.pop(s))))) for s in ended]
+            for sid, item in out:
+                self.loop.call_soon_threadsafe(self.queues[sid].put_nowait, item)
 
     @torch.no_grad()
     def _encode(self, wav_bytes: bytes) -> torch.Tensor:
@@ -135,33 +166,26 @@ class InProcess:
         with self.lock:
             sid = self.engine.submit(req)
             self.queues[sid] = q
+            self.states[sid] = self.codec.init_stream_state()
         self.wake.set()
-        state, ans = self.codec.init_stream_state(), Answer()
-        samples = 0
+        ans, samples = Answer(), 0
         while True:
-            ev = await q.get()
-            if ev.kind == "frame":
-                codes = ev.frame_K.view(-1, 1).clamp(max=self.codec.codebook_size - 1)
-                pcm = await asyncio.to_thread(self.codec.stream_step, state, codes.to(self.codec_device))
-                if len(pcm) and ans.ttfa_s is None:
-                    ans.ttfa_s = time.perf_counter() - t0
-                samples += len(pcm)
-            elif ev.kind == "end":
-                samples += len(await asyncio.to_thread(self.codec.stream_flush, state))
+            kind, n = await q.get()
+            if n and ans.ttfa_s is None:
+                ans.ttfa_s = time.perf_counter() - t0
+            samples += n
+            if kind == "end":
                 break
         ans.total_s = time.perf_counter() - t0
         ans.audio_s = samples / self.codec.sample_rate
         del self.queues[sid]
         return ans
 
-    @property
-    def codec_device(self):
-        return getattr(self.codec, "device", torch.device("cpu"))
-
     def close(self) -> None:
         self.stop = True
         self.wake.set()
-        self.thread.join(timeout=5)
+        for t in self.threads:
+            t.join(timeout=5)
 
 
 # ------------------------------------------------------------------------------------------ serve
@@ -217,7 +241,10 @@ async def sessions(target, wav_bytes: bytes, n: int, concurrent: bool) -> dict:
 
 
 async def measure(target, wav_bytes: bytes, n: int, repeats: int) -> dict:
-    await target.answer(wav_bytes)  # warm-up (first-use costs: allocations, JIT, connections)
+    # warm-up: first-use costs (allocations, connections) and, for Serve, the replicas that autoscaling
+    # starts under concurrent load, so that the measured rounds see a settled deployment
+    await target.answer(wav_bytes)
+    await sessions(target, wav_bytes, n, True)
     single = [await sessions(target, wav_bytes, 1, True) for _ in range(repeats)]
     ttfa = sorted(s["ttfa_p50_ms"] for s in single)
     one = {**single[0], "ttfa_p50_ms": statistics.median(ttfa), "ttfa_p99_ms": ttfa[-1],

@@ -34,7 +34,10 @@ from .loading import AppConfig, default_codec_spec, load_serving_model
 from .protocol import audio_reason, pcm_s16le_to_float
 
 log = logging.getLogger("ray.serve")
-EXPERT_LOAD_FLUSH_S = 1.0  # how often the expert-load and token counters are pushed to the metrics
+EXPERT_LOAD_FLUSH_S = 1.0
+MIN_CHUNK_FRAMES = 4  # after the first audio, codec frames leave the Backbone in chunks of at least this
+VOCODER_MAX_BATCH = 32  # concurrent decode calls batched into one codec step
+VOCODER_BATCH_WAIT_S = 0.002  # how long a lone call waits for company  # how often the expert-load and token counters are pushed to the metrics
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -158,16 +161,15 @@ class Backbone:
         self._wake.set()
         texts, done = _TextStream(self.tok), False
         stats = {"steps": 0, "text_tokens": 0, "frames": 0, "queue_ms": None}
+        ids, frames, error = [], [], None  # produced, not yet sent
         try:
             while not done:
                 events = [await sess.queue.get()]
                 while not sess.queue.empty():
                     events.append(sess.queue.get_nowait())
-                out = {"text": "", "codes_KF": None, "end": None, "error": None}
-                ids, frames = [], []
                 for ev in events:
                     if isinstance(ev, dict):  # the engine refused the request
-                        out["error"], done = ev, True
+                        error, done = ev, True
                         break
                     if stats["queue_ms"] is None:
                         stats["queue_ms"] = round((time.perf_counter() - sess.submitted_at) * 1e3, 2)
@@ -177,13 +179,19 @@ class Backbone:
                         frames.append(ev.frame_K)
                     elif ev.kind == "end":
                         stats["steps"], done = ev.step, True
-                out["text"] = texts.push(ids)
+                # the first audio goes at once; after it, frames travel in chunks of MIN_CHUNK_FRAMES (each
+                # message costs a vocoder call and an RPC: per-step messages would swamp a small machine)
+                first = stats["frames"] == 0
+                if not (done or (first and (frames or ids)) or len(frames) >= MIN_CHUNK_FRAMES or not speech):
+                    continue
+                out = {"text": texts.push(ids), "codes_KF": None, "end": None, "error": error}
                 stats["text_tokens"] += len(ids)
                 stats["frames"] += len(frames)
                 if frames:
                     out["codes_KF"] = torch.stack(frames, dim=1).numpy()
-                if done and out["error"] is None:
+                if done and error is None:
                     out["end"] = {**stats, "text": texts.text}
+                ids, frames = [], []
                 yield out
         finally:
             if not done:  # the caller went away (or was cancelled) mid-answer: free the session's rows
@@ -315,16 +323,40 @@ class Vocoder:
     async def decode(self, state: Any, codes_KF: np.ndarray | None, final: bool = False) -> tuple[np.ndarray, Any]:
         """``(audio that became final, next state)``: ``state`` None starts a stream; ``final`` flushes it
         (the returned state is then None). Codes outside the codebook (the model's specials) are refused
-        by ``Codec.check_codes``, so the backbone only sends frames."""
-        return await asyncio.to_thread(self._decode, state, codes_KF, final)
+        by ``Codec.check_codes``, so the backbone only sends frames. Concurrent calls (the answers being
+        spoken at the same time) are decoded as one batch (``Codec.stream_step_many``)."""
+        out = await self._decode_batch((state, codes_KF, final))
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    @serve.batch(max_batch_size=VOCODER_MAX_BATCH, batch_wait_timeout_s=VOCODER_BATCH_WAIT_S)
+    async def _decode_batch(self, items: list[tuple]) -> list:
+        return await asyncio.to_thread(self._decode_many, items)
 
     @torch.no_grad()
-    def _decode(self, state: Any, codes_KF: np.ndarray | None, final: bool) -> tuple[np.ndarray, Any]:
-        state = self.codec.init_stream_state() if state is None else state
-        parts = [np.zeros(0, dtype=np.float32)]
-        if codes_KF is not None and codes_KF.size:
-            parts.append(self.codec.stream_step(state, self.codec.check_codes(torch.from_numpy(codes_KF))))
-        if final:
-            parts.append(self.codec.stream_flush(state))
-            state = None
-        return np.concatenate(parts).astype(np.float32, copy=False), state
+    def _decode_many(self, items: list[tuple]) -> list:
+        """One result per item: ``(audio, state)``, or the exception for that item alone."""
+        results: list = [None] * len(items)
+        states, codes, todo = [], [], []
+        for i, (state, codes_KF, _) in enumerate(items):
+            state = self.codec.init_stream_state() if state is None else state
+            states.append(state)
+            codes.append(None)
+            if codes_KF is not None and np.asarray(codes_KF).size:
+                try:
+                    codes[i] = self.codec.check_codes(torch.from_numpy(np.asarray(codes_KF)))
+                    todo.append(i)
+                except ValueError as e:
+                    results[i] = e
+        audio = dict(zip(todo, self.codec.stream_step_many([states[i] for i in todo], [codes[i] for i in todo])))
+        for i, (_, _, final) in enumerate(items):
+            if results[i] is not None:
+                continue
+            parts = [np.zeros(0, dtype=np.float32), audio.get(i, np.zeros(0, dtype=np.float32))]
+            state = states[i]
+            if final:
+                parts.append(self.codec.stream_flush(state))
+                state = None
+            results[i] = (np.concatenate(parts).astype(np.float32, copy=False), state)
+        return results

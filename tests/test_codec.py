@@ -131,6 +131,21 @@ def test_builtin_streaming_equals_whole_decode_exactly(builtin, corpus, chunk):
     assert np.array_equal(np.concatenate([stream.push(codes), stream.flush()]), builtin.decode(codes))
 
 
+def test_builtin_many_streams_at_once_equal_one_at_a_time(builtin, corpus):
+    """``stream_step_many`` (serving's batched vocoder): streams of different lengths, fed in uneven blocks,
+    give exactly the audio each gives alone."""
+    codes = [builtin.encode(w)[:, :n] for w, n in zip([*corpus[0][:2], corpus[1]], (7, 3, 9))]
+    alone = [builtin.decode(c) for c in codes]
+    states = [builtin.init_stream_state() for _ in codes]
+    parts = [[] for _ in codes]
+    for lo, hi in ((0, 2), (2, 3), (3, 9)):
+        for i, a in enumerate(builtin.stream_step_many(states, [c[:, lo:hi] for c in codes])):
+            parts[i].append(a)
+    for i, st in enumerate(states):
+        parts[i].append(builtin.stream_flush(st))
+        assert np.array_equal(np.concatenate(parts[i]), alone[i]), i
+
+
 def test_codes_are_checked(builtin):
     with pytest.raises(ValueError, match="K=4"):
         builtin.decode(torch.zeros(3, 5, dtype=torch.long))

@@ -79,6 +79,11 @@ class Codec(ABC):
     def stream_flush(self, state: Any) -> np.ndarray:
         """No more codes: return the rest of the audio."""
 
+    def stream_step_many(self, states: list[Any], codes: list[torch.Tensor]) -> list[np.ndarray]:
+        """:meth:`stream_step` for several independent streams (serving batches the answers decoding at
+        the same time). The default loops; codecs whose step is overhead-bound batch it."""
+        return [self.stream_step(st, c) for st, c in zip(states, codes)]
+
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 

@@ -47,38 +47,52 @@ class StreamingGriffinLim:
     def init_state(self) -> GriffinLimState:
         return GriffinLimState(torch.zeros(self.overlap, self.win), torch.zeros(self.overlap), self.win // 2)
 
-    def _overlap_add(self, frames_NW: torch.Tensor) -> torch.Tensor:
-        length = (frames_NW.shape[0] - 1) * self.hop + self.win
-        return F.fold(frames_NW.T.unsqueeze(0), (1, length), (1, self.win), stride=(1, self.hop)).flatten()
+    def _overlap_add(self, frames_BNW: torch.Tensor) -> torch.Tensor:
+        """Overlap-add ``[..., N, W]`` frames at ``hop`` -> ``[..., (N - 1) * hop + W]`` samples."""
+        lead = frames_BNW.shape[:-2]
+        x = frames_BNW.reshape(-1, *frames_BNW.shape[-2:])
+        length = (x.shape[1] - 1) * self.hop + self.win
+        out = F.fold(x.transpose(1, 2), (1, length), (1, self.win), stride=(1, self.hop))
+        return out.reshape(*lead, length)
 
     def step(self, state: GriffinLimState, mag_TF: torch.Tensor) -> torch.Tensor:
         """Commit the frames of one block and return the samples that became final (``T * hop`` of them,
         fewer at the very start)."""
-        num_new = mag_TF.shape[0]
+        return self.step_many([state], mag_TF.unsqueeze(0))[0]
+
+    def step_many(self, states: list[GriffinLimState], mag_BTF: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`step` for B independent streams at once (same block length ``T``), as one batch of tensor
+        ops: the per-op overhead that dominates a one-frame block is paid once for all streams."""
+        B, num_new = mag_BTF.shape[0], mag_BTF.shape[1]
         if num_new == 0:
-            return torch.zeros(0)
-        zeros_tail = torch.zeros_like(state.tail_NW)
-        weight_N = torch.cat([state.tail_weight_N, torch.ones(num_new)])
-        norm = self._overlap_add(self.window.square() * weight_N[:, None]).clamp_min(1e-8)
-        fixed = self._overlap_add(torch.cat([state.tail_NW, torch.zeros(num_new, self.win)]))
+            return [torch.zeros(0) for _ in states]
+        tail_BNW = torch.stack([st.tail_NW for st in states])
+        weight_BN = torch.cat([torch.stack([st.tail_weight_N for st in states]), torch.ones(B, num_new)], dim=1)
+        norm = self._overlap_add(self.window.square() * weight_BN[..., None]).clamp_min(1e-8)
+        fixed = self._overlap_add(torch.cat([tail_BNW, torch.zeros(B, num_new, self.win)], dim=1))
+        zeros_tail = torch.zeros_like(tail_BNW)
 
-        def synthesise(new_TW: torch.Tensor) -> torch.Tensor:
-            return (fixed + self._overlap_add(torch.cat([zeros_tail, new_TW]))) / norm
+        def synthesise(new_BTW: torch.Tensor) -> torch.Tensor:
+            return (fixed + self._overlap_add(torch.cat([zeros_tail, new_BTW], dim=1))) / norm
 
-        new_TW = torch.zeros(num_new, self.win)
-        previous = torch.zeros_like(mag_TF, dtype=torch.complex64)
+        new_BTW = torch.zeros(B, num_new, self.win)
+        previous = torch.zeros_like(mag_BTF, dtype=torch.complex64)
         for _ in range(self.iters):
-            rebuilt = torch.fft.rfft(synthesise(new_TW).unfold(0, self.win, self.hop)[self.overlap:] * self.window)
+            frames = synthesise(new_BTW).unfold(-1, self.win, self.hop)[:, self.overlap:]
+            rebuilt = torch.fft.rfft(frames * self.window)
             direction = rebuilt - self.momentum * previous
             previous = rebuilt
             # angle(0) = 0: where nothing is known yet (the first block) the phase starts at zero
-            new_TW = torch.fft.irfft(torch.polar(mag_TF, direction.angle()), n=self.win) * self.window
+            new_BTW = torch.fft.irfft(torch.polar(mag_BTF, direction.angle()), n=self.win) * self.window
 
         start = self.overlap * self.hop
-        audio = synthesise(new_TW)[start:start + num_new * self.hop]
-        state.tail_NW = torch.cat([state.tail_NW, new_TW])[-self.overlap:]
-        state.tail_weight_N = weight_N[-self.overlap:]
-        return self._drop_front(state, audio)
+        audio_BL = synthesise(new_BTW)[:, start:start + num_new * self.hop]
+        tails = torch.cat([tail_BNW, new_BTW], dim=1)[:, -self.overlap:]
+        out = []
+        for b, st in enumerate(states):
+            st.tail_NW, st.tail_weight_N = tails[b].clone(), weight_BN[b, -self.overlap:].clone()
+            out.append(self._drop_front(st, audio_BL[b]))
+        return out
 
     def flush(self, state: GriffinLimState) -> torch.Tensor:
         """The last ``win // 2`` samples, which only committed frames reach."""
