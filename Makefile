@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints-cpu.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: setup sysdeps demo clean-demo test bench info clean
+.PHONY: setup sysdeps demo clean-demo test bench info monitor clean
 
 # espeak-ng speaks the built-in corpus; installed from Debian when missing and we are root
 sysdeps:
@@ -41,6 +41,15 @@ bench: setup
 
 info: setup
 	$(PY) -m deepomni.cli info --preset deepseek-v2-lite
+
+# a local Prometheus on 127.0.0.1:9090 scraping the cluster/local.sh head (docs/monitoring.md); Debian's
+# prometheus is installed when missing and we are root. `cluster/monitor.sh stop` stops it.
+monitor:
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "prometheus is missing: apt-get install prometheus"; exit 1; fi; }
+	cluster/monitor.sh start
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

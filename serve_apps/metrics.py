@@ -12,19 +12,11 @@ can tag them only there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from deepomni.metrics import MetricSpec, scraped_names
 
 # seconds: time to first audio spans ~10 ms (tiny, CPU) to a few s (large models under load)
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str  # as registered with ray.serve.metrics
-    kind: str  # "counter" | "gauge" | "histogram"
-    description: str
-    tag_keys: tuple[str, ...] = ()
 
 
 METRICS = (
@@ -54,7 +46,7 @@ METRIC_NAMES = tuple(m.name for m in METRICS)
 def exported_names() -> tuple[str, ...]:
     """The names Prometheus scrapes (``ray_`` prefix; ``_total`` on counters; histograms also expose
     ``_bucket``/``_sum``/``_count`` series under the same base name)."""
-    return tuple(f"ray_{m.name}_total" if m.kind == "counter" else f"ray_{m.name}" for m in METRICS)
+    return scraped_names(METRICS)
 
 
 def _make(spec: MetricSpec):

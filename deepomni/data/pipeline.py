@@ -28,6 +28,7 @@ from ..config import DataConfig, ModelConfig, load_preset
 from ..model.channels import VocabLayout
 from ..ray_env import init_ray
 from ..model.speech import num_audio_positions
+from .metrics import StageMetrics
 from .schema import RAW_SCHEMA
 from .sequences import INSTRUCTIONS, SPEECH_OUT_TASKS, build_sequence
 from .tokenized import TOKENIZED_SCHEMA
@@ -49,6 +50,7 @@ class FeatureStage:
         self.data_cfg = DataConfig(**data_cfg)
         self.logmel = LogMel.from_config(self.model_cfg.speech_encoder)
         self.max_seconds = min(self.data_cfg.max_audio_seconds or self.logmel.max_seconds, self.logmel.max_seconds)
+        self.metrics = StageMetrics("feature")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ..audio import load_audio
@@ -66,6 +68,8 @@ class FeatureStage:
                 idx.append(i)
             except ValueError as e:  # AudioError is a ValueError: keep the row, say why
                 r["error"] = f"question_audio: {e}"
+        self.metrics.batch(len(rows), sum(r["error"] is not None for r in rows), "question_audio",
+                           sum(len(w) for w in wavs) / 16000)
         if wavs:
             mel_BMT, frames = self.logmel(wavs)
             for b, i in enumerate(idx):
@@ -84,11 +88,13 @@ class CodecStage:
 
         self.codec = load_codec(codec_spec)
         self.max_seconds = max_seconds
+        self.metrics = StageMetrics("codec")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ..audio import load_audio
 
         rows = batch.to_pylist()
+        rejected, samples = 0, 0
         for r in rows:
             r.update(answer_codes=[], answer_frames=0)
             if r["task"] not in SPEECH_OUT_TASKS or r["error"]:
@@ -97,10 +103,13 @@ class CodecStage:
                 if r["answer_audio"] is None:
                     raise ValueError(f"task {r['task']} without answer_audio")
                 wav = load_audio(r["answer_audio"], self.codec.sample_rate, self.max_seconds)
+                samples += len(wav)
                 codes = self.codec.encode(wav)
                 r.update(answer_codes=codes.reshape(-1).tolist(), answer_frames=int(codes.shape[1]))
             except ValueError as e:
                 r["error"] = f"answer_audio: {e}"
+                rejected += 1
+        self.metrics.batch(len(rows), rejected, "answer_audio", samples / self.codec.sample_rate)
         return pa.Table.from_pylist(rows, schema=CODED_SCHEMA)
 
 
@@ -114,9 +123,10 @@ class SequenceStage:
         self.layout = VocabLayout.from_config(cfg)
         self.tok = load_tokenizer(tokenizer, cfg.text_vocab_size)
         self.instructions = {t: self.tok.encode(s) for t, s in INSTRUCTIONS.items()}
+        self.metrics = StageMetrics("sequence")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
+        out, rejected = [], 0
         K = self.layout.num_codec_channels
         for r in batch.to_pylist():
             row = {k: r[k] for k in ("id", "split", "task", "input_modality", "question_text", "answer_text",
@@ -138,8 +148,10 @@ class SequenceStage:
                                labels=seq.labels_LC.reshape(-1).tolist())
                 except ValueError as e:
                     row["error"] = f"sequence: {e}"
+                    rejected += 1
             row["status"] = "rejected" if row["error"] else "ok"
             out.append(row)
+        self.metrics.batch(len(out), rejected, "sequence")
         return pa.Table.from_pylist(out, schema=TOKENIZED_SCHEMA.append(pa.field("status", pa.string())))
 
 

@@ -34,6 +34,7 @@ from ..model.modality import ExpertAssignment, moe_layers, param_groups, set_rou
 from ..model.model import DeepOmniModel
 from ..data.tokenized import row_tensors
 from .config import TrainConfig
+from .metrics import TrainMetrics
 from .profile import SPEECH, TEXT, modality_positions
 from .stages import Stage, get_stage, set_trainable
 
@@ -72,6 +73,15 @@ def collate(rows: list[dict], layout: VocabLayout, text_only: bool = False) -> d
             "speech_rows": speech_rows, "n_tokens": n_tokens}
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors (tokens, labels, question mels, position masks) on the training device."""
+    if device.type == "cpu":
+        return batch
+    return {**batch, "tokens": batch["tokens"].to(device), "labels": batch["labels"].to(device),
+            "mels": [m.to(device) for m in batch["mels"]],
+            "masks": {k: m.to(device) for k, m in batch["masks"].items()}}
+
+
 def speech_inputs(model: DeepOmniModel, batch: dict) -> list[torch.Tensor] | None:
     """Projected speech per row, ``[0, D]`` for text-input rows (encoder frozen under no_grad, projector
     with grad)."""
@@ -86,19 +96,25 @@ def speech_inputs(model: DeepOmniModel, batch: dict) -> list[torch.Tensor] | Non
     return audio
 
 
-def expert_load(model: DeepOmniModel, masks: dict[str, torch.Tensor]) -> dict[str, list[list[float]]]:
-    """Per modality and MoE layer: fraction of the routed (token, expert) pairs that went to each expert."""
+def expert_counts(model: DeepOmniModel, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per modality: routed (token, expert) pairs of the last forward per MoE layer (in layer order) and
+    expert, ``[layers, experts]``; modalities without positions in the batch are left out."""
     out = {}
     for mod, mask_BL in masks.items():
         mask_T = mask_BL.reshape(-1)
         if not mask_T.any():
             continue
-        rows = []
-        for _, moe in sorted(moe_layers(model).items()):
-            chosen = moe.last_routing.experts_TK[mask_T].reshape(-1)
-            rows.append((torch.bincount(chosen, minlength=moe.num_experts).float() / chosen.numel()).tolist())
-        out[mod] = rows
+        out[mod] = torch.stack([
+            torch.bincount(moe.last_routing.experts_TK[mask_T].reshape(-1), minlength=moe.num_experts)
+            for _, moe in sorted(moe_layers(model).items())])
     return out
+
+
+def expert_load(model: DeepOmniModel, masks: dict[str, torch.Tensor],
+                counts: dict[str, torch.Tensor] | None = None) -> dict[str, list[list[float]]]:
+    """Per modality and MoE layer: fraction of the routed (token, expert) pairs that went to each expert."""
+    counts = expert_counts(model, masks) if counts is None else counts
+    return {mod: [(c_E.float() / c_E.sum()).tolist() for c_E in c_LE] for mod, c_LE in counts.items()}
 
 
 def routed_outside_mode(model: DeepOmniModel) -> float:
@@ -190,6 +206,7 @@ def _follow_progress(path: Path, desc: str, done) -> None:
 # -------------------------------------------------------------------------------------- train_func
 def train_func(config: dict) -> None:
     import ray.train  # Ray: the worker's context
+    import ray.train.torch
 
     cfg = TrainConfig.from_dict(config)
     stage = get_stage(cfg.stage)
@@ -204,6 +221,8 @@ def train_func(config: dict) -> None:
     resume_dir = Path(resume_ctx.__enter__()) if resume_ctx is not None else None
 
     model, assignment = build_model(cfg, stage, resume_dir)
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")  # Ray: this worker's GPU
+    model = model.to(device)
     ep_group = edp_group = None
     from .engine import DeepSpeedEngine, ExpertParallelEngine, expert_parallel_groups
     if cfg.ep_size > 1:
@@ -246,6 +265,9 @@ def train_func(config: dict) -> None:
     it = batches()
     metrics: dict = {"step": step, "start_step": step}
     start_step, run_tokens, run_time = step, 0, 0.0
+    prom = TrainMetrics(cfg.run_name, stage.name, rank, layout.num_codec_channels)  # Ray: Prometheus metrics
+    layer_ids = sorted(moe_layers(model))
+    prom.started(step)
     while step < max_steps:
         if cfg.fail_at_step is not None and step == cfg.fail_at_step and rank == 0 and not fail_marker.exists():
             fail_marker.parent.mkdir(parents=True, exist_ok=True)
@@ -254,26 +276,29 @@ def train_func(config: dict) -> None:
         t_wait = time.perf_counter()
         rows = next(it)
         t0 = time.perf_counter()  # tokens/s counts collate + forward + backward + step, not the data wait
-        batch = collate(rows, layout, stage.text_only)
+        batch = to_device(collate(rows, layout, stage.text_only), device)
         out = engine.forward(batch["tokens"], audio=speech_inputs(model, batch), labels_BLC=batch["labels"])
         engine.backward(out.loss)
         engine.step()
         step += 1
         dt = time.perf_counter() - t0
         run_tokens, run_time = run_tokens + batch["n_tokens"], run_time + dt
+        counts = expert_counts(model, batch["masks"])
         metrics = {"step": step, "start_step": start_step, "loss": out.loss.item(),
                    "aux_loss": out.aux_loss.item(), "channel_losses": out.channel_losses.tolist(),
                    "lr": engine.lr, "tokens_per_s": batch["n_tokens"] / dt, "step_time_s": dt,
                    "data_wait_s": t0 - t_wait,
                    "tokens_per_s_run": run_tokens / run_time,  # this worker, since (re)start
                    "routed_outside_mode": routed_outside_mode(model),
-                   "expert_load": expert_load(model, batch["masks"]), "rank": rank}
+                   "expert_load": expert_load(model, batch["masks"], counts), "rank": rank}
+        prom.step(metrics, batch["n_tokens"], counts, layer_ids)
         if rank == 0 and (step % cfg.log_every == 0 or step == max_steps):
             write_progress(progress_file, step, max_steps, metrics)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < max_steps:
             save_checkpoint(metrics)
         elif step % cfg.log_every == 0 and step < max_steps:
             ray.train.report(metrics)  # Ray
+    prom.close()
     if step > start_step:  # final checkpoint (skipped when resuming an already finished run)
         save_checkpoint(metrics)
     state = full_state_dict(model, ep_group)
