@@ -20,6 +20,7 @@ prompt positions and text items as ``text`` (:meth:`take_expert_load`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -173,11 +174,8 @@ class BatchEngine:
             self._live.append(sess)
 
     def _clamped(self, req: Request) -> GenerationConfig:
-        room = self.max_len - req.prompt_LC.shape[0]
-        g = req.gen
-        if g.max_steps <= room:
-            return g
-        return GenerationConfig(max_steps=room, top_k=g.top_k, temperature=g.temperature, speech=g.speech, seed=g.seed)
+        room = self.max_len - req.prompt_LC.shape[0]  # the answer stops where the row's cache ends
+        return req.gen if req.gen.max_steps <= room else dataclasses.replace(req.gen, max_steps=room)
 
     def _decode(self, events: list[tuple[int, Event]]) -> None:
         rows = self._rows()
