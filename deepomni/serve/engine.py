@@ -30,6 +30,7 @@ import torch
 from ..model.attention import KVCache, SlotKVCache
 from ..model.channels import TextSpecial
 from ..model.generate import AnswerDecoder, Event, GenerationConfig
+from ..model.modality import moe_layers
 from ..model.model import DeepOmniModel
 
 
@@ -72,7 +73,7 @@ class BatchEngine:
         self._live: list[_Session] = []  # in row order: each owns decoder.n_items consecutive rows
         self._sessions: dict[int, _Session] = {}
         moe = model.moe_layers
-        self.moe_layer_ids = [i for i, b in enumerate(model.layers) if getattr(b, "mlp", None) in moe]
+        self.moe_layer_ids = sorted(moe_layers(model))  # model layer index of each row of the load tables
         E = model.cfg.n_routed_experts
         self._load = {m: torch.zeros(len(moe), E, dtype=torch.long) for m in ("text", "speech")}
         self._audio_id = model.layout.text(TextSpecial.AUDIO)
