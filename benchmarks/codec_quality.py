@@ -11,6 +11,7 @@ reference's peak), mean over held-out sentences. Rows:
     levels 1..K     decode with only the first n RVQ levels (channels); each row should beat the previous
     unquantised     the frame vectors straight into the decoder: the floor that mel + Griffin-Lim allow
     train, K levels the same on the training sentences (how much the codebooks overfit)
+    N Griffin-Lim iters  all K levels decoded with N phase iterations per block (the decoder's main cost)
 
 Also: fit time, encode and decode real-time factors, and a check that streaming one frame at a time
 equals the whole decode bit for bit.
@@ -25,6 +26,7 @@ The last printed line is ``log_spectral_distance_db=<held-out LSD with all K lev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -103,6 +105,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kmeans-iters", type=int, default=20)
+    ap.add_argument("--gl-iters", type=int, nargs="*", default=[8, 16, 24, 32],
+                    help="Griffin-Lim iterations per block to compare (held-out LSD, decode speed)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 training + 2 held-out sentences")
     ap.add_argument("--out", type=Path, default=None, help="JSON results file (default "
                     f"{RESULTS.relative_to(RESULTS.parents[2])}; --quick writes none)")
@@ -138,6 +142,15 @@ def main() -> None:
                               + [stream.flush()])
     stream_exact = bool(np.array_equal(streamed, decoded[0]))
 
+    sweep = {}
+    for iters in args.gl_iters:  # decoding only: the codebooks and codes stay the same
+        gl = dataclasses.replace(codec.config, griffin_lim_iters=iters)
+        variant = BuiltinCodec(gl, codec.codebooks_KCD)
+        t0 = time.perf_counter()
+        out = [variant.decode(c) for c in codes]
+        sweep[iters] = {"lsd_db": float(np.mean([log_spectral_distance(w, d) for w, d in zip(test, out)])),
+                        "decode_realtime_factor": test_s / (time.perf_counter() - t0)}
+
     cfg = codec.config
     print(f"built-in codec: {K} x {cfg.codebook_size} RVQ, {codec.frame_rate:g} Hz frames, {cfg.num_mels} mels | "
           f"fit on {num_train} sentences ({train_s:.1f} s) in {fit_s:.1f} s | held out {len(test)} ({test_s:.1f} s) "
@@ -147,6 +160,8 @@ def main() -> None:
         print(f"{f'levels 1..{n}':<24}{lsd:>8.2f}")
     print(f"{'unquantised (floor)':<24}{floor:>8.2f}")
     print(f"{f'train, {K} levels':<24}{train_lsd:>8.2f}")
+    for iters, r in sweep.items():
+        print(f"{f'{iters} Griffin-Lim iters':<24}{r['lsd_db']:>8.2f}   decode {r['decode_realtime_factor']:.1f}x real time")
     print(f"encode {test_s / encode_s:.0f}x real time, decode {test_s / decode_s:.1f}x real time; "
           f"streaming (1 frame per push) == whole decode: {stream_exact}")
 
@@ -171,6 +186,7 @@ def main() -> None:
             "lsd_db_held_out_unquantised": floor,
             "lsd_db_train_all_levels": train_lsd,
             "streaming_equals_decode": stream_exact,
+            "griffin_lim_iters_sweep": {str(k): v for k, v in sweep.items()},
         }, indent=2) + "\n")
     print(f"log_spectral_distance_db={per_level[K]:.3f}")
 

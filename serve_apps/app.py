@@ -1,6 +1,6 @@
 """The application builder: ``serve_apps.app:build_app`` (``config.yaml``'s ``import_path``).
 
-    Ingress.bind(SpeechEncoder.bind(cfg), Backbone.bind(cfg), Vocoder.bind(cfg), cfg)
+    Ingress.bind(SpeechEncoder.bind(cfg), Backbone.bind(cfg, Vocoder.bind(cfg)), cfg)
 
 ``args`` are :class:`~serve_apps.loading.AppConfig`'s fields (``checkpoint``, ``codec``, ``tokenizer``, ...).
 Replicas and autoscaling come from ``config.yaml``: ``serve run/deploy serve_apps/config.yaml`` applies
@@ -47,4 +47,4 @@ def build_app(args: dict) -> Application:
     def bind(deployment, *a):
         return deployment.options(**opts.get(deployment.name, {})).bind(*a)
 
-    return bind(Ingress, bind(SpeechEncoder, cfg), bind(Backbone, cfg), bind(Vocoder, cfg), cfg)
+    return bind(Ingress, bind(SpeechEncoder, cfg), bind(Backbone, cfg, bind(Vocoder, cfg)), cfg)

@@ -4,13 +4,16 @@ Each is its own Serve deployment, so each autoscales on its own load (``config.y
 
 * :class:`SpeechEncoder`: audio bytes -> checked 16 kHz mono (``deepomni.audio.load_audio``) -> log-mel ->
   Whisper encoder + projector -> the projected speech ``[n, D]`` the backbone reads at its AUDIO positions.
+  Turns that arrive while a batch is being encoded are encoded together next (:class:`_Batcher`).
   Bad audio is *returned* as ``{"error": {reason, message}}``, not raised: the ingress turns it into a 422.
 * :class:`Backbone`: the MoE LLM under a :class:`deepomni.serve.engine.BatchEngine`. One background task
   per replica runs ``engine.step()`` in a worker thread while any session is live (the replica's event
-  loop stays free to take new sessions); sessions join and leave the running batch between steps. Each
-  session's events go to its own ``asyncio.Queue``; :meth:`Backbone.generate` streams them to the caller
-  in batches (everything that arrived since the caller last read), so a slow consumer gets bigger chunks
-  instead of falling behind. A caller that stops consuming (client gone) cancels its session.
+  loop stays free to take new sessions); sessions join and leave the running batch between steps. The
+  codec frames the steps release go to the Vocoder deployment as they come: one call carries every
+  session's new frames (one batched decode), and while it runs the next frames pile up for the next call,
+  so the calls grow with the load instead of falling behind. The PCM that comes back goes to each
+  session's stream; :meth:`Backbone.generate` streams text deltas and audio to the caller, everything
+  that arrived since the caller last read. A caller that stops consuming (client gone) cancels its session.
 * :class:`Vocoder`: codec frames -> PCM, stateless: the codec's explicit stream state travels in and
   out of every call (moshi-style), so any replica can decode the next chunk of any stream.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +37,47 @@ from .loading import AppConfig, default_codec_spec, load_serving_model
 from .protocol import audio_reason, pcm_s16le_to_float
 
 log = logging.getLogger("ray.serve")
-EXPERT_LOAD_FLUSH_S = 1.0
-MIN_CHUNK_FRAMES = 4  # after the first audio, codec frames leave the Backbone in chunks of at least this
-VOCODER_MAX_BATCH = 32  # concurrent decode calls batched into one codec step
-VOCODER_BATCH_WAIT_S = 0.002  # how long a lone call waits for company  # how often the expert-load and token counters are pushed to the metrics
+EXPERT_LOAD_FLUSH_S = 1.0  # how often the expert-load and token counters are pushed to the metrics
+MIN_CHUNK_FRAMES = 4  # after a session's first audio, its frames go to the vocoder in chunks of at least this
+VOCODER_CALLS_IN_FLIGHT = 2  # per Backbone replica; a session is in at most one call at a time
+MAX_ENCODE_BATCH = 16  # turns encoded together
+
+
+class _Batcher:
+    """Calls that arrive while a batch runs wait and go together in the next one, run in a worker thread:
+    a lone call waits for nothing, and under load the batches grow by themselves (``@serve.batch`` instead
+    collects for a fixed time, which a lone call pays, and forms the next batch before the last is done).
+    ``fn(items) -> results``, one per item; a result that is an exception is raised to that caller alone."""
+
+    def __init__(self, fn: Callable[[list], list], max_batch: int):
+        self.fn, self.max_batch = fn, max_batch
+        self.pending: list[tuple[Any, asyncio.Future]] = []
+        self.running = False
+
+    async def __call__(self, item: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((item, fut))
+        if not self.running:
+            self.running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        out = await fut
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
+                try:
+                    results = await asyncio.to_thread(self.fn, [item for item, _ in batch])
+                except Exception as e:  # the whole batch failed: every caller hears why
+                    results = [e] * len(batch)
+                for (_, fut), res in zip(batch, results):
+                    if not fut.done():
+                        fut.set_result(res)
+        finally:
+            self.running = False
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -51,6 +91,9 @@ class SpeechEncoder:
         self.speech, self.device = model.speech, cfg.torch_device()  # only the speech input is kept
         self.logmel = LogMel.from_config(model.cfg.speech_encoder)
         self.hidden_size = model.cfg.hidden_size
+        self._batch = _Batcher(self._encode_many, MAX_ENCODE_BATCH)
+        tone = (3000 * np.sin(np.arange(3200) * 0.1)).astype(np.int16).tobytes()
+        self._encode_many([(tone, 16000)])  # first-call costs here, not in the first user's turn
 
     def info(self) -> dict:
         return {"max_seconds": self.logmel.max_seconds, "hidden_size": self.hidden_size}
@@ -58,38 +101,61 @@ class SpeechEncoder:
     async def encode(self, audio: bytes, pcm_sample_rate: int | None = None) -> dict:
         """Encoded audio (or raw ``pcm_s16le`` at ``pcm_sample_rate``) -> ``{"audio_ND": float32 [n, D],
         "seconds": input duration}`` or ``{"error": {"reason", "message"}}``."""
-        return await asyncio.to_thread(self._encode, audio, pcm_sample_rate)
+        return await self._batch((audio, pcm_sample_rate))
 
-    @torch.no_grad()
-    def _encode(self, audio: bytes, pcm_sample_rate: int | None) -> dict:
-        from deepomni.audio import WHISPER_SAMPLE_RATE, AudioError, load_audio
+    def _load(self, audio: bytes, pcm_sample_rate: int | None) -> np.ndarray | dict:
+        from deepomni.audio import AudioError, load_audio
 
         try:
             if pcm_sample_rate is not None:
-                wav = load_audio(pcm_s16le_to_float(audio), sample_rate=pcm_sample_rate,
-                                 max_seconds=self.logmel.max_seconds)
-            else:
-                wav = load_audio(audio, max_seconds=self.logmel.max_seconds)
+                return load_audio(pcm_s16le_to_float(audio), sample_rate=pcm_sample_rate,
+                                  max_seconds=self.logmel.max_seconds)
+            return load_audio(audio, max_seconds=self.logmel.max_seconds)
         except AudioError as e:
             return {"error": {"reason": audio_reason(str(e)), "message": str(e)}}
         except (ValueError, TypeError) as e:
             return {"error": {"reason": "bad_audio", "message": str(e)}}
-        mel, frames = self.logmel([wav])
-        audio_ND = self.speech(mel.to(self.device), frames)[0]
-        return {"audio_ND": audio_ND.float().cpu().numpy(), "seconds": len(wav) / WHISPER_SAMPLE_RATE}
+
+    @torch.no_grad()
+    def _encode_many(self, items: list[tuple[bytes, int | None]]) -> list[dict]:
+        from deepomni.audio import WHISPER_SAMPLE_RATE
+
+        out = [self._load(*item) for item in items]
+        ok = [i for i, w in enumerate(out) if isinstance(w, np.ndarray)]
+        if ok:
+            wavs = [out[i] for i in ok]
+            mel, frames = self.logmel(wavs)
+            for i, wav, audio_ND in zip(ok, wavs, self.speech(mel.to(self.device), frames)):
+                out[i] = {"audio_ND": audio_ND.float().cpu().numpy(), "seconds": len(wav) / WHISPER_SAMPLE_RATE}
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- backbone
 @dataclass
 class _Session:
-    """One answer as the Backbone's loop sees it: the request, where its events go, and its id once the
-    engine has it."""
+    """One answer as the Backbone sees it: the request, where its stream items go, its id once the engine
+    has it, and its audio on the way: frames not yet sent to the vocoder, the codec stream state."""
 
     request: Any  # deepomni.serve.engine.Request
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    speech: bool
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("text", ids) | ("audio", pcm) | ("end", steps) | ("error", {..})
     sid: int | None = None
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
+    text_ids: list = field(default_factory=list)  # a speech answer's text, held to travel with its audio
+    frames: list = field(default_factory=list)  # codec frames [K] not yet sent to the vocoder
+    frames_sent: int = 0
+    end_step: int | None = None  # set when decoding ended; the answer ends when its audio is flushed
+    codec_state: Any = None  # the codec's stream state, between vocoder calls
+    vocoding: bool = False  # a vocoder call holds this session's stream state
+
+    def wants_vocoder(self) -> bool:
+        """Whether this session's frames should go now: its first audio, a full chunk, or its end."""
+        if self.vocoding or self.cancelled:
+            return False
+        if self.end_step is not None:
+            return True
+        return bool(self.frames) and (self.frames_sent == 0 or len(self.frames) >= MIN_CHUNK_FRAMES)
 
 
 class _TextStream:
@@ -118,80 +184,94 @@ class _TextStream:
 
 @serve.deployment(name="Backbone", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
 class Backbone:
-    def __init__(self, cfg: AppConfig):
+    def __init__(self, cfg: AppConfig, vocoder=None):
+        """``vocoder``: the Vocoder deployment's handle (``None``: text answers only, as in unit tests)."""
         from deepomni.text import load_tokenizer
 
         cfg.setup_torch()
-        self.cfg = cfg
+        self.cfg, self.vocoder = cfg, vocoder
         self.model = load_serving_model(cfg)
         self.tok = load_tokenizer(cfg.tokenizer, self.model.cfg.text_vocab_size)
         self.engine = _make_engine(self.model, cfg.max_rows)
         self._inbox: list[_Session] = []  # submitted by generate(), handed to the engine between steps
         self._to_cancel: list[_Session] = []
-        self._live: dict[int, _Session] = {}
+        self._sessions: dict[int, _Session] = {}  # admitted and not yet ended (decoding, or audio on the way)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._vocoder_calls = 0  # in flight
+        self._codec_info: dict | None = None
         self._tokens = {"text": 0, "speech": 0}
         self._flushed_at = time.perf_counter()
         from .metrics import backbone_metrics
 
         self.metrics = backbone_metrics()
+        self._warm_up()
 
-    # ------------------------------------------------------------------------------------ API
-    def info(self) -> dict:
-        lay = self.model.layout
-        return {"num_codec_channels": lay.num_codec_channels, "codebook_size": self.model.cfg.codebook_size,
-                "hidden_size": self.model.cfg.hidden_size, "max_len": self.engine.max_len}
-
-    def stats(self) -> dict:
-        return {**self.engine.stats(), "sessions": len(self._live) + len(self._inbox)}
-
-    async def generate(self, audio_ND: np.ndarray | None, text: str | None, options: dict) -> AsyncIterator[dict]:
-        """Stream one answer: dicts ``{"text": delta, "codes_KF": int64 [K, F] or None, "end": stats or
-        None, "error": {reason, message} or None}``, each with everything produced since the last one."""
+    def _warm_up(self) -> None:
+        """A few decoding steps of a throwaway session: first-call costs here, not in the first user's answer."""
         from deepomni.serve.engine import Request
 
-        speech = bool(options.get("speech", True))
+        prompt = self._prompt(None, "warm up", speech=True)
+        sid = self.engine.submit(Request(prompt, None, GenerationConfig(max_steps=8, speech=True, seed=0)))
+        for _ in range(8):
+            self.engine.step()
+        self.engine.cancel(sid)
+        self.engine.step()
+        self.engine.take_expert_load()
+
+    # ------------------------------------------------------------------------------------ API
+    async def info(self) -> dict:
+        lay = self.model.layout
+        if self.vocoder is not None and self._codec_info is None:
+            self._codec_info = await self.vocoder.info.remote()
+        return {"num_codec_channels": lay.num_codec_channels, "codebook_size": self.model.cfg.codebook_size,
+                "hidden_size": self.model.cfg.hidden_size, "max_len": self.engine.max_len,
+                "codec": self._codec_info}
+
+    def stats(self) -> dict:
+        return {**self.engine.stats(), "sessions": len(self._sessions) + len(self._inbox),
+                "vocoder_calls": self._vocoder_calls}
+
+    async def generate(self, audio_ND: np.ndarray | None, text: str | None, options: dict) -> AsyncIterator[dict]:
+        """Stream one answer: dicts ``{"text": delta, "pcm": float32 audio or None, "end": stats or None,
+        "error": {reason, message} or None}``, each with everything produced since the last one. Audio
+        needs a vocoder; without one, ``speech`` is off."""
+        from deepomni.serve.engine import Request
+
+        speech = bool(options.get("speech", True)) and self.vocoder is not None
         gen = GenerationConfig(max_steps=int(options.get("max_steps") or self.cfg.max_steps), speech=speech,
                                seed=options.get("seed"))
         audio = None if audio_ND is None else torch.from_numpy(np.asarray(audio_ND, dtype=np.float32))
-        sess = _Session(Request(self._prompt(audio, text, speech), audio, gen))
+        sess = _Session(Request(self._prompt(audio, text, speech), audio, gen), speech)
         self._start_loop()
         self._inbox.append(sess)
         self._wake.set()
         texts, done = _TextStream(self.tok), False
         stats = {"steps": 0, "text_tokens": 0, "frames": 0, "queue_ms": None}
-        ids, frames, error = [], [], None  # produced, not yet sent
         try:
             while not done:
-                events = [await sess.queue.get()]
+                items = [await sess.queue.get()]
                 while not sess.queue.empty():
-                    events.append(sess.queue.get_nowait())
-                for ev in events:
-                    if isinstance(ev, dict):  # the engine refused the request
-                        error, done = ev, True
-                        break
+                    items.append(sess.queue.get_nowait())
+                ids, pcm, out = [], [], {"text": "", "pcm": None, "end": None, "error": None}
+                for kind, value in items:
                     if stats["queue_ms"] is None:
                         stats["queue_ms"] = round((time.perf_counter() - sess.submitted_at) * 1e3, 2)
-                    if ev.kind == "text":
-                        ids.append(ev.text_id)
-                    elif ev.kind == "frame":
-                        frames.append(ev.frame_K)
-                    elif ev.kind == "end":
-                        stats["steps"], done = ev.step, True
-                # the first audio goes at once; after it, frames travel in chunks of MIN_CHUNK_FRAMES (each
-                # message costs a vocoder call and an RPC: per-step messages would swamp a small machine)
-                first = stats["frames"] == 0
-                if not (done or (first and (frames or ids)) or len(frames) >= MIN_CHUNK_FRAMES or not speech):
-                    continue
-                out = {"text": texts.push(ids), "codes_KF": None, "end": None, "error": error}
+                    if kind == "text":
+                        ids += value
+                    elif kind == "audio":
+                        pcm.append(value)
+                    elif kind == "error":
+                        out["error"], done = value, True
+                    elif kind == "end":
+                        stats["steps"], done = value, True
+                out["text"] = texts.push(ids)
                 stats["text_tokens"] += len(ids)
-                stats["frames"] += len(frames)
-                if frames:
-                    out["codes_KF"] = torch.stack(frames, dim=1).numpy()
-                if done and error is None:
+                if pcm:
+                    out["pcm"] = np.concatenate(pcm)
+                if done and out["error"] is None:
+                    stats["frames"] = sess.frames_sent
                     out["end"] = {**stats, "text": texts.text}
-                ids, frames = [], []
                 yield out
         finally:
             if not done:  # the caller went away (or was cancelled) mid-answer: free the session's rows
@@ -233,17 +313,16 @@ class Backbone:
                     continue
                 events = await asyncio.to_thread(self.engine.step)
                 self._route(events)
+                self._send_to_vocoder()
                 self._flush_metrics()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a bug must not leave sessions waiting forever: fail them, keep serving
                 log.exception("Backbone step failed")
-                for sess in [*self._live.values(), *self._inbox]:
-                    sess.queue.put_nowait({"reason": "internal_error", "message": f"generation failed: {e}"})
-                    if sess.sid is not None:
-                        self.engine.cancel(sess.sid)
-                self._live.clear()
+                for sess in [*self._sessions.values(), *self._inbox]:
+                    self._fail(sess, {"reason": "internal_error", "message": f"generation failed: {e}"})
                 self._inbox.clear()
+                await asyncio.sleep(0.01)  # a fault that repeats must not spin the replica's loop
 
     def _admit_and_cancel(self) -> None:
         for sess in self._inbox:
@@ -252,28 +331,99 @@ class Backbone:
             try:
                 sess.sid = self.engine.submit(sess.request)
             except ValueError as e:
-                sess.queue.put_nowait({"reason": "prompt_too_long", "message": str(e)})
+                sess.queue.put_nowait(("error", {"reason": "prompt_too_long", "message": str(e)}))
                 continue
-            self._live[sess.sid] = sess
+            self._sessions[sess.sid] = sess
         self._inbox.clear()
         for sess in self._to_cancel:
-            if sess.sid is not None and self._live.pop(sess.sid, None) is not None:
+            if sess.sid is not None and self._sessions.pop(sess.sid, None) is not None:
                 self.engine.cancel(sess.sid)
         self._to_cancel.clear()
 
+    def _fail(self, sess: _Session, error: dict) -> None:
+        sess.queue.put_nowait(("error", error))
+        if sess.sid is not None:
+            self.engine.cancel(sess.sid)
+            self._sessions.pop(sess.sid, None)
+
     def _route(self, events: list[tuple[int, Event]]) -> None:
+        """Text ids to the sessions' streams (a speech answer's text waits to travel with its audio), frames
+        to the sessions' vocoder queues; an answer with no audio pending ends at once."""
         K = self.model.layout.num_codec_channels
+        text: dict[int, list[int]] = {}
         for sid, ev in events:
             if ev.kind == "text":
                 self._tokens["text"] += 1
             elif ev.kind == "frame":
                 self._tokens["speech"] += K
-            sess = self._live.get(sid)
+            sess = self._sessions.get(sid)
             if sess is None:  # cancelled while the step ran
                 continue
-            sess.queue.put_nowait(ev)
-            if ev.kind == "end":
-                del self._live[sid]
+            if ev.kind == "text":
+                (sess.text_ids if sess.speech else text.setdefault(sid, [])).append(ev.text_id)
+            elif ev.kind == "frame":
+                sess.frames.append(ev.frame_K)
+            elif ev.kind == "end":
+                sess.end_step = ev.step
+        for sid, ids in text.items():
+            self._sessions[sid].queue.put_nowait(("text", ids))
+        for sess in [s for s in self._sessions.values() if s.end_step is not None]:
+            if not sess.speech or (sess.frames_sent == 0 and not sess.frames and not sess.vocoding):
+                self._end(sess)
+
+    def _deliver(self, sess: _Session, pcm: np.ndarray) -> None:
+        if sess.text_ids:
+            sess.queue.put_nowait(("text", sess.text_ids))
+            sess.text_ids = []
+        if len(pcm):
+            sess.queue.put_nowait(("audio", pcm))
+
+    def _end(self, sess: _Session) -> None:
+        self._deliver(sess, np.zeros(0, dtype=np.float32))
+        sess.queue.put_nowait(("end", sess.end_step))
+        self._sessions.pop(sess.sid, None)
+
+    # ------------------------------------------------------------------------------------ audio
+    def _send_to_vocoder(self) -> None:
+        """When some session has frames that should go (:meth:`_Session.wants_vocoder`) and fewer than
+        ``VOCODER_CALLS_IN_FLIGHT`` calls are out, one call takes the frames of every session not already in
+        a call."""
+        while self._vocoder_calls < VOCODER_CALLS_IN_FLIGHT:
+            ready = [s for s in self._sessions.values() if s.speech and not s.vocoding and not s.cancelled]
+            if not any(s.wants_vocoder() for s in ready):
+                return
+            # a call that goes anyway takes every session's pending frames: sessions that started at different
+            # steps share the calls (one batched decode) instead of each calling on its own schedule
+            batch = [s for s in ready if s.frames or s.end_step is not None]
+            items = []
+            for sess in batch:
+                codes = torch.stack(sess.frames, dim=1).numpy() if sess.frames else None
+                items.append((sess.codec_state, codes, sess.end_step is not None))
+                sess.frames_sent += len(sess.frames)
+                sess.frames, sess.vocoding = [], True
+            self._vocoder_calls += 1
+            asyncio.get_running_loop().create_task(self._vocode(batch, items))
+
+    async def _vocode(self, batch: list[_Session], items: list[tuple]) -> None:
+        try:
+            results = await self.vocoder.decode.remote(items)
+        except Exception as e:  # the vocoder failed or went away: these answers fail, the others go on
+            log.exception("Vocoder call failed")
+            results = [RuntimeError(f"the vocoder failed: {e}")] * len(batch)
+        finally:
+            self._vocoder_calls -= 1
+        for sess, (_, _, final), res in zip(batch, items, results):
+            sess.vocoding = False
+            if sess.cancelled or self._sessions.get(sess.sid) is not sess:
+                continue
+            if isinstance(res, BaseException):
+                self._fail(sess, {"reason": "internal_error", "message": str(res)})
+                continue
+            pcm, sess.codec_state = res
+            self._deliver(sess, pcm)
+            if final:
+                self._end(sess)
+        self._send_to_vocoder()
 
     def _flush_metrics(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -314,29 +464,22 @@ class Vocoder:
         if self.codec.num_channels != model_cfg.num_codec_channels or self.codec.codebook_size > model_cfg.codebook_size:
             raise ValueError(f"codec {self.spec!r} has {self.codec.num_channels} channels x {self.codec.codebook_size} "
                              f"codes; the model writes {model_cfg.num_codec_channels} x {model_cfg.codebook_size}")
+        self._decode([(None, np.zeros((self.codec.num_channels, 2), dtype=np.int64), True)])  # first-call costs
 
     def info(self) -> dict:
         c = self.codec
         return {"codec": self.spec, "sample_rate": c.sample_rate, "num_channels": c.num_channels,
                 "codebook_size": c.codebook_size, "frame_rate": c.frame_rate}
 
-    async def decode(self, state: Any, codes_KF: np.ndarray | None, final: bool = False) -> tuple[np.ndarray, Any]:
-        """``(audio that became final, next state)``: ``state`` None starts a stream; ``final`` flushes it
-        (the returned state is then None). Codes outside the codebook (the model's specials) are refused
-        by ``Codec.check_codes``, so the backbone only sends frames. Concurrent calls (the answers being
-        spoken at the same time) are decoded as one batch (``Codec.stream_step_many``)."""
-        out = await self._decode_batch((state, codes_KF, final))
-        if isinstance(out, Exception):
-            raise out
-        return out
-
-    @serve.batch(max_batch_size=VOCODER_MAX_BATCH, batch_wait_timeout_s=VOCODER_BATCH_WAIT_S)
-    async def _decode_batch(self, items: list[tuple]) -> list:
-        return await asyncio.to_thread(self._decode_many, items)
+    async def decode(self, items: list[tuple[Any, np.ndarray | None, bool]]) -> list:
+        """Stream steps of many answers as one batch (``Codec.stream_step_many``): per item ``(state,
+        codes_KF or None, final)`` -> ``(audio that became final, next state)``, or the exception for that
+        item alone. ``state`` None starts a stream; ``final`` flushes it (the returned state is then
+        None). Codes outside the codebook (the model's specials) are refused by ``Codec.check_codes``."""
+        return await asyncio.to_thread(self._decode, items)
 
     @torch.no_grad()
-    def _decode_many(self, items: list[tuple]) -> list:
-        """One result per item: ``(audio, state)``, or the exception for that item alone."""
+    def _decode(self, items: list[tuple]) -> list:
         results: list = [None] * len(items)
         states, codes, todo = [], [], []
         for i, (state, codes_KF, _) in enumerate(items):

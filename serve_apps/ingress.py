@@ -2,13 +2,14 @@
 
 One answer, whichever endpoint asked for it (:meth:`Ingress._answer`):
 
-    audio --SpeechEncoder.encode--> speech [n, D] --Backbone.generate (stream)--> text deltas + codec frames
-          --Vocoder.decode (state in, state out)--> PCM chunks -> the client
+    audio --SpeechEncoder.encode--> speech [n, D] --Backbone.generate (stream)--> text deltas + PCM chunks
+          -> the client
 
-While the ingress waits for the vocoder, the backbone goes on decoding; the next batch it streams holds
-every frame produced meanwhile, so chunks grow when the vocoder is the bottleneck and the first audio
-leaves as soon as the first frame exists. Every refusal is a :class:`~serve_apps.protocol.Rejection`
-(HTTP status + reason), counted in ``deepomni_rejected_requests`` by reason.
+(the Backbone sends the codec frames of all its sessions to the Vocoder deployment in batched calls and
+streams the PCM that comes back). While the ingress sends one chunk on, the backbone goes on; the next
+item it streams holds everything produced meanwhile, so chunks grow when the client is slow. Every
+refusal is a :class:`~serve_apps.protocol.Rejection` (HTTP status + reason), counted in
+``deepomni_rejected_requests`` by reason.
 """
 
 
@@ -151,19 +152,18 @@ class _Realtime:
 @serve.deployment(name="Ingress", max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, encoder: DeploymentHandle, backbone: DeploymentHandle, vocoder: DeploymentHandle,
-                 cfg: AppConfig):
+    def __init__(self, encoder: DeploymentHandle, backbone: DeploymentHandle, cfg: AppConfig):
         from .metrics import ingress_metrics
 
-        self.encoder, self.backbone, self.vocoder, self.cfg = encoder, backbone, vocoder, cfg
+        self.encoder, self.backbone, self.cfg = encoder, backbone, cfg
         self.metrics = ingress_metrics()
         self._info: dict | None = None
 
     async def info(self) -> dict:
         """Sample rate and limits, asked of the deployments once (and checked against each other)."""
         if self._info is None:
-            enc, bb, voc = await asyncio.gather(self.encoder.info.remote(), self.backbone.info.remote(),
-                                                self.vocoder.info.remote())
+            enc, bb = await asyncio.gather(self.encoder.info.remote(), self.backbone.info.remote())
+            voc = bb["codec"]
             if voc["num_channels"] != bb["num_codec_channels"]:
                 raise RuntimeError(f"vocoder codec has {voc['num_channels']} channels, the model "
                                    f"{bb['num_codec_channels']}")
@@ -282,7 +282,7 @@ class Ingress:
         sr = info["sample_rate"]
         stream = self.backbone.options(stream=True).generate.remote(
             audio_ND, text, {"speech": opts.speech, "max_steps": opts.max_steps, "seed": opts.seed})
-        state, seq, samples, finished = None, 0, 0, False
+        seq, samples, finished = 0, 0, False
         first_audio = last_audio = None
         try:
             started = False
@@ -295,21 +295,19 @@ class Ingress:
                     yield {"type": "start", "sample_rate": sr, "format": AUDIO_FORMAT, "speech": opts.speech}
                 if item["text"]:
                     yield {"type": "text", "delta": item["text"]}
-                end = item["end"]
-                if opts.speech and (item["codes_KF"] is not None or end is not None):
-                    wav, state = await self.vocoder.decode.remote(state, item["codes_KF"], end is not None)
-                    if len(wav):
-                        now = time.perf_counter()
-                        if first_audio is None:
-                            first_audio = now
-                            self.metrics.time_to_first_audio_seconds.observe(now - t0)
-                        else:
-                            self.metrics.audio_chunk_gap_seconds.observe(now - last_audio)
-                        last_audio = now
-                        samples += len(wav)
-                        yield {"type": "audio", "seq": seq, "sample_rate": sr, "format": AUDIO_FORMAT,
-                               "samples": len(wav), "pcm": pcm_s16le(wav)}
-                        seq += 1
+                end, wav = item["end"], item["pcm"]
+                if opts.speech and wav is not None and len(wav):
+                    now = time.perf_counter()
+                    if first_audio is None:
+                        first_audio = now
+                        self.metrics.time_to_first_audio_seconds.observe(now - t0)
+                    else:
+                        self.metrics.audio_chunk_gap_seconds.observe(now - last_audio)
+                    last_audio = now
+                    samples += len(wav)
+                    yield {"type": "audio", "seq": seq, "sample_rate": sr, "format": AUDIO_FORMAT,
+                           "samples": len(wav), "pcm": pcm_s16le(wav)}
+                    seq += 1
                 if end is not None:
                     elapsed = time.perf_counter() - t0
                     audio_s = samples / sr

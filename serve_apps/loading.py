@@ -112,7 +112,7 @@ def default_codec_spec(model_cfg: ModelConfig) -> str:
 
     K, C = model_cfg.num_codec_channels, model_cfg.codebook_size
     speech = shutil.which("espeak-ng") is not None
-    target = cache_dir() / "serve" / f"builtin-codec-v1-k{K}-c{C}-{'espeak' if speech else 'random'}"
+    target = cache_dir() / "serve" / f"builtin-codec-v2-k{K}-c{C}-{'espeak' if speech else 'random'}"
     if not (target / "codebooks.safetensors").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))

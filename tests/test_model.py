@@ -156,6 +156,29 @@ def test_incremental_logits_equal_full_forward(tiny_model, chunks):
     assert cache.length == pos
 
 
+def test_absorbed_decoding_equals_expanded_attention(tiny_model, monkeypatch):
+    """Decoding steps attend in the latent space (kv_b_proj absorbed); forcing the expanded form must give
+    the same logits, and prefill (as many queries as keys) keeps the expanded form."""
+    from deepomni.model.attention import MLAttention
+
+    attn = tiny_model.layers[0].self_attn
+    assert attn.absorb(1, 200) and attn.absorb(4, 200)
+    assert not attn.absorb(50, 50)  # a prefill
+    torch.manual_seed(2)
+    tok = torch.randint(0, 60, (3, 13, tiny_model.layout.num_channels))
+
+    def steps():
+        cache = KVCache(len(tiny_model.layers))
+        tiny_model(tok[:, :10], cache=cache)
+        return [tiny_model(tok[:, i:i + 1], cache=cache).logits for i in range(10, 13)]
+
+    absorbed = steps()
+    monkeypatch.setattr(MLAttention, "absorb", lambda self, L, S: False)
+    for a, e in zip(absorbed, steps()):
+        for c in range(len(a)):
+            torch.testing.assert_close(a[c], e[c], atol=1e-5, rtol=1e-5)
+
+
 def test_cache_select_drops_rows(tiny_model):
     torch.manual_seed(1)
     tok = torch.randint(0, 60, (2, 6, tiny_model.layout.num_channels))

@@ -55,7 +55,7 @@ class BuiltinConfig:
     num_channels: int = 4  # K, RVQ levels
     codebook_size: int = 256
     floor_db: float = -100.0  # mel power floor (dB re full-scale), where digital silence lands
-    griffin_lim_iters: int = 32  # per block; 16 measured within 0.1 dB
+    griffin_lim_iters: int = 16  # per block: held-out LSD 7.65 dB vs 7.62 at 32, decoding 1.9x faster (benchmarks/codec_quality.py)
     griffin_lim_momentum: float = 0.99
 
     @property

@@ -282,6 +282,9 @@ class MLAttention(nn.Module):
         if cache is not None:
             latent_BLR, k_pe_BLP, mask = cache.update(self.layer_idx, latent_BLR, k_pe_BLP)
         S = latent_BLR.shape[1]
+        if self.absorb(L, S):
+            o = self._attend_absorbed(q_nope, q_pe, latent_BLR, k_pe_BLP, mask, softmax_scale)
+            return self.o_proj(o.transpose(1, 2).reshape(B, L, self.H * self.V))
 
         kv_BSHX = self.kv_b_proj(latent_BLR).view(B, S, self.H, self.N + self.V)
         k_nope, v = kv_BSHX.transpose(1, 2).split([self.N, self.V], dim=-1)
@@ -292,3 +295,27 @@ class MLAttention(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q_BHLQ, k_BHSQ, v, attn_mask=mask, scale=softmax_scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, self.H * self.V))
+
+    def absorb(self, L: int, S: int) -> bool:
+        """Whether ``L`` new queries over ``S`` keys are cheaper in the latent space (decoding: few queries,
+        a long cache). Per key and head the expanded form costs ``R * (N + V)`` once plus ``N + P + V`` per
+        query; the absorbed form ``2 * R + P`` per query."""
+        return L < S and L * (2 * self.R - self.N - self.V) < self.R * (self.N + self.V)
+
+    def _attend_absorbed(self, q_nope_BHLN: torch.Tensor, q_pe_BHLP: torch.Tensor, latent_BSR: torch.Tensor,
+                         k_pe_BSP: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """The same attention with ``kv_b_proj`` absorbed (DeepSeek-V2 sec. 2.1.2): its key half folds into the
+        queries and its value half into the output, so the cached latents are read as they are, never
+        expanded to per-head keys and values. Returns ``[B, H, L, V]``."""
+        B, H, L, _ = q_nope_BHLN.shape
+        S, R = latent_BSR.shape[1], self.R
+        W_HXR = self.kv_b_proj.weight.view(H, self.N + self.V, R)
+        q_BHLR = torch.matmul(q_nope_BHLN, W_HXR[:, : self.N])  # W_UK absorbed into the queries
+        scores = torch.bmm(q_BHLR.reshape(B, H * L, R), latent_BSR.transpose(1, 2))
+        scores = scores + torch.bmm(q_pe_BHLP.reshape(B, H * L, self.P), k_pe_BSP.transpose(1, 2))
+        scores_BHLS = scores.view(B, H, L, S).float() * scale
+        if mask is None:  # plain causal: the new queries are the last L positions
+            mask = torch.arange(S, device=scores.device)[None, :] <= torch.arange(S - L, S, device=scores.device)[:, None]
+        p_BHLS = scores_BHLS.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(latent_BSR.dtype)
+        o_BHLR = torch.bmm(p_BHLS.view(B, H * L, S), latent_BSR).view(B, H, L, R)
+        return torch.matmul(o_BHLR, W_HXR[:, self.N :].transpose(1, 2))  # W_UV absorbed into the output
