@@ -12,7 +12,8 @@ One run measures, on the same model, codec and spoken question (espeak-ng speech
 * ``serve``: the Serve app (``serve_apps``) on 127.0.0.1, ``POST /v1/dialogue`` with the WAV, reading the
   server-sent events (its deployments split the same components across replicas).
 
-For 1 and N (default 16) concurrent sessions, and N sessions run one after another: TTFA = request sent
+Both sides run at once; their 1-session rounds alternate (``--repeats`` pairs), so the drift of a shared
+machine hits both alike. For 1 and N (default 16) concurrent sessions, and N sessions run one after another: TTFA = request sent
 -> first audio samples received (p50, p99), RTF = answer time / answer audio seconds (per session), and
 aggregate throughput = answer audio seconds / wall seconds. Answers are bounded by ``--answer-steps``
 decoding steps (the random model rarely ends earlier); both sides load the same saved weights and codec,
@@ -240,19 +241,31 @@ async def sessions(target, wav_bytes: bytes, n: int, concurrent: bool) -> dict:
             "audio_seconds": audio, "wall_s": wall, "throughput_audio_s_per_s": audio / wall}
 
 
-async def measure(target, wav_bytes: bytes, n: int, repeats: int) -> dict:
-    # warm-up: first-use costs (allocations, connections) and, for Serve, the replicas that autoscaling
-    # starts under concurrent load, so that the measured rounds see a settled deployment
-    await target.answer(wav_bytes)
-    await sessions(target, wav_bytes, n, True)
-    single = [await sessions(target, wav_bytes, 1, True) for _ in range(repeats)]
-    ttfa = sorted(s["ttfa_p50_ms"] for s in single)
-    one = {**single[0], "ttfa_p50_ms": statistics.median(ttfa), "ttfa_p99_ms": ttfa[-1],
-           "rtf_mean": statistics.median(s["rtf_mean"] for s in single), "repeats": repeats}
-    many = await sessions(target, wav_bytes, n, True)
-    seq = await sessions(target, wav_bytes, n, False)
-    return {"1_session": one, f"{n}_concurrent": many, f"{n}_sequential": seq,
-            "concurrency_gain": many["throughput_audio_s_per_s"] / seq["throughput_audio_s_per_s"]}
+async def measure(targets: dict, wav_bytes: bytes, n: int, repeats: int) -> dict:
+    """Every side's figures. The 1-session rounds alternate between the sides (paired), so that the
+    drift of a shared machine hits both alike; then each side's N concurrent and N sequential rounds."""
+    for target in targets.values():
+        # warm-up: first-use costs (allocations, connections) and, for Serve, the replicas that autoscaling
+        # starts under concurrent load, so that the measured rounds see a settled deployment
+        await target.answer(wav_bytes)
+        await sessions(target, wav_bytes, n, True)
+    single: dict[str, list] = {name: [] for name in targets}
+    for _ in range(repeats):
+        for name, target in targets.items():
+            single[name].append(await sessions(target, wav_bytes, 1, True))
+    out = {}
+    for name, target in targets.items():
+        ttfa = sorted(r["ttfa_p50_ms"] for r in single[name])
+        one = {**single[name][0], "ttfa_p50_ms": statistics.median(ttfa), "ttfa_p99_ms": ttfa[-1],
+               "rtf_mean": statistics.median(r["rtf_mean"] for r in single[name]), "repeats": repeats}
+        many = await sessions(target, wav_bytes, n, True)
+        seq = await sessions(target, wav_bytes, n, False)
+        out[name] = {"1_session": one, f"{n}_concurrent": many, f"{n}_sequential": seq,
+                     "concurrency_gain": many["throughput_audio_s_per_s"] / seq["throughput_audio_s_per_s"]}
+    if len(single) == 2:
+        diffs = [s["ttfa_p50_ms"] - i["ttfa_p50_ms"] for i, s in zip(single["inprocess"], single["serve"])]
+        out["serve_overhead_ttfa_ms_paired_median"] = statistics.median(diffs)
+    return out
 
 
 def build_model(args):
@@ -283,7 +296,7 @@ def build_codec(spec: str, device: str):
 
 def report(name: str, r: dict) -> None:
     for k, v in r.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and "ttfa_p50_ms" in v:
             print(f"  {name:9s} {k:15s} ttfa p50 {v['ttfa_p50_ms']:8.1f} ms  p99 {v['ttfa_p99_ms']:8.1f} ms  "
                   f"rtf {v['rtf_mean']:.3f}  throughput {v['throughput_audio_s_per_s']:.2f} audio s/s")
     print(f"  {name:9s} concurrency gain ({[k for k in r if k.endswith('concurrent')][0]} vs sequential): "
@@ -299,7 +312,7 @@ def main() -> None:
     ap.add_argument("--codec", default=None, help="codec spec, or snac-random; default: the app's built-in codec")
     ap.add_argument("--sessions", type=int, default=16)
     ap.add_argument("--answer-steps", type=int, default=40)
-    ap.add_argument("--repeats", type=int, default=5, help="single-session runs behind the 1-session figures")
+    ap.add_argument("--repeats", type=int, default=15, help="single-session runs behind the 1-session figures")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     args = ap.parse_args()
     if args.threads:
@@ -320,23 +333,32 @@ def main() -> None:
     ckpt = str(save_model(model, Path(tempfile.mkdtemp(prefix="deepomni-bench-")) / "model")) \
         if args.only != "inprocess" else None
     codec_spec = args.codec or default_codec(cfg)
+    targets, stop = {}, []
     if args.only != "serve":
         if ckpt:  # exactly the weights the Serve replicas load
             model = load_model(ckpt, device=args.device)[0].eval()
         codec = build_codec(codec_spec, args.device)
         print(f"[inprocess] model {args.preset} on {args.device} built in {time.perf_counter() - t0:.0f} s", flush=True)
-        target = InProcess(model, codec, args.answer_steps, max_rows=32)  # as the app's Backbone (config.yaml max_rows)
-        out["inprocess"] = asyncio.run(measure(target, wav_bytes, args.sessions, args.repeats))
-        target.close()
-        report("inprocess", out["inprocess"])
-        del target
-    if args.only != "inprocess":
-        del model
-        out["serve"] = run_serve(args, ckpt, codec_spec, wav_bytes)
-        report("serve", out["serve"])
+        targets["inprocess"] = InProcess(model, codec, args.answer_steps, max_rows=32)  # as the app's Backbone
+        stop.append(targets["inprocess"].close)
+    del model
+    try:
+        if args.only != "inprocess":
+            targets["serve"], mode = start_serve(args, ckpt, codec_spec)
+            out["ray_serve_env"] = mode
+            from ray import serve
+
+            stop.append(serve.shutdown)
+        out.update(asyncio.run(measure(targets, wav_bytes, args.sessions, args.repeats)))
+    finally:
+        for f in stop:
+            f()
+    for name in targets:
+        report(name, out[name])
     if "serve" in out and "inprocess" in out:
         out["serve_overhead_ttfa_ms"] = out["serve"]["1_session"]["ttfa_p50_ms"] - out["inprocess"]["1_session"]["ttfa_p50_ms"]
-        print(f"Serve split adds {out['serve_overhead_ttfa_ms']:.1f} ms to TTFA p50 (1 session)")
+        print(f"Serve split adds {out['serve_overhead_ttfa_ms']:.1f} ms to TTFA p50 (1 session; median of the "
+              f"paired differences {out['serve_overhead_ttfa_ms_paired_median']:.1f} ms)")
     suffix = "" if (args.preset, args.device) == ("tiny", "cpu") else f"_{args.preset}_{args.device.split(':')[0]}"
     path = RESULTS / f"serve_latency{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -346,10 +368,14 @@ def main() -> None:
     print(f"ttfa_p50_ms={side['1_session']['ttfa_p50_ms']:.1f}")
 
 
-def run_serve(args, ckpt: str, codec_spec: str, wav_bytes: bytes) -> dict:
+def start_serve(args, ckpt: str, codec_spec: str) -> tuple[ServeClient, dict]:
     """The Serve app (config.yaml's deployments) on 127.0.0.1, same checkpoint and codec as in-process."""
     import socket
 
+    from serve_apps import ray_mode
+
+    mode = ray_mode.apply()  # as `deepomni serve` runs it (set before Ray starts)
+    print(f"[serve] Ray Serve mode: {mode or 'Ray defaults'}", flush=True)
     from ray import serve
 
     from deepomni.ray_env import init_ray
@@ -362,10 +388,7 @@ def run_serve(args, ckpt: str, codec_spec: str, wav_bytes: bytes) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": ckpt, "codec": codec_spec, "max_steps": args.answer_steps,
                          "torch_threads": args.threads or 1}), name="deepomni", route_prefix="/")
-    try:
-        return asyncio.run(measure(ServeClient(f"http://127.0.0.1:{port}"), wav_bytes, args.sessions, args.repeats))
-    finally:
-        serve.shutdown()
+    return ServeClient(f"http://127.0.0.1:{port}"), mode
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ fi
 
 case "${1:-}" in
   start)
+    # Ray Serve's high-throughput mode (HAProxy in front when installed): serve_apps/ray_mode.py
+    eval "$(cd "$here" && "$venv/bin/python" -m serve_apps.ray_mode)"
     ray start --head --node-ip-address 127.0.0.1 --num-cpus "$num_cpus" \
       --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" \
       --metrics-export-port "$metrics_port" --disable-usage-stats

@@ -51,6 +51,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.path.insert(0, repo)
         # the embedded Ray's workers inherit this process's environment, not its sys.path
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    from serve_apps import ray_mode
+
+    ray_mode.apply()  # Serve's high-throughput mode, set before the embedded Ray starts (serve_apps/ray_mode.py)
     from ray import serve
     from serve_apps.app import APP_NAME, build_app
 

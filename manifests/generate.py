@@ -24,6 +24,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from serve_apps import ray_mode  # noqa: E402  (stdlib only: the Ray Serve environment of the pods)
+
 VALUES = ROOT / "manifests" / "values.yaml"
 SERVE_CONFIG = ROOT / "serve_apps" / "config.yaml"
 TRAIN_PRESETS = ROOT / "deepomni" / "presets" / "train"
@@ -116,6 +119,9 @@ def _container(v: dict, name: str, group: dict, ports: list[tuple[str, int]]) ->
         "env": [
             {"name": "DEEPOMNI_CACHE", "value": f"{p['cache']}/deepomni"},  # Serve's default codec, shared
             {"name": "HF_HOME", "value": f"{p['cache']}/huggingface"},
+            # Ray Serve's high-throughput mode, read by Ray's processes at start (serve_apps/ray_mode.py;
+            # the image installs haproxy)
+            *({"name": k, "value": val} for k, val in ray_mode.HAPROXY.items()),
         ],
         "ports": [{"name": n, "containerPort": c} for n, c in ports],
         "resources": {"requests": dict(res), "limits": dict(res)},

@@ -86,7 +86,7 @@ class SpeechEncoder:
     def __init__(self, cfg: AppConfig):
         from deepomni.audio import LogMel
 
-        cfg.setup_torch()
+        cfg.setup_torch(cfg.encoder_threads)
         model = load_serving_model(cfg)
         self.speech, self.device = model.speech, cfg.torch_device()  # only the speech input is kept
         self.logmel = LogMel.from_config(model.cfg.speech_encoder)

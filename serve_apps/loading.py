@@ -42,6 +42,7 @@ class AppConfig:
     tokenizer: str = "bytes"  # "bytes" | "hf:<dir>" (the tokenizer the checkpoint was trained with)
     device: str = "auto"  # "cpu" | "cuda" | "auto" (cuda when available)
     torch_threads: int = 1  # intra-op threads per CPU replica (several replicas share few cores)
+    encoder_threads: int = 2  # the SpeechEncoder's (bursty, on the way to the first audio: 25 -> 13 ms a turn)
     seed: int = 0  # random init when there is no checkpoint
     max_rows: int = 32  # BatchEngine rows per Backbone replica (a speech answer takes 2, then 1)
     max_steps: int = 256  # default decoding steps per answer
@@ -60,7 +61,7 @@ class AppConfig:
         for k, v in args.items():
             if v is None or v == "":
                 out[k] = None if k in ("checkpoint", "codec") else known[k].default
-            elif k in ("torch_threads", "seed", "max_rows", "max_steps", "max_steps_limit", "max_body_bytes"):
+            elif k in ("torch_threads", "encoder_threads", "seed", "max_rows", "max_steps", "max_steps_limit", "max_body_bytes"):
                 out[k] = int(v)
             else:
                 out[k] = str(v)
@@ -77,9 +78,9 @@ class AppConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def setup_torch(self) -> None:
+    def setup_torch(self, threads: int | None = None) -> None:
         if self.torch_device().type == "cpu":
-            torch.set_num_threads(self.torch_threads)
+            torch.set_num_threads(threads or self.torch_threads)
 
     def model_config(self) -> ModelConfig:
         if self.checkpoint:

@@ -319,7 +319,10 @@ def test_live_prometheus_scrapes_the_serve_app(tmp_path):
     from tests.test_serve import SR, dialogue, free_port, readable_checkpoint, sse_events, speech_wav
 
     t_start = time.monotonic()
+    from serve_apps import ray_mode
+
     ckpt = readable_checkpoint(tmp_path / "ckpt")
+    ray_mode.apply()
     init_ray()
     metrics_port = ray._private.worker.global_worker.node.metrics_export_port
     http_port, prom_port = free_port(), free_port()

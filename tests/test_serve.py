@@ -68,7 +68,12 @@ def server(tmp_path_factory):
     from deepomni.ray_env import init_ray
     from serve_apps.app import build_app
 
+    import ray
+
+    from serve_apps import ray_mode
+
     ckpt = readable_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    ray_mode.apply()  # as `deepomni serve` runs (HAProxy in front when installed)
     init_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -77,6 +82,7 @@ def server(tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     yield base
     serve.shutdown()
+    ray.shutdown()  # the next module starts its own
 
 
 @pytest.fixture(scope="module")
