@@ -150,9 +150,8 @@ class _Session:
     vocoding: bool = False  # a vocoder call holds this session's stream state
 
     def wants_vocoder(self) -> bool:
-        """Whether this session's frames should go now: its first audio, a full chunk, or its end."""
-        if self.vocoding or self.cancelled:
-            return False
+        """Whether this session's frames should go now (it is in no call): its first audio, a full chunk,
+        or its end."""
         if self.end_step is not None:
             return True
         return bool(self.frames) and (self.frames_sent == 0 or len(self.frames) >= MIN_CHUNK_FRAMES)
