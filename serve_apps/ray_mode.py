@@ -43,9 +43,10 @@ def serve_env(local: bool = True) -> dict[str, str]:
 def apply() -> dict[str, str]:
     """Put :func:`serve_env` into this process's environment, keeping what is already set, so that a Ray
     started from here (``ray.init``) passes it to its processes. Returns what is now in effect."""
-    for k, v in serve_env().items():
+    env = serve_env()
+    for k, v in env.items():
         os.environ.setdefault(k, v)
-    return {k: os.environ[k] for k in serve_env()}
+    return {k: os.environ[k] for k in env}
 
 
 if __name__ == "__main__":  # shell: eval "$(python -m serve_apps.ray_mode)"
