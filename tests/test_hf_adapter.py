@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 from deepomni.config import ModelConfig, load_preset
-from deepomni.model.channels import CodecSpecial
+from deepomni.model.channels import ChannelEmbedding, CodecSpecial, TextSpecial, VocabLayout
 from deepomni.model.hf_adapter import config_from_hf, export_hf, hf_config_dict, import_hf
 from deepomni.model.model import DeepOmniModel
 
@@ -148,20 +148,43 @@ def test_yarn_settings_are_imported_and_matter(ckpts):
 
 
 @pytest.mark.parametrize("variant", ["plain-untied", "qlora-tied-yarn"])
-def test_parity_with_codec_channels(ckpts, variant):
+@pytest.mark.parametrize("k", [3, 7])
+def test_parity_with_codec_channels(ckpts, variant, k):
+    """An imported text LLM is itself at step 0 whatever K: a text-only position (codec channels PAD, which
+    contribute nothing) gives transformers' own logits from the same ids."""
     hf, d = ckpts[variant]
-    model = import_hf(d, base=ModelConfig(num_codec_channels=3, codebook_size=32)).eval()
+    model = import_hf(d, base=ModelConfig(num_codec_channels=k, codebook_size=32)).eval()
     ids = ids_BL()
-    # backbone from the text embeddings alone == transformers from the same ids
-    assert max_diff(our_text_logits_from_text_embeddings(model, ids), hf_logits(hf, ids)) < TOL
-    # the real forward (mean over text + K codec-PAD embeddings) == transformers fed that same mean
+    ref = hf_logits(hf, ids)
     tokens = text_tokens(model, ids)
     with torch.no_grad():
-        mean_emb = model.embed_inputs(tokens)
         out = model(tokens)
-    assert torch.allclose(mean_emb, model.embed.weight[model.layout.offsets() + tokens].mean(dim=2))
-    assert max_diff(out.logits[0][..., :VOCAB], hf_logits(hf, inputs_embeds=mean_emb)) < TOL
-    assert [lg.shape[-1] for lg in out.logits] == [VOCAB + 64] + [32 + 64] * 3
+        emb = model.embed_inputs(tokens)
+    assert torch.equal(emb, model.embed.weight[ids])  # the text row alone
+    assert max_diff(out.logits[0][..., :VOCAB], ref) < TOL
+    assert [lg.shape[-1] for lg in out.logits] == [VOCAB + 64] + [32 + 64] * k
+
+
+def test_channels_that_speak_are_averaged():
+    """Codec channels holding a code count in the mean, PAD ones do not; an all-PAD position is the text
+    PAD row; at speech positions the feature fills the K codec slots."""
+    layout = VocabLayout(text_vocab_size=10, codebook_size=5, num_codec_channels=2, num_special=4)
+    emb = ChannelEmbedding(layout, hidden_size=3)
+    torch.nn.init.normal_(emb.weight)
+    W, off = emb.weight.detach(), layout.offsets()
+    tp, cp = layout.text(TextSpecial.PAD), layout.codec(CodecSpecial.PAD)
+    tokens = torch.tensor([[[4, cp, cp], [4, 2, cp], [tp, 1, 3], [tp, cp, cp]]])
+    with torch.no_grad():
+        x = emb(tokens)[0]
+    torch.testing.assert_close(x[0], W[4])
+    torch.testing.assert_close(x[1], (W[4] + W[off[1] + 2]) / 2)
+    torch.testing.assert_close(x[2], (W[off[1] + 1] + W[off[2] + 3]) / 2)  # text PAD says nothing either
+    torch.testing.assert_close(x[3], W[tp])
+    audio_tok = torch.tensor([[[layout.text(TextSpecial.AUDIO), cp, cp]]])
+    feat = torch.randn(1, 1, 3)
+    with torch.no_grad():
+        y = emb(audio_tok, feat, torch.tensor([[True]]))[0, 0]
+    torch.testing.assert_close(y, (W[layout.text(TextSpecial.AUDIO)] + 2 * feat[0, 0]) / 3)
 
 
 # --------------------------------------------------------------------------------- layouts, shards

@@ -6,7 +6,8 @@ Vocabulary layout (PAPER.md "Tokens and channels"), in *global* ids of the one e
 
 Data and labels carry *channel-local* ids (text: 0..text_vocab+63, codec i: 0..codebook+63) in a tensor
 ``tokens_BLC`` with C = K+1 channels (channel 0 = text); the embedding adds each channel's offset.
-Input embedding of a position = mean of its C channel embeddings. The LM head is tied to the same table;
+Input embedding of a position = mean of the embeddings of its channels that are not PAD (a text-only
+position is its text row alone: see :meth:`ChannelEmbedding.forward`). The LM head is tied to the same table;
 channel c reads only its own slice of rows, so its logits have the channel-local vocabulary.
 
 Delay pattern: codec channel i (0-based) runs i+1 steps behind the text channel, so coarse codes are
@@ -83,6 +84,11 @@ class VocabLayout:
     def codec(self, s: CodecSpecial) -> int:
         return self.codebook_size + int(s)
 
+    def pads(self, device=None) -> torch.Tensor:
+        """Each channel's PAD id (channel-local): the token that says "nothing here"."""
+        return torch.tensor([self.text(TextSpecial.PAD)] + [self.codec(CodecSpecial.PAD)] * self.num_codec_channels,
+                            device=device)
+
     def offsets(self, device=None) -> torch.Tensor:
         return torch.tensor([self.channel_offset(c) for c in range(self.num_channels)], device=device)
 
@@ -100,6 +106,7 @@ class ChannelEmbedding(nn.Module):
         # rows that get gradients (None: all); S1 trains only the rows the extension added (PAPER.md table)
         self.trainable_rows: torch.Tensor | None = None
         self.register_buffer("offsets_C", layout.offsets(), persistent=False)
+        self.register_buffer("pad_C", layout.pads(), persistent=False)
 
     def _rows(self, w: torch.Tensor) -> torch.Tensor:
         from .moe import mask_grad_rows
@@ -114,23 +121,32 @@ class ChannelEmbedding(nn.Module):
 
     def reset_buffers(self) -> None:
         self.offsets_C = self.layout.offsets(self.offsets_C.device)
+        self.pad_C = self.layout.pads(self.pad_C.device)
 
     def forward(
         self, tokens_BLC: torch.Tensor, audio_BLD: torch.Tensor | None = None, audio_mask_BL: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Mean of the C channel embeddings. Where ``audio_mask_BL`` is set, the K codec-channel embeddings
-        are replaced by the projected speech feature ``audio_BLD`` (text channel keeps its AUDIO token):
-        ``(e_text + K * audio) / (K + 1)``."""
+        """Mean of the embeddings of the channels that have something to say.
+
+        A channel holding its PAD token contributes nothing (where every channel is PAD, the text PAD row
+        stands), so a text-only position embeds exactly as the source text LLM embeds that token: an
+        imported backbone is itself at step 0 whatever K (PAPER.md leaves this open; our choice). Where
+        ``audio_mask_BL`` is set, the projected speech feature ``audio_BLD`` takes the place of the K codec
+        channels (the text channel keeps its AUDIO token): ``(e_text + K * audio) / (K + 1)``."""
         C = tokens_BLC.shape[-1]
         if C != self.layout.num_channels:
             raise ValueError(f"tokens have {C} channels, the model expects {self.layout.num_channels}")
         emb_BLCD = F.embedding(tokens_BLC + self.offsets_C, self._rows(self.weight))
+        says_BLC = tokens_BLC != self.pad_C
+        says_BLC[..., 0] |= ~says_BLC.any(dim=-1)
         if audio_BLD is None:
-            return emb_BLCD.mean(dim=2)
-        K = C - 1
-        codec_BLD = emb_BLCD[:, :, 1:].sum(dim=2)
-        codec_BLD = torch.where(audio_mask_BL.unsqueeze(-1), K * audio_BLD.to(codec_BLD.dtype), codec_BLD)
-        return (emb_BLCD[:, :, 0] + codec_BLD) / C
+            w_BLC = says_BLC.to(emb_BLCD.dtype)
+            return (w_BLC.unsqueeze(-1) * emb_BLCD).sum(dim=2) / w_BLC.sum(dim=-1, keepdim=True)
+        K, audio_BL1 = C - 1, audio_mask_BL.unsqueeze(-1)
+        says_BLC[..., 1:] &= ~audio_BL1  # the speech feature takes the place of the codec channels
+        w_BLC = says_BLC.to(emb_BLCD.dtype)
+        summed_BLD = (w_BLC.unsqueeze(-1) * emb_BLCD).sum(dim=2) + audio_BL1 * (K * audio_BLD.to(emb_BLCD.dtype))
+        return summed_BLD / (w_BLC.sum(dim=-1, keepdim=True) + K * audio_BL1)
 
     def logits(self, h_BLD: torch.Tensor, channels: list[int] | None = None) -> list[torch.Tensor]:
         """Per-channel logits (channel-local vocabularies) from the tied table."""
