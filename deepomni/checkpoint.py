@@ -9,6 +9,7 @@ Optimizer state and training progress are the trainer's business and live beside
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -40,6 +41,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d} is not a DeepOmni checkpoint: {name} is missing")
     cfg = ModelConfig.from_dict(json.loads((d / CONFIG).read_text()))
+    enc = cfg.speech_encoder
+    if enc.path and not Path(enc.path).is_dir():
+        # the frozen encoder's weights are in model.safetensors: build it from the recorded architecture
+        cfg = cfg.replace(speech_encoder=dataclasses.replace(enc, path=None))
     model = DeepOmniModel(cfg)
     state = load_file(str(d / WEIGHTS), device=str(device))
     missing, unexpected = model.load_state_dict(state, strict=False)

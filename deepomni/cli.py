@@ -39,6 +39,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_OUT = "runs/demo"  # where `make demo` (jobs.pipeline --out runs/demo) writes
+
+
+def demo_model(repo: str) -> tuple[str, str] | None:
+    """``(checkpoint, codec spec)`` of the recipe model ``make demo`` trained (under the current directory
+    or the source checkout), or None when there is none yet."""
+    from pathlib import Path
+
+    from .train.stages import MODELS
+
+    for root in dict.fromkeys((Path.cwd(), Path(repo))):
+        out = root / DEMO_OUT
+        ckpt, codec = out / "runs" / MODELS["deeptalk"] / "final", out / "data" / "codec"
+        if (ckpt / "model.safetensors").is_file() and (codec / "config.json").is_file():
+            return str(ckpt), f"builtin:{codec}"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """The Serve app (serve_apps/, docs/serving.md) on the embedded local Ray, until Ctrl-C."""
     import os
@@ -47,6 +65,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     repo = str(Path(__file__).resolve().parent.parent)
+    if args.checkpoint is None and args.codec is None:
+        found = demo_model(repo)
+        if found is not None:
+            args.checkpoint, args.codec = found
+            print(f"serving the recipe model `make demo` trained: {args.checkpoint} (codec {args.codec})", flush=True)
+        else:
+            print(f"no trained model under {DEMO_OUT}/ (run `make demo` first, or pass --checkpoint): serving the "
+                  f"tiny preset with RANDOM weights, which answers noise", flush=True)
     if (Path(repo) / "serve_apps").is_dir():  # a source checkout: serve_apps/ sits beside the package
         sys.path.insert(0, repo)
         # the embedded Ray's workers inherit this process's environment, not its sys.path
@@ -93,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     info.set_defaults(fn=cmd_info)
     add_data_commands(sub)
     srv = sub.add_parser("serve", help="run the Ray Serve app (docs/serving.md) on the embedded local Ray")
-    srv.add_argument("--checkpoint", help="checkpoint directory (deepomni.checkpoint); default: random tiny model")
+    srv.add_argument("--checkpoint", help="checkpoint directory (deepomni.checkpoint); default: the recipe model "
+                                          f"`make demo` wrote under {DEMO_OUT}/, else a random tiny model")
     srv.add_argument("--codec", help="builtin:<dir> or snac:<dir>; default: a cached built-in codec")
     srv.add_argument("--tokenizer", help="bytes (default) or hf:<dir>")
     srv.add_argument("--device", help="cpu | cuda | auto (default)")

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--max-items", type=int, default=None, help="at most N items per task")
     p.add_argument("--tokenizer", default="bytes", help="the tokenizer the data was prepared with")
-    p.add_argument("--no-speech", action="store_true", help="skip speech decoding (no speech_length_consistency)")
+    p.add_argument("--no-speech", action="store_true", help="skip decoding and judging speech answers")
     p.add_argument("--margin", type=int, default=8, help="decoding steps beyond 1.5 x the reference answer")
     p.add_argument("--seed", type=int, default=0, help="codec sampling seed")
     a = p.parse_args(argv)

@@ -26,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from serve_apps import ray_mode  # noqa: E402  (stdlib only: the Ray Serve environment of the pods)
+from deepomni.train.stages import MODELS, STAGES, Step, all_steps  # noqa: E402  (the recipe as data; no torch)
 
 VALUES = ROOT / "manifests" / "values.yaml"
 SERVE_CONFIG = ROOT / "serve_apps" / "config.yaml"
@@ -55,48 +56,62 @@ def _cmd(*args: str) -> str:
     return shlex.join(args)
 
 
-def _train(v: dict, stage: str, run: str, init: str | None = None, assignment: bool = False) -> str:
+def _stage_steps(v: dict, stage: str) -> int:
+    """A stage's optimizer steps under the ConfigMap's training config (its per-stage table, then the
+    stage's own default), as ``TrainConfig.load`` resolves them."""
+    cfg = train_config(v)
+    return int({**cfg, **cfg.get("stages", {}).get(stage, {})}.get("max_steps") or STAGES[stage].steps)
+
+
+def _train(v: dict, s: Step) -> str:
     p = paths(v)
-    args = ["python", "-m", "jobs.train", "--stage", stage, "--config", TRAIN_CONFIG, "--data", p["data"],
-            "--storage-path", p["runs"], "--run-name", run]
-    if init:
-        args += ["--init", f"{p['runs']}/{init}/final"]
-    if assignment:
-        args += ["--assignment", f"{p['profile']}/experts.json"]
+    args = ["python", "-m", "jobs.train", "--stage", s.stage, "--config", TRAIN_CONFIG, "--data", p["data"],
+            "--storage-path", p["runs"], "--run-name", s.run]
+    if s.init:
+        args += ["--init", f"{p['runs']}/{s.init}/final"]
+    if s.assignment:
+        args += ["--assignment", f"{p['profile']}/{s.assignment}/experts.json"]
+    if s.steps_of:  # compute-matched baseline
+        args += ["--max-steps", str(sum(_stage_steps(v, _stage_of(r)) for r in s.steps_of))]
     return _cmd(*args)
 
 
-def jobs(v: dict) -> list[dict]:
-    """The RayJobs, in the order they run (file names sort the same way). ``replicas`` names an entry of
-    ``jobs.replicas`` in values.yaml. Run names and paths follow jobs.pipeline (docs/train.md)."""
+def _stage_of(run: str) -> str:
+    return next(s.stage for s in all_steps() if s.run == run)
+
+
+def _profile(v: dict, s: Step) -> str:
     p = paths(v)
-    n_speech = str(v["train"]["n_speech"])
-    return [
-        dict(file="10-prepare-data", component="data", replicas="data",
-             entrypoint=_cmd("python", "-m", "jobs.prepare_data", "--raw", f"{p['data']}/raw", "--out", p["data"])),
-        dict(file="20-text-pretrain", component="train", replicas="train", stage="text_pretrain",
-             entrypoint=_train(v, "text_pretrain", "base")),
-        dict(file="30-profile-load", component="train", replicas="driver",
-             entrypoint=_cmd("python", "-m", "jobs.profile_load", "--checkpoint", f"{p['runs']}/base/final",
-                             "--data", p["data"], "--out", p["profile"], "--n-speech", n_speech)),
-        dict(file="40-s1-align", component="train", replicas="train", stage="s1_align",
-             entrypoint=_train(v, "s1_align", "s1_align", init="base", assignment=True)),
-        dict(file="50-s2-speech-experts", component="train", replicas="train", stage="s2_speech_experts",
-             entrypoint=_train(v, "s2_speech_experts", "s2_speech_experts", init="s1_align", assignment=True)),
-        dict(file="60-s2-text-experts", component="train", replicas="train", stage="s2_text_experts",
-             entrypoint=_train(v, "s2_text_experts", "s2_text_experts", init="s2_speech_experts", assignment=True)),
-        dict(file="70-s3-joint", component="train", replicas="train", stage="s3_joint",
-             entrypoint=_train(v, "s3_joint", "s3_joint", init="s2_text_experts", assignment=True)),
-        dict(file="80-full-finetune", component="train", replicas="train", stage="full_finetune",
-             entrypoint=_train(v, "full_finetune", "full_finetune", init="base")),
-        dict(file="90-evaluate", component="eval", replicas="driver",
-             entrypoint=_cmd("python", "-m", "jobs.evaluate", "--checkpoint", f"{p['runs']}/s3_joint/final",
-                             "--base", f"{p['runs']}/base/final", "--data", p["data"],
-                             "--out", f"{p['eval']}/s3_joint")),
+    args = ["python", "-m", "jobs.profile_load", "--checkpoint", f"{p['runs']}/{s.init}/final", "--data", p["data"],
+            "--out", f"{p['profile']}/{s.run}", "--n-speech", str(v["train"]["n_speech"])]
+    return _cmd(*args, *(["--random", "--seed", "0"] if s.random_assignment else []))
+
+
+def jobs(v: dict) -> list[dict]:
+    """The RayJobs, in the order they run (file names sort the same way): data, then every step of the
+    recipe and its baselines as ``deepomni.train.stages`` lists them, then evaluation and the whole
+    pipeline. ``replicas`` names an entry of ``jobs.replicas`` in values.yaml. Run names and paths follow
+    jobs.pipeline (docs/train.md)."""
+    p = paths(v)
+    out = [dict(file="010-prepare-data", component="data", replicas="data",
+                entrypoint=_cmd("python", "-m", "jobs.prepare_data", "--raw", f"{p['data']}/raw", "--out", p["data"]))]
+    for i, s in enumerate(all_steps(), start=2):
+        name = f"{i * 10:03d}-{s.run.replace('_', '-')}"
+        if s.is_profile:
+            out.append(dict(file=name, component="train", replicas="driver", entrypoint=_profile(v, s)))
+        else:
+            out.append(dict(file=name, component="train", replicas="train", stage=s.stage, entrypoint=_train(v, s)))
+    final = MODELS["deeptalk"]
+    out += [
+        dict(file="990-evaluate", component="eval", replicas="driver",
+             entrypoint=_cmd("python", "-m", "jobs.evaluate", "--checkpoint", f"{p['runs']}/{final}/final",
+                             "--base", f"{p['runs']}/{MODELS['base']}/final", "--data", p["data"],
+                             "--out", f"{p['eval']}/{final}")),
         dict(file="pipeline", component="pipeline", replicas="pipeline",
              entrypoint=_cmd("python", "-m", "jobs.pipeline", "--out", p["pipeline"], "--config", TRAIN_CONFIG,
-                             "--n-speech", n_speech)),
+                             "--n-speech", str(v["train"]["n_speech"]))),
     ]
+    return out
 
 
 # ---------------------------------------------------------------------------------------- the cluster

@@ -256,7 +256,7 @@ def test_logmel_sizes_and_limits(tiny_cfg, logmel):
     with pytest.raises(AudioError, match=r"4\.01 s long, over the speech encoder's 4 s window"):
         small([sine(440, 16000, 4.01)])
     assert logmel([np.zeros(480_000, np.float32)])[1] == [3000]  # exactly 30 s fits
-    assert LogMel.from_config(tiny_cfg.speech_encoder).max_seconds == 30.0
+    assert LogMel.from_config(tiny_cfg.speech_encoder).max_seconds == 8.0  # tiny: 400 positions of 20 ms
     with pytest.raises(AudioError, match="0 samples"):
         logmel([np.zeros(0, np.float32)])
     with pytest.raises(AudioError, match="expected 1-D float"):
@@ -278,7 +278,8 @@ def test_logmel_feeds_speech_encoder(tiny_model, tiny_cfg):
     mel_BMT, num_frames = logmel(wavs)
     with torch.no_grad():
         out = tiny_model.encode_speech(mel_BMT, num_frames)
-    assert [o.shape[0] for o in out] == [math.ceil(n / 2) for n in num_frames] == [50, 19]
+    ds = tiny_cfg.speech_encoder.downsample  # 20 ms encoder frames, stacked ds at a time by the projector
+    assert [o.shape[0] for o in out] == [math.ceil(math.ceil(n / 2) / ds) for n in num_frames] == [13, 5]
     assert all(o.shape[1] == tiny_cfg.hidden_size and torch.isfinite(o).all() for o in out)
 
 

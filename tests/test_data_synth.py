@@ -3,6 +3,7 @@ validation errors, shards, CLI."""
 
 import io
 import json
+import random
 from itertools import combinations
 
 import pyarrow as pa
@@ -11,10 +12,11 @@ import soundfile as sf
 
 from deepomni.cli import main
 from deepomni.data import lexicon
-from deepomni.data.content import build_pools, transcript
+from deepomni.data.content import (KNOWLEDGE_FAMILIES, TEMPLATES, WorldConfig, build_pools, build_world,
+                                   knowledge_item, phrasings, transcript)
 from deepomni.data.schema import (RAW_SCHEMA, SPLITS, TASKS, ShardWriter, read_raw, rows_to_table, shard_paths,
                                   validate_table, write_shards)
-from deepomni.data.synth import SynthConfig, synthesize, task_quotas
+from deepomni.data.synth import SynthConfig, plan, synthesize, task_quotas
 
 SIZES = {"train": 6, "validation": 3, "test": 3}  # 12 items: every task appears (quota guarantee in train)
 
@@ -61,23 +63,53 @@ def test_every_task_and_the_modality_rules(table0):
         assert meta["source"] == "synth" and meta["template"].startswith(meta["family"] + ".")
 
 
-def test_splits_share_no_template_or_entity(table0):
+def test_splits_share_no_sentence_entity_and_no_knowledge_phrasing(table0):
+    """Sentences and skills: no template or entity in two splits. Knowledge: the same world in every split,
+    but a fact is never asked in the same template in two splits (held-out phrasings)."""
     metas = {s: [json.loads(m) for m, sp in zip(table0["meta"].to_pylist(), table0["split"].to_pylist()) if sp == s]
              for s in SPLITS}
-    templates = {s: {m["template"] for m in ms} for s, ms in metas.items()}
-    entities = {s: {e for m in ms for e in m["entities"]} for s, ms in metas.items()}
+    knowledge = set(KNOWLEDGE_FAMILIES)
+    templates = {s: {m["template"] for m in ms if m["family"] not in knowledge} for s, ms in metas.items()}
+    entities = {s: {e for m in ms if m["family"] not in knowledge for e in m["entities"]} for s, ms in metas.items()}
     for a, b in combinations(SPLITS, 2):
         assert not templates[a] & templates[b] and not entities[a] & entities[b]
     # and the pools themselves, which a 12-item corpus only samples
     pools = build_pools(0)
     for a, b in combinations(SPLITS, 2):
         pa_, pb = pools[a], pools[b]
-        for name in ("people", "towns", "objects", "animals", "jobs", "opposites", "arith", "successors", "counts"):
+        for name in ("people", "towns", "objects", "animals", "jobs", "opposites", "counts"):
             assert not set(getattr(pa_, name)) & set(getattr(pb, name)), name
         for fam in pa_.templates:
             assert pa_.templates[fam] and not set(pa_.templates[fam]) & set(pb.templates[fam]), fam
     words = [w for p in lexicon.OPPOSITES for w in p] + list(lexicon.OBJECTS + lexicon.ANIMALS + lexicon.JOBS)
     assert len(words) == len(set(words))  # an entity key names one thing
+
+
+def test_knowledge_is_held_out_by_phrasing():
+    """Every fact of the world has its own test and validation template, disjoint from its training
+    templates; every template is still seen in training (with other facts); world people are train-pool
+    people, so held-out sentences never mention them."""
+    pools = build_pools(0)
+    world = build_world(pools["train"], WorldConfig(), 0)
+    assert set(world.knowledge) <= set(pools["train"].people)
+    trained_templates = {f: set() for f in KNOWLEDGE_FAMILIES}
+    for family, facts in world.facts.items():
+        assert facts and len(facts) == len(set(facts))
+        for fact in facts:
+            ph = phrasings(family, fact, 0)
+            assert len(ph["test"]) == len(ph["validation"]) == 1
+            assert not set(ph["test"]) & set(ph["train"]) and not set(ph["validation"]) & set(ph["train"])
+            trained_templates[family] |= set(ph["train"])
+            item = knowledge_item(world, family, fact, "test", random.Random(0), 0)
+            assert item.template == f"{family}.{ph['test'][0]}" and item.answer_text == world.answers[family][fact]
+    for family, seen in trained_templates.items():
+        assert seen == set(range(len(TEMPLATES[family]))), family
+    assert world.answers["arith"]["plus:3:4"] == "seven" and world.answers["next"]["Monday"] == "Tuesday"
+    # the test split asks each fact once before any repeats (facts cycle)
+    jobs = plan(SynthConfig(sizes={"train": 0, "validation": 0, "test": 40}, task_mix={"text_qa": 1.0},
+                            family_mix={"fact_town": 1.0}))["test"]
+    asked = [json.loads(j.row["meta"])["entities"][0] for j in jobs]
+    assert len(set(asked[:16])) == 16 == len(world.facts["fact_town"])
 
 
 def test_audio_is_16k_mono_of_plausible_length(table0):

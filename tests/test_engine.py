@@ -16,7 +16,8 @@ from deepomni.serve.engine import BatchEngine, Request
 
 @pytest.fixture(scope="module")
 def model():
-    """Tiny random model whose text ends (EOT) and speech ends (EOS) at state-dependent steps, so that
+    """Tiny random model whose text ends (EOT) and speech ends (EOS) at state-dependent steps (thresholds
+    about 1.2 sigma above the mean of the hidden features they read), so that
     sessions leave the batch, and text items leave before their speech items, at different times."""
     m = DeepOmniModel(load_preset("tiny"), with_speech_input=True).init_weights(seed=0).eval()
     lay = m.layout
@@ -26,9 +27,9 @@ def model():
     def logits(h, channels=None):
         out = plain(h, channels)
         chans = list(range(lay.num_channels)) if channels is None else channels
-        out[chans.index(0)][..., eot] += 1e3 * (h[..., 0] > 0.5)
+        out[chans.index(0)][..., eot] += 1e3 * (h[..., 0] > 1.6)
         if 1 in chans:
-            out[chans.index(1)][..., eos] += 1e3 * (h[..., 1] > 0.45)
+            out[chans.index(1)][..., eos] += 1e3 * (h[..., 1] > 2.6)
         return out
 
     m.embed.logits = logits

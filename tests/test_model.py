@@ -120,7 +120,7 @@ def test_speech_projector_fills_audio_positions(tiny_model):
     n_pos = num_audio_positions(n_mel, tiny_model.cfg.speech_encoder.downsample)
     mel = torch.randn(1, 80, n_mel)
     audio = tiny_model.encode_speech(mel, [n_mel])
-    assert audio[0].shape == (n_pos, tiny_model.cfg.hidden_size) and n_pos == 75
+    assert audio[0].shape == (n_pos, tiny_model.cfg.hidden_size) and n_pos == 19  # 75 frames / 4
     prompt = user_turn(lay, audio_positions=n_pos).unsqueeze(0)
     out_a = tiny_model(prompt, audio=audio)
     out_b = tiny_model(prompt, audio=[audio[0] * 0])

@@ -78,7 +78,7 @@ def test_sequences_match_their_task(prepared):
             assert codec_targets == 0 and r["answer_frames"] == 0
         if r["input_modality"] == "speech":
             assert mel.shape == (80, r["mel_frames"]) and torch.isfinite(mel).all()
-            assert r["audio_positions"] == num_audio_positions(r["mel_frames"], 1)
+            assert r["audio_positions"] == num_audio_positions(r["mel_frames"], cfg.speech_encoder.downsample)
         else:
             assert mel is None and r["audio_positions"] == 0
         assert (labels[:, 0] != IGNORE).sum() >= 2  # answer text + EOT

@@ -1,6 +1,7 @@
-"""`python -m jobs.pipeline` end to end on a very small corpus (a few steps per stage): every step's output
-exists, the recipe's checkpoints carry the expert assignment, the table compares base / recipe / baseline,
-and a re-run skips what is done."""
+"""`python -m jobs.pipeline` end to end on a very small corpus (a few steps per stage): the speech encoder
+is pretrained and frozen into the base, every step of the recipe and its baselines writes its output in
+the recipe's order (profiling on the aligned model), the table compares every model, and a re-run skips
+what is done."""
 
 from __future__ import annotations
 
@@ -10,38 +11,52 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deepomni.train.stages import MODELS, all_steps
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pipeline(out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "jobs.pipeline", "--out", str(out), "--train-items", "24",
-                           "--eval-items", "6", "--steps-scale", "0.01"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    return subprocess.run([sys.executable, "-m", "jobs.pipeline", "--out", str(out), "--train-items", "40",
+                           "--eval-items", "4", "--steps-scale", "0.01", "--encoder-steps", "3"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
 
 
 def test_pipeline_end_to_end_and_rerun(tmp_path):
     out = tmp_path / "pipe"
     r = _pipeline(out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    runs = out / "runs"
-    for run in ("base", "s1_align", "s2_speech_experts", "s2_text_experts", "s3_joint", "full_finetune"):
-        assert (runs / run / "final" / "model.safetensors").exists(), run
-    assignment = json.loads((out / "profile" / "experts.json").read_text())
-    assert (runs / "s3_joint" / "final" / "experts.json").exists()
-    assert not (runs / "full_finetune" / "final" / "experts.json").exists()
-    assert (out / "profile" / "load.png").read_bytes()[:4] == b"\x89PNG"
+    # the frozen encoder of every model is the pretrained one (a local Whisper directory)
+    assert (out / "encoder" / "pretrain.json").exists() and (out / "encoder" / "config.json").exists()
+    base_cfg = json.loads((out / "runs" / "base" / "final" / "config.json").read_text())
+    assert base_cfg["speech_encoder"]["path"] == str(out / "encoder")
+    for s in all_steps():
+        if s.is_profile:
+            assert (out / "profile" / s.run / "experts.json").exists(), s.run
+        else:
+            assert (out / "runs" / s.run / "final" / "model.safetensors").exists(), s.run
+    # the order the log shows: profiling after S1, before S2
+    log = r.stdout
+    assert log.index("train s1_align") < log.index("profile profile (load)") < log.index("train s2_speech_experts")
+    assignment = json.loads((out / "profile" / "profile" / "experts.json").read_text())
     assert all(len(v["speech"]) == 4 for v in assignment["layers"].values())  # 25% of 16 experts per layer
-    evals = {n: json.loads((out / "eval" / n / "eval.json").read_text())["metrics"]
-             for n in ("base", "deeptalk", "full_finetune")}
-    assert "text_drop" in evals["deeptalk"] and "text_drop" in evals["full_finetune"]
+    assert json.loads((out / "runs" / "s3_joint" / "final" / "experts.json").read_text()) == assignment
+    assert json.loads((out / "runs" / "random_s3_joint" / "final" / "experts.json").read_text()) != assignment
+    assert not (out / "runs" / "full_finetune" / "final" / "experts.json").exists()
+    assert (out / "profile" / "profile" / "load.png").read_bytes()[:4] == b"\x89PNG"
+    evals = {n: json.loads((out / "eval" / n / "eval.json").read_text())["metrics"] for n in MODELS}
+    for name in MODELS:
+        if name != "base":
+            assert "text_drop" in evals[name] and evals[name]["base_text_qa_accuracy"] == evals["base"]["text_qa_accuracy"]
+    assert evals["deeptalk"]["speech_answers"] > 0  # speech answers were decoded and judged
     table = [line for line in r.stdout.splitlines() if line.startswith("|")]
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["base", "deeptalk", "full_finetune"]
+    assert [line.split("|")[1].strip() for line in table[2:]] == list(MODELS)
     summary = (out / "summary.md").read_text()
     assert "deeptalk" in summary and "wall time" in summary
 
     again = _pipeline(out)  # everything is done: every step is skipped, the same table is printed
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done before, skipped") >= 11
+    assert again.stdout.count("done before, skipped") >= 3 + len(all_steps()) + len(MODELS)
     assert [line for line in again.stdout.splitlines() if line.startswith("|")] == table

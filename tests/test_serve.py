@@ -140,7 +140,7 @@ def test_healthz(server):
     assert r.status_code == 200
     h = r.json()
     assert h["status"] == "ok" and h["sample_rate"] == SR and h["format"] == "pcm_s16le"
-    assert h["max_seconds"] == 30 and h["max_body_bytes"] == MAX_BODY
+    assert h["max_seconds"] == 8 and h["max_body_bytes"] == MAX_BODY
     assert h["backbone"]["active_sessions"] == 0
 
 
@@ -177,7 +177,7 @@ def _truncated(wav_bytes: bytes) -> bytes:
     return wav_bytes[: len(wav_bytes) // 2]
 
 
-def _too_long() -> bytes:  # 31 s at 8 kHz: small in bytes, over the encoder's 30 s window
+def _too_long() -> bytes:  # 31 s at 8 kHz: small in bytes, over the encoder's window (tiny: 8 s)
     return encode_audio(np.zeros(31 * 8000, dtype=np.float32) + 0.01, 8000, "WAV")
 
 
@@ -379,3 +379,20 @@ def test_config_yaml_sets_autoscaling_for_every_deployment():
     with pytest.raises(FileNotFoundError):
         AppConfig.from_args({"checkpoint": "/nonexistent/ckpt"})
     assert AppConfig.from_args({"max_steps": "32", "codec": ""}).max_steps == 32
+
+
+def test_serve_defaults_to_the_demo_model(tmp_path, monkeypatch):
+    """`deepomni serve` with no flags serves what `make demo` trained (recipe checkpoint + its codec), and
+    finds nothing (random weights, said aloud) before the demo ran."""
+    from deepomni.cli import DEMO_OUT, demo_model
+
+    monkeypatch.chdir(tmp_path)
+    elsewhere = str(tmp_path / "no-checkout")
+    assert demo_model(elsewhere) is None
+    ckpt, codec = tmp_path / DEMO_OUT / "runs" / "s3_joint" / "final", tmp_path / DEMO_OUT / "data" / "codec"
+    ckpt.mkdir(parents=True)
+    codec.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    assert demo_model(elsewhere) is None  # no codec yet: not a finished demo
+    (codec / "config.json").write_text("{}")
+    assert demo_model(elsewhere) == (str(ckpt), f"builtin:{codec}")

@@ -22,7 +22,7 @@ from deepomni.model.modality import moe_layers
 from deepomni.train.config import PRESET_DIR, TrainConfig
 from deepomni.train.engine import lr_factor
 from deepomni.train.profile import random_assignment
-from deepomni.train.stages import STAGES, get_stage, set_trainable
+from deepomni.train.stages import BASELINES, MODELS, RECIPE, STAGES, all_steps, get_stage, set_trainable
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 EXE = Path(sys.executable).parent / "deepomni"
@@ -88,6 +88,32 @@ def test_stage_table_matches_paper():
         ["all", "speech", "text", "all"]
     assert [STAGES[s].lr for s in ("s1_align", "s2_speech_experts", "s2_text_experts", "s3_joint")] == \
         [2e-5, 1e-4, 2e-5, 5e-5]
+    assert trainable("speech_finetune") == trainable("full_finetune")
+    assert set(STAGES["speech_finetune"].tasks) == {"asr", "tts", "spoken_qa"}
+
+
+def test_recipe_order_profiles_the_aligned_model():
+    """The recipe as data: profiling runs on the model S1 aligned, and every later stage is routed by it;
+    baselines start from the same base / aligned model; the full fine-tunes are compute-matched."""
+    order = [s.run for s in RECIPE]
+    assert order == ["base", "s1_align", "profile", "s2_speech_experts", "s2_text_experts", "s3_joint"]
+    profile = next(s for s in RECIPE if s.is_profile)
+    assert profile.init == "s1_align" and order.index("profile") == order.index("s1_align") + 1
+    assert [s.assignment for s in RECIPE if s.stage in ("s2_speech_experts", "s2_text_experts", "s3_joint")] == \
+        ["profile"] * 3
+    steps = all_steps()
+    runs = [s.run for s in steps]
+    for i, s in enumerate(steps):  # every step reads only what an earlier step wrote
+        assert s.init is None or s.init in runs[:i], s
+        assert s.assignment is None or s.assignment in runs[:i], s
+    random_profile = next(s for s in steps if s.random_assignment)
+    assert random_profile.init == "s1_align"
+    for name in ("full_finetune", "speech_finetune"):
+        (ff,) = BASELINES[name]
+        assert ff.init == "base" and set(ff.steps_of) == {"s1_align", "s2_speech_experts", "s2_text_experts", "s3_joint"}
+    assert set(MODELS.values()) <= set(runs)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        all_steps(("lora",))
 
 
 def test_config_preset_and_overrides():

@@ -1,18 +1,23 @@
-"""The words of the built-in corpus: templates, entity pools split by train/validation/test, and the
-item generators (text only; :mod:`deepomni.data.synth` adds the speech).
+"""The words of the built-in corpus: a small *world* the base LLM learns, templates, entity pools split
+by train/validation/test, and the item generators (text only; :mod:`deepomni.data.synth` adds the speech).
 
-Held-out splits really are held out: every template list and every entity pool is partitioned (about
-80/10/10, at least one per split), so a test item uses phrasings and entities (invented people and towns,
-objects, animals, jobs, opposite pairs, arithmetic problems, "what comes after" questions, counting
-ranges) that training never showed. Closed word classes (number words, days, months, letters) are
-shared, since the answers are made of them. Each item's ``entities`` lists its partitioned keys
-(``person:Tobi Droostman``, ``arith:7+5``, ...), which the tests check for disjointness.
+Two kinds of question, held out in two different ways:
 
-Facts are asked *with their context*: "Tobi Droostman lives in Munby and is a baker. Where does Tobi
-Droostman live?" -> "Tobi Droostman lives in Munby." A closed-book question about an invented test person
-could not be answered by any model; with the facts in the question, the test split measures reading and
-answering. Within a split the knowledge table is consistent (a person always lives in the same town), so
-training also rewards memorising it.
+* **Knowledge** (``KNOWLEDGE_FAMILIES``: where a person lives, their job and pet, arithmetic, what comes
+  after a day / month / number, opposites) is closed-book recall of one fixed :class:`World`, shared by all
+  splits: the base LLM learns it from text, and that is the text ability the recipe must not destroy
+  (PAPER.md measures the text drop on benchmarks the base already does well). What is held out is the
+  *phrasing*: every fact has its own test template and validation template, which training never pairs
+  with that fact (training asks it in the remaining templates, and asks other facts in the test template).
+  So a test question is a known fact in an unseen wording: "Which town is home to Tobi Droostman?" after
+  training on "Where does Tobi Droostman live?" and on "Which town is home to <someone else>?".
+* **Sentences and skills** (asr / tts sentences; repeat, spell, letter, count): every template list and
+  entity pool is partitioned (about 80/10/10, at least one per split), so a test sentence uses phrasings
+  and entities (invented people and towns, objects, animals, jobs) that training never showed. Closed
+  word classes (number words, days, months, letters) are shared, since the answers are made of them.
+
+Each item's ``entities`` lists its keys (``person:Tobi Droostman``, ``fact:arith:7+5``, ...); knowledge
+items also carry ``phrasing:<fact>@<template>``, which the tests check is never in two splits.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "Work out {a} {op} {b}.",
     ),
     "fact_town": ("Where does {person} live?", "In which town does {person} live?", "What town is {person} from?",
-                  "Where is the home of {person}?", "Which town is home to {person}?", "Where can I find {person}?"),
+                  "Where is the home of {person}?", "Which town is home to {person}?", "Where does {person} have a home?"),
     "fact_job": ("What does {person} do for a living?", "What is the job of {person}?", "What work does {person} do?",
                  "What is {person} by trade?", "What job does {person} have?", "How does {person} earn a living?"),
     "fact_pet": ("What pet does {person} have?", "Which animal does {person} keep?",
@@ -99,7 +104,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "count": ("Count from {a} to {b}.", "Please count from {a} up to {b}.", "List the numbers from {a} to {b}.",
               "Say the numbers from {a} to {b}.", "Count up from {a} to {b}.", "Can you count from {a} to {b}?"),
 }
-QA_FAMILIES = ("arith", "fact_town", "fact_job", "fact_pet", "repeat", "spell", "letter", "next", "opposite", "count")
+KNOWLEDGE_FAMILIES = ("arith", "fact_town", "fact_job", "fact_pet", "next", "opposite")  # closed-book, of the World
+SKILL_FAMILIES = ("repeat", "spell", "letter", "count")  # held-out instances, from the split's pools
+QA_FAMILIES = KNOWLEDGE_FAMILIES + SKILL_FAMILIES
 
 _OPS = {"plus": ("+", lambda a, b: a + b), "minus": ("-", lambda a, b: a - b), "times": ("*", lambda a, b: a * b)}
 
@@ -129,61 +136,112 @@ def partition(items: list, rng: random.Random, fractions: tuple[float, ...] = SP
 
 @dataclass
 class SplitPools:
-    """Everything one split may draw from; no entity or template appears in two splits' pools."""
+    """What one split's sentences and skill questions draw from; no entity or template is in two splits."""
 
     split: str
-    templates: dict[str, list[int]]  # family -> template indices
+    templates: dict[str, list[int]]  # family -> template indices (sentence and SKILL_FAMILIES)
     people: list[str]
     towns: list[str]
     objects: list[str]
     animals: list[str]
     jobs: list[str]
     opposites: list[tuple[str, str]]
-    arith: list[tuple[str, int, int]]  # (op word, a, b)
-    successors: list[tuple[str, str]]  # (x, what comes after x)
     counts: list[tuple[int, int]]
-    knowledge: dict[str, dict[str, str]] = field(default_factory=dict)  # person -> town / job / animal
 
 
-def _arith_problems() -> list[tuple[str, int, int]]:
-    plus = [("plus", a, b) for a in range(21) for b in range(21)]
-    minus = [("minus", a, b) for a in range(21) for b in range(a + 1)]
-    times = [("times", a, b) for a in range(11) for b in range(11)]
-    return plus + minus + times
+@dataclass(frozen=True)
+class WorldConfig:
+    """How much the base LLM is asked to know (every fact is taught and tested)."""
+
+    people: int = 16  # people in the knowledge table (each with a town, a job and a pet)
+    arith_max: int = 4  # arithmetic facts: a plus b and a minus b (b <= a) for a, b in 0..arith_max
+    count_to: int = 10  # "what comes after" numbers 0..count_to (days and months always)
+    opposites: int = 12  # opposite pairs, asked both ways
 
 
-def _successor_questions() -> list[tuple[str, str]]:
-    days = [(d, lx.DAYS[(i + 1) % 7]) for i, d in enumerate(lx.DAYS)]
-    months = [(m, lx.MONTHS[(i + 1) % 12]) for i, m in enumerate(lx.MONTHS)]
-    numbers = [(lx.number_to_words(n), lx.number_to_words(n + 1)) for n in range(50)]
-    return days + months + numbers
+@dataclass
+class World:
+    """The closed-book knowledge shared by every split: family -> facts, each fact -> (question slots,
+    answer). People, towns, jobs and pets are drawn from the *train* pools, so held-out sentences never
+    mention them."""
+
+    facts: dict[str, list[str]]  # family -> fact keys, e.g. "Tobi Droostman", "plus:7:5", "Monday"
+    slots: dict[str, dict[str, dict[str, str]]]  # family -> fact key -> template slot values
+    answers: dict[str, dict[str, str]]  # family -> fact key -> answer text
+    knowledge: dict[str, dict[str, str]]  # person -> {"town", "job", "animal"}
+
+
+_FAMILY_ATTR = {"fact_town": "town", "fact_job": "job", "fact_pet": "animal"}
+
+
+def build_world(pools: SplitPools, cfg: WorldConfig, seed: int) -> World:
+    """The world, deterministically from ``seed``, over ``pools`` (the train split's)."""
+    rng = random.Random(f"deepomni-world-{seed}")
+    if cfg.people > len(pools.people):
+        raise ValueError(f"WorldConfig.people={cfg.people} exceeds the {len(pools.people)} people of the train pool")
+    people = rng.sample(pools.people, cfg.people)
+    knowledge = {p: {"town": rng.choice(pools.towns), "job": rng.choice(pools.jobs), "animal": rng.choice(pools.animals)}
+                 for p in people}
+    facts: dict[str, list[str]] = {f: [] for f in KNOWLEDGE_FAMILIES}
+    slots: dict[str, dict[str, dict[str, str]]] = {f: {} for f in KNOWLEDGE_FAMILIES}
+    answers: dict[str, dict[str, str]] = {f: {} for f in KNOWLEDGE_FAMILIES}
+
+    def add(family: str, key: str, slot_values: dict[str, str], answer: str) -> None:
+        facts[family].append(key)
+        slots[family][key], answers[family][key] = slot_values, answer
+
+    for person, row in knowledge.items():
+        for family, attr in _FAMILY_ATTR.items():
+            add(family, person, {"person": person}, row[attr] if attr == "town" else lx.with_article(row[attr]))
+    n = range(cfg.arith_max + 1)
+    for op, a, b in [("plus", a, b) for a in n for b in n] + [("minus", a, b) for a in n for b in range(a + 1)]:
+        add("arith", f"{op}:{a}:{b}", {"a": lx.number_to_words(a), "op": op, "b": lx.number_to_words(b)},
+            lx.number_to_words(_OPS[op][1](a, b)))
+    successors = ([(d, lx.DAYS[(i + 1) % 7]) for i, d in enumerate(lx.DAYS)]
+                  + [(m, lx.MONTHS[(i + 1) % 12]) for i, m in enumerate(lx.MONTHS)]
+                  + [(lx.number_to_words(k), lx.number_to_words(k + 1)) for k in range(cfg.count_to + 1)])
+    for x, nxt in successors:
+        add("next", x, {"x": x}, nxt)
+    for w, o in rng.sample(list(lx.OPPOSITES), min(cfg.opposites, len(lx.OPPOSITES))):
+        add("opposite", w, {"w": w}, o)
+        add("opposite", o, {"w": o}, w)
+    return World(facts, slots, answers, knowledge)
+
+
+def phrasings(family: str, fact: str, seed: int) -> dict[str, list[int]]:
+    """Which templates of ``family`` may ask ``fact`` in each split: one test and one validation template
+    of its own (drawn per fact), the rest for training."""
+    order = list(range(len(TEMPLATES[family])))
+    random.Random(f"deepomni-phrasing-{seed}/{family}/{fact}").shuffle(order)
+    return {"test": order[:1], "validation": order[1:2], "train": sorted(order[2:])}
+
+
+def knowledge_item(world: World, family: str, fact: str, split: str, rng: random.Random, seed: int) -> Item:
+    """``fact`` of ``family`` asked in one of the templates ``split`` may use for it (:func:`phrasings`)."""
+    i = rng.choice(phrasings(family, fact, seed)[split])
+    q = TEMPLATES[family][i].format(**world.slots[family][fact])
+    return Item(family, f"{family}.{i}", q[0].upper() + q[1:], world.answers[family][fact],
+                (f"fact:{family}:{fact}", f"phrasing:{family}:{fact}@{i}"))
 
 
 def build_pools(seed: int) -> dict[str, SplitPools]:
-    """Partition every template list and entity pool into train/validation/test, deterministically from
-    ``seed``, and draw each split's knowledge table (person -> town, job, pet) from its own pools."""
+    """Partition every sentence / skill template list and entity pool into train/validation/test,
+    deterministically from ``seed``."""
     rng = random.Random(f"deepomni-synth-pools-{seed}")
     people, towns = lx.invented_names(rng, NUM_PEOPLE, NUM_TOWNS)
     parted = {
-        "templates": {f: partition(list(range(len(t))), rng) for f, t in TEMPLATES.items()},
+        "templates": {f: partition(list(range(len(TEMPLATES[f]))), rng) for f in ("sentence",) + SKILL_FAMILIES},
         "people": partition(people, rng),
         "towns": partition(towns, rng),
         "objects": partition(list(lx.OBJECTS), rng),
         "animals": partition(list(lx.ANIMALS), rng),
         "jobs": partition(list(lx.JOBS), rng),
         "opposites": partition(list(lx.OPPOSITES), rng),
-        "arith": partition(_arith_problems(), rng),
-        "successors": partition(_successor_questions(), rng),
         "counts": partition([(a, a + span) for a in range(31) for span in (2, 3, 4)], rng),
     }
-    pools = {}
-    for k, split in enumerate(SPLITS):
-        p = SplitPools(split=split, templates={f: sorted(parts[k]) for f, parts in parted["templates"].items()},
-                       **{name: parts[k] for name, parts in parted.items() if name != "templates"})
-        p.knowledge = {person: {"town": rng.choice(p.towns), "job": rng.choice(p.jobs), "animal": rng.choice(p.animals)}
-                       for person in p.people}
-        pools[split] = p
-    return pools
+    return {split: SplitPools(split=split, templates={f: sorted(parts[k]) for f, parts in parted["templates"].items()},
+                              **{name: parts[k] for name, parts in parted.items() if name != "templates"})
+            for k, split in enumerate(SPLITS)}
 
 
 # ------------------------------------------------------------------------------------- generators
@@ -222,40 +280,6 @@ def sentence(pools: SplitPools, rng: random.Random) -> Item:
     return Item("sentence", tid, text, text, tuple(sorted({keys[s] for s in _slots(tpl) if s in keys})))
 
 
-def _arith(pools: SplitPools, rng: random.Random) -> Item:
-    tid, tpl = _template(pools, "arith", rng)
-    op, a, b = rng.choice(pools.arith)
-    sym, fn = _OPS[op]
-    q = tpl.format(a=lx.number_to_words(a), op=op, b=lx.number_to_words(b))
-    return Item("arith", tid, q, lx.number_to_words(fn(a, b)), (f"arith:{a}{sym}{b}",))
-
-
-_FACT_SENTENCE = {"town": "{p} lives in {v}", "job": "{p} is {v}", "animal": "{p} has {v}"}
-_FAMILY_ATTR = {"fact_town": "town", "fact_job": "job", "fact_pet": "animal"}
-
-
-def _fact(family: str) -> Callable[[SplitPools, random.Random], Item]:
-    attr = _FAMILY_ATTR[family]
-
-    def gen(pools: SplitPools, rng: random.Random) -> Item:
-        tid, tpl = _template(pools, family, rng)
-        person = rng.choice(pools.people)
-        row = pools.knowledge[person]
-        other = rng.choice([k for k in _FACT_SENTENCE if k != attr])
-
-        def said(key: str) -> str:
-            v = row[key] if key == "town" else lx.with_article(row[key])
-            return _FACT_SENTENCE[key].format(p=person, v=v)
-
-        context = [said(attr), said(other)]
-        rng.shuffle(context)
-        q = f"{context[0]} and {context[1][len(person) + 1:]}. " + tpl.format(person=person)
-        entities = (f"person:{person}",) + tuple(f"{k}:{row[k]}" for k in (attr, other))
-        return Item(family, tid, q, said(attr) + ".", tuple(sorted(entities)))
-
-    return gen
-
-
 def _repeat(pools: SplitPools, rng: random.Random) -> Item:
     tid, tpl = _template(pools, "repeat", rng)
     w = rng.choice(pools.objects)
@@ -279,19 +303,6 @@ def _letter(pools: SplitPools, rng: random.Random) -> Item:
     return Item("letter", tid, tpl.format(w=w), w[0], (f"word:{w}",), answer_speak=w[0].upper() + ".")
 
 
-def _next(pools: SplitPools, rng: random.Random) -> Item:
-    tid, tpl = _template(pools, "next", rng)
-    x, nxt = rng.choice(pools.successors)
-    return Item("next", tid, tpl.format(x=x), nxt, (f"next:{x}",))
-
-
-def _opposite(pools: SplitPools, rng: random.Random) -> Item:
-    tid, tpl = _template(pools, "opposite", rng)
-    pair = rng.choice(pools.opposites)
-    w, o = pair if rng.random() < 0.5 else pair[::-1]
-    return Item("opposite", tid, tpl.format(w=w), o, (f"word:{w}", f"word:{o}"))
-
-
 def _count(pools: SplitPools, rng: random.Random) -> Item:
     tid, tpl = _template(pools, "count", rng)
     a, b = rng.choice(pools.counts)
@@ -299,14 +310,13 @@ def _count(pools: SplitPools, rng: random.Random) -> Item:
     return Item("count", tid, q, " ".join(lx.number_to_words(n) for n in range(a, b + 1)), (f"count:{a}-{b}",))
 
 
-QA_GENERATORS: dict[str, Callable[[SplitPools, random.Random], Item]] = {
-    "arith": _arith, "fact_town": _fact("fact_town"), "fact_job": _fact("fact_job"), "fact_pet": _fact("fact_pet"),
-    "repeat": _repeat, "spell": _spell, "letter": _letter, "next": _next, "opposite": _opposite, "count": _count,
+SKILL_GENERATORS: dict[str, Callable[[SplitPools, random.Random], Item]] = {
+    "repeat": _repeat, "spell": _spell, "letter": _letter, "count": _count,
 }
 
 
-def qa_item(pools: SplitPools, family: str, rng: random.Random) -> Item:
-    """A question of ``family`` (one of QA_FAMILIES) with its short answer, from this split's pools."""
-    if family not in QA_GENERATORS:
-        raise ValueError(f"unknown QA family {family!r}; expected one of {list(QA_GENERATORS)}")
-    return QA_GENERATORS[family](pools, rng)
+def skill_item(pools: SplitPools, family: str, rng: random.Random) -> Item:
+    """A question of ``family`` (one of SKILL_FAMILIES) with its short answer, from this split's pools."""
+    if family not in SKILL_GENERATORS:
+        raise ValueError(f"unknown skill family {family!r}; expected one of {list(SKILL_GENERATORS)}")
+    return SKILL_GENERATORS[family](pools, rng)

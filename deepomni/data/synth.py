@@ -36,8 +36,10 @@ from .schema import ASR, SPEECH, SPLITS, SPOKEN_QA, TASKS, TEXT, TEXT_QA, TTS, S
 DEFAULT_VOICES = ("en-us", "en-us+f2", "en-us+f4", "en-us+m3", "en", "en+f3", "en-gb-scotland", "en-gb-scotland+f2",
                   "en-gb-x-rp+f4", "en-029", "en-us-nyc+m2", "en-gb-x-gbcwmd+f1")
 DEFAULT_TASK_MIX = {ASR: 0.3, SPOKEN_QA: 0.3, TTS: 0.1, TEXT_QA: 0.3}
-DEFAULT_FAMILY_MIX = {"arith": 0.2, "fact_town": 0.1, "fact_job": 0.1, "fact_pet": 0.1, "repeat": 0.1, "spell": 0.1,
-                      "letter": 0.08, "next": 0.1, "opposite": 0.06, "count": 0.06}
+# the knowledge families only: the text ability the base learns and the recipe must keep (content.py);
+# the skill families (repeat, spell, letter, count) can be mixed in by name
+DEFAULT_FAMILY_MIX = {"arith": 0.25, "fact_town": 0.15, "fact_job": 0.15, "fact_pet": 0.15, "next": 0.15,
+                      "opposite": 0.15}
 
 
 @dataclass
@@ -48,6 +50,7 @@ class SynthConfig:
     sizes: dict[str, int] = field(default_factory=lambda: {"train": 200, "validation": 50, "test": 50})
     task_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_MIX))
     family_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FAMILY_MIX))  # for spoken_qa, text_qa
+    world: content.WorldConfig = field(default_factory=content.WorldConfig)  # what the knowledge questions ask
     voices: tuple[str, ...] = DEFAULT_VOICES  # question voices, drawn per item
     speed_range: tuple[int, int] = (140, 190)  # words per minute, drawn per item (espeak default 175)
     pitch_range: tuple[int, int] = (30, 70)  # 0..99, drawn per item
@@ -102,13 +105,36 @@ def _weighted(rng: random.Random, mix: dict[str, float]) -> str:
     return rng.choices(names, weights=[mix[k] for k in names])[0]
 
 
-def plan_item(cfg: SynthConfig, pools: content.SplitPools, task: str, index: int) -> Job:
+class _FactCycle:
+    """Each knowledge family's facts in a seeded shuffled order, reshuffled every pass: a split with n items
+    of a family covers min(n, facts) distinct facts, and every fact comes back before any repeats."""
+
+    def __init__(self, world: content.World, split: str, seed: int):
+        self.world, self.split, self.seed = world, split, seed
+        self.queue: dict[str, list[str]] = {}
+        self.passes: dict[str, int] = {}
+
+    def next(self, family: str) -> str:
+        if not self.queue.get(family):
+            k = self.passes[family] = self.passes.get(family, -1) + 1
+            order = list(self.world.facts[family])
+            random.Random(f"deepomni-synth/{self.seed}/{self.split}/{family}/pass{k}").shuffle(order)
+            self.queue[family] = order
+        return self.queue[family].pop()
+
+
+def plan_item(cfg: SynthConfig, pools: content.SplitPools, task: str, index: int,
+              world: content.World, facts: _FactCycle) -> Job:
     rng = random.Random(f"deepomni-synth/{cfg.seed}/{pools.split}/{index}")
     if task in (ASR, TTS):
         item = content.sentence(pools, rng)
         answer_text = content.transcript(item.answer_text) if task == ASR else item.answer_text
     else:
-        item = content.qa_item(pools, _weighted(rng, cfg.family_mix), rng)
+        family = _weighted(rng, cfg.family_mix)
+        if family in content.KNOWLEDGE_FAMILIES:
+            item = content.knowledge_item(world, family, facts.next(family), pools.split, rng, cfg.seed)
+        else:
+            item = content.skill_item(pools, family, rng)
         answer_text = item.answer_text
     speech_in = task == ASR or (task == SPOKEN_QA and rng.random() < cfg.speech_input_prob)
     q_voice = None
@@ -128,12 +154,14 @@ def plan_item(cfg: SynthConfig, pools: content.SplitPools, task: str, index: int
 
 def plan(cfg: SynthConfig) -> dict[str, list[Job]]:
     pools = content.build_pools(cfg.seed)
+    world = content.build_world(pools["train"], cfg.world, cfg.seed)
     jobs = {}
     for split in SPLITS:
         n = cfg.sizes.get(split, 0)
         tasks = task_quotas(n, cfg.task_mix)
         random.Random(f"deepomni-synth/{cfg.seed}/{split}/tasks").shuffle(tasks)
-        jobs[split] = [plan_item(cfg, pools[split], t, i) for i, t in enumerate(tasks)]
+        facts = _FactCycle(world, split, cfg.seed)
+        jobs[split] = [plan_item(cfg, pools[split], t, i, world, facts) for i, t in enumerate(tasks)]
     return jobs
 
 
@@ -193,7 +221,7 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path, overwrite: bool = False, p
 
 
 def _config_dict(cfg: SynthConfig) -> dict[str, Any]:
-    d = asdict(cfg)
+    d = asdict(cfg)  # (the world's size is in d["world"])
     d["voices"] = list(cfg.voices)
     return d
 

@@ -35,6 +35,21 @@ def whisper_config(cfg: SpeechEncoderConfig):
     )
 
 
+def speech_encoder_config(path: str, downsample: int = 1) -> SpeechEncoderConfig:
+    """A local Whisper directory's encoder architecture as our config (``path`` set), so a model config
+    carries the shape of the encoder it loads (``d_model`` sizes the projector, the window sizes LogMel)."""
+    from pathlib import Path
+
+    from transformers import WhisperConfig
+
+    hf = WhisperConfig.from_pretrained(path)
+    return SpeechEncoderConfig(path=str(Path(path)), num_mel_bins=hf.num_mel_bins, d_model=hf.d_model,
+                               encoder_layers=hf.encoder_layers,
+                               encoder_attention_heads=hf.encoder_attention_heads,
+                               encoder_ffn_dim=hf.encoder_ffn_dim,
+                               max_source_positions=hf.max_source_positions, downsample=downsample)
+
+
 def build_whisper_encoder(cfg: SpeechEncoderConfig) -> nn.Module:
     """transformers' WhisperEncoder: loaded from ``cfg.path`` (a local WhisperModel / Whisper encoder
     directory) or built from the config with random weights. Always frozen and in eval mode."""
@@ -58,9 +73,9 @@ def _encoder_state_dict(path: str) -> dict[str, torch.Tensor]:
 
     from safetensors.torch import load_file
 
-    files = sorted(Path(path).glob("*.safetensors"))
+    files = sorted(Path(path).glob("model*.safetensors"))  # model.safetensors or its shards (HF layout)
     if not files:
-        raise FileNotFoundError(f"no *.safetensors files in Whisper directory {path!r}")
+        raise FileNotFoundError(f"no model*.safetensors files in Whisper directory {path!r}")
     out: dict[str, torch.Tensor] = {}
     for f in files:
         for k, v in load_file(str(f)).items():

@@ -25,6 +25,9 @@ class TrainConfig:
     stage: str = "text_pretrain"  # deepomni.train.stages.STAGES
     init: str | None = None  # model checkpoint dir to start from; None: fresh model from `preset`
     preset: str = "tiny"  # model preset (only used when init is None)
+    # a local Whisper(-encoder) directory whose frozen encoder a fresh model reads speech with (only used
+    # when init is None; later stages carry the encoder in their checkpoint). None: the preset's encoder
+    speech_encoder: str | None = None
     assignment: str | None = None  # experts.json; None: <init>/experts.json (needed by the S2 stages)
     num_workers: int = 1  # Ray Train workers (data parallel x expert parallel)
     cpus_per_worker: float = 1.0  # on 2-core machines keep <= 1 so Ray Data has room

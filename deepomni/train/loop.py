@@ -136,16 +136,19 @@ def build_model(cfg: TrainConfig, stage: Stage, resume_dir: Path | None) -> tupl
     if src is not None:
         model, assignment = load_model(src)
     else:
-        model, assignment = DeepOmniModel(load_preset(cfg.preset)).init_weights(seed=cfg.seed), None
+        model_cfg = load_preset(cfg.preset)
+        if cfg.speech_encoder:
+            from ..model.speech import speech_encoder_config
+
+            # the architecture from the directory; the weights travel in this run's checkpoints from now on
+            model_cfg = model_cfg.replace(speech_encoder=speech_encoder_config(cfg.speech_encoder,
+                                                                              model_cfg.speech_encoder.downsample))
+        model, assignment = DeepOmniModel(model_cfg).init_weights(seed=cfg.seed), None
     if cfg.assignment:
         assignment = ExpertAssignment.load(cfg.assignment)
     if stage.needs_assignment and assignment is None:
         raise ValueError(f"stage {stage.name} needs an expert assignment (experts.json in init, or --assignment)")
-    if stage.name == "full_finetune":
-        assignment_for_mode = None
-    else:
-        assignment_for_mode = assignment
-    set_routing_mode(model, stage.mode, assignment_for_mode)
+    set_routing_mode(model, stage.mode, assignment)  # mode "all" routes to every expert, whatever the assignment
     set_trainable(model, stage)
     return model.train(), assignment
 
@@ -307,18 +310,34 @@ def train_func(config: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ driver
+# below this many bytes of tokenized Parquet the driver reads the stage's rows itself: Ray Data's read
+# tasks would start worker processes that cost more than the read (tens of seconds a stage on 2 cores)
+DRIVER_READ_BYTES = 256 * 1024**2
+
+
 def read_dataset(cfg: TrainConfig, stage: Stage):
+    """The stage's rows as a Ray Dataset: tokenized rows of ``cfg.split`` whose task the stage trains on
+    (text-input rows only for text-only stages), the first ``max_items`` of them if set."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
     import ray.data
 
     d = Path(cfg.data) / "tokenized" / f"split={cfg.split}" / "status=ok"
     files = sorted(str(f) for f in d.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no tokenized shards under {d} (run `deepomni data prepare` first)")
-    ds = ray.data.read_parquet(files).select_columns(COLUMNS)
-    tasks, text_only = set(stage.tasks), stage.text_only
-    ds = ds.filter(lambda r: r["task"] in tasks and (not text_only or r["input_modality"] == "text"))
-    if cfg.max_items is not None:
-        ds = ds.limit(cfg.max_items)
+    keep = pc.field("task").isin(list(stage.tasks))
+    if stage.text_only:
+        keep = keep & (pc.field("input_modality") == "text")
+    if sum(Path(f).stat().st_size for f in files) <= DRIVER_READ_BYTES:
+        table = pads.dataset(files, format="parquet").to_table(columns=COLUMNS, filter=keep)
+        ds = ray.data.from_arrow(table if cfg.max_items is None else table.slice(0, cfg.max_items))
+    else:
+        ds = ray.data.read_parquet(files, columns=COLUMNS, filter=keep)
+        if cfg.max_items is not None:
+            ds = ds.limit(cfg.max_items)
+    if ds.count() == 0:
+        raise ValueError(f"no rows of tasks {stage.tasks} under {d} for stage {stage.name}")
     return ds
 
 

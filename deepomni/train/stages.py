@@ -9,9 +9,12 @@
 | s2_text_experts  | text_qa                         | text experts + the same shared parts                  | text only   |
 | s3_joint         | all tasks                       | all but the speech encoder and projector              | all experts |
 | full_finetune    | all tasks                       | all but the speech encoder (baseline "PureMoE")       | all experts |
+| speech_finetune  | asr, tts, spoken_qa             | all but the speech encoder (native speech fine-tune)  | all experts |
 
 ``text_only`` stages (text_pretrain) read only text-input rows and see the text channel alone: codec inputs
 are replaced by the codec PAD token and codec labels ignored, so the base LLM learns text, not speech.
+The recipe itself, in order, is data too (:data:`RECIPE`, :data:`BASELINES`): ``jobs.pipeline``,
+``manifests/generate.py`` and the docs read it from here.
 Learning rates are the paper's (S1 2e-5, S2.1 1e-4, S2.2 2e-5, S3 5e-5); tiny models need larger ones,
 set per stage by the training preset (``deepomni/presets/train/tiny.json``).
 """
@@ -67,6 +70,7 @@ def all_but_encoder(name: str, cfg) -> bool:
 
 
 ALL_TASKS = ("asr", "tts", "spoken_qa", "text_qa")
+SPEECH_TASKS = ("asr", "tts", "spoken_qa")
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("text_pretrain", ("text_qa", "spoken_qa"), all_but_speech_input, "all", 1e-4, 1000, text_only=True),
@@ -76,6 +80,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("s2_text_experts", ("text_qa",), all_but_moe_attention, "text", 2e-5, 1000, needs_assignment=True),
     Stage("s3_joint", ALL_TASKS, all_but_speech_input, "all", 5e-5, 1000),
     Stage("full_finetune", ALL_TASKS, all_but_encoder, "all", 5e-5, 1000),
+    Stage("speech_finetune", SPEECH_TASKS, all_but_encoder, "all", 5e-5, 1000),
 ]}
 
 
@@ -94,3 +99,68 @@ def set_trainable(model, stage: Stage) -> tuple[int, int]:
         n_all += p.numel()
         n_train += p.numel() if p.requires_grad else 0
     return n_train, n_all
+
+
+# ------------------------------------------------------------------------------------------ the recipe
+@dataclass(frozen=True)
+class Step:
+    """One step of the recipe: train a stage, or (``stage=None``) profile modality load and assign experts.
+
+    ``run`` names the output: ``runs/<run>/final`` for training, ``profile/<run>/experts.json`` for
+    profiling. ``init`` is the run whose final model the step starts from (``None``: a fresh model of the
+    preset). ``assignment`` is the profiling step whose experts route and freeze a stage. ``steps_of``
+    makes a baseline compute-matched: it trains as many optimizer steps as those runs together."""
+
+    run: str
+    stage: str | None = None
+    init: str | None = None
+    assignment: str | None = None
+    random_assignment: bool = False  # profiling step: draw the speech experts at random (the ablation)
+    steps_of: tuple[str, ...] = ()
+
+    @property
+    def is_profile(self) -> bool:
+        return self.stage is None
+
+
+def _staged(prefix: str, profile: str) -> tuple[Step, ...]:
+    """S2.1 -> S2.2 -> S3 from the aligned model, routed by ``profile``'s assignment."""
+    return (Step(f"{prefix}s2_speech_experts", "s2_speech_experts", "s1_align", profile),
+            Step(f"{prefix}s2_text_experts", "s2_text_experts", f"{prefix}s2_speech_experts", profile),
+            Step(f"{prefix}s3_joint", "s3_joint", f"{prefix}s2_text_experts", profile))
+
+
+# PAPER.md: the base text LLM -> S1 alignment -> profile the *aligned* model (only after S1 do speech
+# positions carry trained inputs) -> S2.1 speech experts -> S2.2 text experts -> S3 joint
+RECIPE: tuple[Step, ...] = (
+    Step("base", "text_pretrain"),
+    Step("s1_align", "s1_align", init="base"),
+    Step("profile", init="s1_align"),
+    *_staged("", "profile"),
+)
+_RECIPE_TRAINING = tuple(s.run for s in RECIPE if s.stage and s.run != "base")  # S1 .. S3: the recipe's compute
+
+# the paper's comparisons, each from the same base (or the same aligned model)
+BASELINES: dict[str, tuple[Step, ...]] = {
+    # the contribution's ablation: the same stages with speech experts drawn at random
+    "random_assignment": (Step("profile_random", init="s1_align", random_assignment=True),
+                          *_staged("random_", "profile_random")),
+    # "PureMoE": every parameter, every task, as many steps as the recipe after the base
+    "full_finetune": (Step("full_finetune", "full_finetune", init="base", steps_of=_RECIPE_TRAINING),),
+    # the native case: every parameter on the speech tasks only, same steps
+    "speech_finetune": (Step("speech_finetune", "speech_finetune", init="base", steps_of=_RECIPE_TRAINING),),
+}
+
+# the models the evaluation table compares: name -> the run that holds it
+MODELS: dict[str, str] = {"base": "base", "deeptalk": "s3_joint", "random_assignment": "random_s3_joint",
+                          "full_finetune": "full_finetune", "speech_finetune": "speech_finetune"}
+
+
+def all_steps(baselines: tuple[str, ...] | None = None) -> tuple[Step, ...]:
+    """The recipe, then the chosen baselines (all by default), in an order where every step comes after
+    the steps it reads."""
+    names = tuple(BASELINES) if baselines is None else baselines
+    unknown = set(names) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {sorted(unknown)}; expected some of {list(BASELINES)}")
+    return RECIPE + tuple(s for n in names for s in BASELINES[n])

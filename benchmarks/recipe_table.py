@@ -1,0 +1,158 @@
+"""The paper's forgetting table at toy scale: the recipe and every baseline, several seeds, mean and spread.
+
+    python benchmarks/recipe_table.py                      # seeds 0 1 2, the demo's settings (~15 min a seed)
+    python benchmarks/recipe_table.py --seeds 0 1 2 3 4 --out runs/recipe_table
+
+Each seed is one whole `jobs.pipeline` run (its own corpus, models and random assignment, all drawn from the
+seed) under ``<out>/seed<k>``; finished steps are skipped, so an interrupted run continues. Prints and saves
+the table (mean +- sample standard deviation over seeds; the per-seed figures are in the JSON), the goals of
+issue 11 checked against it, the command and the wall time:
+
+    benchmarks/results/recipe_table.json, benchmarks/results/recipe_table.md
+
+Not part of CI: three seeds take about 45 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deepomni.train.recipe import COLUMNS, Pipeline  # noqa: E402
+from deepomni.train.stages import BASELINES, MODELS  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """model -> metric -> {"mean", "std", "n"} over seeds."""
+    out: dict[str, dict[str, dict]] = {}
+    for model in MODELS:
+        out[model] = {}
+        for _, key in COLUMNS:
+            vals = [per_seed[s][model].get(key) for s in per_seed if model in per_seed[s]]
+            m, sd = mean_std(vals)
+            out[model][key] = {"mean": m, "std": sd, "n": sum(v is not None for v in vals)}
+    return out
+
+
+def markdown(agg: dict[str, dict[str, dict]], seeds: list[int]) -> str:
+    def cell(v: dict) -> str:
+        return "-" if v["mean"] is None else f"{v['mean']:.3f} ± {v['std']:.3f}"
+
+    lines = [f"mean ± sample std over seeds {seeds}", "",
+             "| model | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for model, cols in agg.items():
+        lines.append(f"| {model} | " + " | ".join(cell(cols[k]) for _, k in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def goals(agg: dict[str, dict[str, dict]]) -> list[dict]:
+    """Issue 11's goals, each with the figures it compares and whether it is met (means over seeds; a
+    difference counts only when it exceeds the larger of the two spreads)."""
+    def g(model: str, key: str) -> tuple[float | None, float]:
+        v = agg[model][key]
+        return v["mean"], v["std"] or 0.0
+
+    out = []
+
+    def add(name: str, met: bool | None, **figures) -> None:
+        out.append({"goal": name, "met": met, **{k: None if v is None else round(v, 4) for k, v in figures.items()}})
+
+    base, _ = g("base", "text_qa_accuracy")
+    add("base text score >= 0.5", None if base is None else base >= 0.5, base=base)
+    drop, drop_sd = g("deeptalk", "text_drop")
+    ff, ff_sd = g("full_finetune", "text_drop")
+    sp, _ = g("speech_finetune", "text_drop")
+    add("recipe relative text drop <= 0.055", None if drop is None else drop <= 0.055, recipe=drop)
+    add("recipe drop below compute-matched full fine-tune by more than the spread",
+        None if None in (drop, ff) else ff - drop > max(drop_sd, ff_sd), recipe=drop, full_finetune=ff,
+        spread=max(drop_sd, ff_sd))
+    add("speech-only full fine-tune drops >= 0.20", None if sp is None else sp >= 0.20, speech_finetune=sp)
+    rnd, rnd_sd = g("random_assignment", "text_drop")
+    sq, sq_sd = g("deeptalk", "spoken_qa_accuracy")
+    rsq, rsq_sd = g("random_assignment", "spoken_qa_accuracy")
+    add("load-based beats random assignment by more than the spread (text drop or spoken QA)",
+        None if None in (drop, rnd, sq, rsq) else (rnd - drop > max(drop_sd, rnd_sd) or sq - rsq > max(sq_sd, rsq_sd)),
+        text_drop_load=drop, text_drop_random=rnd, spoken_qa_load=sq, spoken_qa_random=rsq)
+    asr, _ = g("deeptalk", "asr_wer")
+    add("ASR WER <= 0.3", None if asr is None else asr <= 0.3, asr_wer=asr)
+    text, _ = g("deeptalk", "spoken_qa_typed_accuracy")
+    add("spoken-QA exact >= half the text-QA exact on the same questions", None if None in (sq, text) else sq >= text / 2,
+        spoken=sq, same_questions_typed=text)
+    tts, _ = g("deeptalk", "tts_consistency_wer")
+    floor, _ = g("deeptalk", "judge_floor_wer")
+    add("TTS-consistency WER within 0.15 of the judge's floor", None if None in (tts, floor) else tts - floor <= 0.15,
+        tts_consistency=tts, judge_floor=floor)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default="runs/recipe_table", help="working directory (one pipeline per seed)")
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--train-items", type=int, default=1500)
+    ap.add_argument("--eval-items", type=int, default=40)
+    ap.add_argument("--steps-scale", type=float, default=1.0)
+    ap.add_argument("--n-speech", default="25%")
+    ap.add_argument("--results", default=str(RESULTS / "recipe_table"), help="where to save .json and .md")
+    args = ap.parse_args(argv)
+
+    from deepomni.ray_env import init_ray
+
+    init_ray()
+    t0 = time.perf_counter()
+    per_seed, walls = {}, {}
+    for seed in args.seeds:
+        ts = time.perf_counter()
+        pipe = Pipeline(Path(args.out).resolve() / f"seed{seed}", config=args.config, seed=seed,
+                        steps_scale=args.steps_scale, n_speech=args.n_speech, train_items=args.train_items,
+                        eval_items=args.eval_items)
+        pipe.prepare_data()
+        pipe.train_all(tuple(BASELINES))
+        per_seed[seed] = pipe.evaluate_all(list(MODELS))
+        walls[seed] = round(time.perf_counter() - ts, 1)
+        print(f"[recipe_table] seed {seed}: {walls[seed]:.0f} s\n{Pipeline.table(per_seed[seed])}", flush=True)
+    wall = time.perf_counter() - t0
+    agg = aggregate(per_seed)
+    table = markdown(agg, args.seeds)
+    checked = goals(agg)
+    command = "python benchmarks/recipe_table.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    result = {"command": command.strip(), "seeds": args.seeds, "wall_seconds": round(wall, 1),
+              "wall_seconds_per_seed": walls, "machine": f"{platform.machine()}, {platform.processor() or '?'}",
+              "settings": {k: v for k, v in vars(args).items() if k not in ("results", "out")},
+              "per_seed": {str(s): m for s, m in per_seed.items()}, "aggregate": agg, "goals": checked}
+    res = Path(args.results)
+    res.parent.mkdir(parents=True, exist_ok=True)
+    res.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Recipe table (`{result['command']}`)", "", table, "",
+             "| goal | met | figures |", "|---|---|---|"]
+    for c in checked:
+        figs = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("goal", "met"))
+        lines.append(f"| {c['goal']} | {c['met']} | {figs} |")
+    lines += ["", f"wall time {wall:.0f} s ({wall / 60:.1f} min) for {len(args.seeds)} seeds"]
+    res.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

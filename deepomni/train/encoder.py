@@ -1,0 +1,497 @@
+"""Pretrain a small Whisper-architecture speech encoder (CTC on characters) for the embedded default to freeze.
+
+The paper reads speech with a *pretrained, frozen* Whisper encoder. Nothing can be downloaded here, so the
+embedded default trains its own: transformers' ``WhisperEncoder`` (same architecture, same log-mel features
+as :class:`deepomni.audio.LogMel`) plus a linear CTC head over characters, on the (audio, transcript) pairs
+of the built-in corpus; then the head is dropped and the encoder frozen, exactly as the paper freezes
+Whisper. Real runs skip this and point ``speech_encoder.path`` at a local Whisper directory.
+
+The output directory is a local Whisper encoder directory that
+``build_whisper_encoder(SpeechEncoderConfig(path=out))`` (or :func:`deepomni.model.speech.speech_encoder_config`)
+loads unchanged: ``config.json`` (``WhisperConfig``) and ``model.safetensors`` (``encoder.*``), plus
+``ctc_head.safetensors``, ``ctc_vocab.json`` and ``pretrain.json`` (config, loss curve, held-out CER/WER,
+wall times, utterances and audio hours).
+
+    python -m deepomni.train.encoder --data data/synth --out data/speech_encoder
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..audio import WHISPER_SAMPLE_RATE, LogMel, load_audio
+from ..config import SpeechEncoderConfig
+from ..data.content import transcript
+from ..model.speech import MEL_FRAMES_PER_ENCODER_FRAME, whisper_config
+
+# CTC output alphabet: index 0 is the blank; then exactly the characters ``content.transcript`` keeps
+BLANK = "<blank>"
+VOCAB: tuple[str, ...] = (BLANK, " ", "'", *"abcdefghijklmnopqrstuvwxyz", *"0123456789")
+CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
+
+# families whose spoken answer is not its answer_text read aloud: the audio spells letter names
+# ("C, A, T.") while the text is "c a t"; CTC would learn "see" -> "c", which the question audio contradicts
+_SKIP_ANSWER_FAMILIES = ("spell", "letter")
+
+# the architecture fields shared with :class:`deepomni.config.SpeechEncoderConfig` (a preset's encoder)
+ARCH_FIELDS = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+               "max_source_positions")
+
+
+@dataclass
+class EncoderPretrainConfig:
+    """Architecture, optimisation and data of one encoder pretraining run.
+
+    The defaults were measured for a ~100 s training budget on a 2-core CPU with the built-in corpus
+    (1200 items: ~950 utterances, 0.66 h): a small encoder taking many small steps beat wider or deeper
+    ones taking fewer, larger steps (at a fixed time budget the number of updates is what CTC needs most).
+    Twice the steps or twice the data left held-out CER where it was (~0.29): the bound is the corpus's
+    vocabulary (test sentences use unseen templates and invented names), not compute."""
+
+    # ---- architecture (transformers WhisperConfig encoder fields)
+    num_mel_bins: int = 80
+    d_model: int = 128
+    encoder_layers: int = 3
+    encoder_attention_heads: int = 4
+    encoder_ffn_dim: int = 512
+    # encoder window in 20 ms frames: WhisperEncoder only takes exactly 2 * this many mel frames, and every
+    # speech item is padded to it in every training step of the whole project, so keep it just above the
+    # longest utterance (the built-in corpus's longest question is ~6.2 s): 400 -> 8 s
+    max_source_positions: int = 400
+    # WhisperConfig.dropout (residual dropout), training only: the frozen encoder runs in eval mode.
+    # 0.1 did not help within the budget
+    dropout: float = 0.0
+
+    # ---- optimisation
+    steps: int = 1200  # ~100 s on one core of the 2-core reference machine (~0.086 s per step)
+    batch_size: int = 4  # small batches: more updates per second; 8 and 16 learnt slower per second
+    lr: float = 5e-3  # AdamW peak (3e-3 measured the same)
+    warmup_steps: int = 30  # linear warmup, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    seed: int = 0
+    # torch intra-op threads. 1, though the machine has 2 cores: with batches this small 2 threads gain
+    # little, and when anything else runs on the machine 2 threads stall on each other (measured up to
+    # 7x slower per step), while 1 thread degrades gracefully
+    threads: int = 1
+    # SpecAugment-style masking of the training log-mel (within each item's valid frames), filled with the
+    # item's silence level. Off by default: within ~100 s it slowed learning (held-out CER 0.29 -> 0.38)
+    # and at twice the steps it did not beat the unmasked run; worth trying for much longer runs
+    time_masks: int = 0
+    time_mask_frames: int = 10  # max width of one time mask in 10 ms mel frames
+    freq_masks: int = 0
+    freq_mask_bins: int = 8  # max width of one frequency mask in mel bins
+    # speed (steps measured 3.6x faster): run each training batch on a window cut to its longest item
+    # instead of the full encoder window. The weights are the same either way (the position table is
+    # absolute, so the first T positions are the same rows); held-out evaluation and every later use run
+    # the stock WhisperEncoder on the full, silence-padded window, and score the same as on cut windows
+    # (CER within 0.01 in every run measured), so the extra silence attended to does not hurt
+    crop_to_batch: bool = True
+    # length bucketing: draw bucket * batch_size items at random, sort them by length and cut them into
+    # batches (1: no bucketing), so a cut window holds little padding
+    bucket: int = 8
+
+    # ---- data (raw shards <data>/raw/<split>/part-*.parquet)
+    train_split: str = "train"
+    eval_split: str = "test"
+    # (audio, text) pairs taken from each row: the question audio (asr and speech-input spoken_qa rows:
+    # many voices) and the spoken answer (tts / spoken_qa rows: the one assistant voice)
+    use_question_audio: bool = True
+    use_answer_audio: bool = True
+    max_items: int | None = None  # use only the first N rows of the train split (None: all)
+    eval_tasks: tuple[str, ...] = ("asr",)  # held-out rows scored: their question audio vs question text
+    eval_max_items: int | None = None
+    eval_batch_size: int = 32
+
+    def speech_encoder(self) -> SpeechEncoderConfig:
+        return SpeechEncoderConfig(num_mel_bins=self.num_mel_bins, d_model=self.d_model,
+                                   encoder_layers=self.encoder_layers,
+                                   encoder_attention_heads=self.encoder_attention_heads,
+                                   encoder_ffn_dim=self.encoder_ffn_dim,
+                                   max_source_positions=self.max_source_positions)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EncoderPretrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"unknown EncoderPretrainConfig fields {sorted(set(d) - known)}")
+        d = dict(d)
+        for k in ("betas", "eval_tasks"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+# -------------------------------------------------------------------------------------------- text
+
+def encode_text(text: str) -> list[int]:
+    """Transcript-normalised character ids (no blank)."""
+    return [CHAR_TO_ID[c] for c in transcript(text)]
+
+
+def ctc_greedy_decode(logits_BTV: torch.Tensor, lengths_B: list[int]) -> list[str]:
+    """Best path: argmax per frame, merge repeats, drop blanks."""
+    ids_BT = logits_BTV.argmax(-1).tolist()
+    out = []
+    for ids, n in zip(ids_BT, lengths_B):
+        chars, prev = [], 0
+        for i in ids[:n]:
+            if i != prev and i != 0:
+                chars.append(VOCAB[i])
+            prev = i
+        out.append(" ".join("".join(chars).split()))
+    return out
+
+
+def _levenshtein(a: list[str] | str, b: list[str] | str) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def error_rates(refs: list[str], hyps: list[str]) -> dict[str, float]:
+    """Corpus-level CER and WER (sum of edits / sum of reference units), with jiwer when installed."""
+    try:
+        import jiwer
+
+        return {"cer": float(jiwer.cer(refs, hyps)), "wer": float(jiwer.wer(refs, hyps))}
+    except ImportError:
+        chars = sum(_levenshtein(r, h) for r, h in zip(refs, hyps)) / max(1, sum(len(r) for r in refs))
+        words = sum(_levenshtein(r.split(), h.split()) for r, h in zip(refs, hyps))
+        return {"cer": chars, "wer": words / max(1, sum(len(r.split()) for r in refs))}
+
+
+# -------------------------------------------------------------------------------------------- data
+
+@dataclass
+class Utterances:
+    """Featurised (audio, transcript) pairs, all in memory: ``mel_NMT`` is padded to the encoder window
+    (exactly what LogMel gives the model later; 80 x 800 float32 = 256 KB per utterance at the defaults)."""
+
+    mel_NMT: torch.Tensor
+    mel_frames: list[int]
+    targets: list[list[int]]  # character ids
+    texts: list[str]  # normalised transcripts
+    seconds: float  # audio in total
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def _pairs(data_dir: str | Path, split: str, cfg: EncoderPretrainConfig, train: bool,
+           max_items: int | None) -> list[tuple[bytes, str]]:
+    """(encoded audio, text) pairs of one split's rows."""
+    from ..data.schema import read_raw
+
+    table = read_raw(Path(data_dir) / "raw" / split)
+    if max_items is not None:
+        table = table.slice(0, max_items)
+    cols = ["task", "question_text", "question_audio", "answer_text", "answer_audio", "meta"]
+    pairs = []
+    for r in table.select(cols).to_pylist():
+        if not train:
+            if r["task"] in cfg.eval_tasks and r["question_audio"] is not None:
+                pairs.append((r["question_audio"], r["question_text"]))
+            continue
+        if cfg.use_question_audio and r["question_audio"] is not None:
+            pairs.append((r["question_audio"], r["question_text"]))
+        if (cfg.use_answer_audio and r["answer_audio"] is not None
+                and json.loads(r["meta"]).get("family") not in _SKIP_ANSWER_FAMILIES):
+            pairs.append((r["answer_audio"], r["answer_text"]))
+    return pairs
+
+
+def load_utterances(data_dir: str | Path, split: str, cfg: EncoderPretrainConfig, train: bool = True,
+                    max_items: int | None = None) -> tuple[Utterances, int]:
+    """Decode and featurise a split's pairs with the project's :class:`LogMel` -> (utterances, number
+    skipped because they are longer than the encoder window or have an empty transcript)."""
+    logmel = LogMel(cfg.num_mel_bins, cfg.max_source_positions)
+    wavs, texts, skipped = [], [], 0
+    for audio, text in _pairs(data_dir, split, cfg, train, max_items):
+        wav = load_audio(audio, WHISPER_SAMPLE_RATE)
+        norm = transcript(text)
+        if len(wav) > logmel.max_samples or not norm:
+            skipped += 1
+            continue
+        wavs.append(wav)
+        texts.append(norm)
+    if not wavs:
+        raise ValueError(f"no usable (audio, text) pairs in {data_dir}/raw/{split}")
+    mels, frames = [], []
+    for i in range(0, len(wavs), 64):  # bounded extractor batches
+        mel_BMT, n = logmel(wavs[i : i + 64])
+        mels.append(mel_BMT)
+        frames += n
+    utts = Utterances(torch.cat(mels), frames, [encode_text(t) for t in texts], texts,
+                      sum(len(w) for w in wavs) / WHISPER_SAMPLE_RATE)
+    return utts, skipped
+
+
+def _spec_augment(mel_BMT: torch.Tensor, frames: list[int], floor_B: torch.Tensor, cfg: EncoderPretrainConfig,
+                  gen: torch.Generator) -> torch.Tensor:
+    """Mask random time spans and mel bands of each item (on a copy), filled with its silence level
+    ``floor_B`` (LogMel clamps each utterance at its max - 8 in log10 units: the padding's value)."""
+    if not (cfg.time_masks or cfg.freq_masks):
+        return mel_BMT
+    mel_BMT = mel_BMT.clone()
+    M = mel_BMT.shape[1]
+    for b, n in enumerate(frames):
+        fill = floor_B[b]
+        for _ in range(cfg.time_masks):
+            w = int(torch.randint(0, cfg.time_mask_frames + 1, (1,), generator=gen))
+            if 0 < w < n:
+                t0 = int(torch.randint(0, n - w, (1,), generator=gen))
+                mel_BMT[b, :, t0 : t0 + w] = fill
+        for _ in range(cfg.freq_masks):
+            w = int(torch.randint(0, cfg.freq_mask_bins + 1, (1,), generator=gen))
+            if 0 < w < M:
+                f0 = int(torch.randint(0, M - w, (1,), generator=gen))
+                mel_BMT[b, f0 : f0 + w, :n] = fill
+    return mel_BMT
+
+
+# ------------------------------------------------------------------------------------------- model
+
+class CTCEncoder(nn.Module):
+    """WhisperEncoder + a linear CTC head over :data:`VOCAB` (the head is dropped after pretraining)."""
+
+    def __init__(self, cfg: EncoderPretrainConfig):
+        super().__init__()
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        hf_cfg = whisper_config(cfg.speech_encoder())
+        hf_cfg.dropout = cfg.dropout
+        self.encoder = WhisperEncoder(hf_cfg)
+        self.head = nn.Linear(cfg.d_model, len(VOCAB))
+
+    def forward(self, mel_BMT: torch.Tensor) -> torch.Tensor:
+        """Full window (exactly ``2 * max_source_positions`` mel frames, the stock encoder's forward) or any
+        shorter even number of frames (training on cut windows) -> ``logits_BTV`` at 50 Hz."""
+        if mel_BMT.shape[-1] == self.encoder.config.max_source_positions * MEL_FRAMES_PER_ENCODER_FRAME:
+            return self.head(self.encoder(mel_BMT).last_hidden_state)
+        return self.head(self._encode_window(mel_BMT))
+
+    def _encode_window(self, mel_BMT: torch.Tensor) -> torch.Tensor:
+        """WhisperEncoder.forward without its fixed-length check: the same modules on a shorter window."""
+        enc = self.encoder
+        T = math.ceil(mel_BMT.shape[-1] / MEL_FRAMES_PER_ENCODER_FRAME)
+        x_BET = F.gelu(enc.conv2(F.gelu(enc.conv1(mel_BMT))))
+        h_BTE = x_BET.transpose(1, 2) + enc.embed_positions.weight[:T]
+        h_BTE = F.dropout(h_BTE, p=enc.dropout, training=self.training)
+        for layer in enc.layers:
+            h_BTE = layer(h_BTE, None)
+        return enc.layer_norm(h_BTE)
+
+
+def encoder_frames(mel_frames: int) -> int:
+    return math.ceil(mel_frames / MEL_FRAMES_PER_ENCODER_FRAME)
+
+
+def ctc_loss(logits_BTV: torch.Tensor, mel_frames: list[int], targets: list[list[int]]) -> torch.Tensor:
+    """Mean over items of the CTC loss per target character, on each item's valid encoder frames only."""
+    logp_TBV = logits_BTV.float().log_softmax(-1).transpose(0, 1)
+    return F.ctc_loss(logp_TBV, torch.tensor([t for ts in targets for t in ts]),
+                      torch.tensor([encoder_frames(n) for n in mel_frames]),
+                      torch.tensor([len(t) for t in targets]), blank=0, reduction="mean", zero_infinity=True)
+
+
+@torch.no_grad()
+def evaluate(model: CTCEncoder, utts: Utterances, batch_size: int = 32) -> dict[str, Any]:
+    """Greedy CTC transcripts of ``utts`` -> CER, WER, loss and a few examples."""
+    was_training = model.training
+    model.eval()
+    hyps, losses = [], []
+    for i in range(0, len(utts), batch_size):
+        sl = slice(i, i + batch_size)
+        logits_BTV = model(utts.mel_NMT[sl])
+        frames = utts.mel_frames[sl]
+        losses.append(float(ctc_loss(logits_BTV, frames, utts.targets[sl])) * len(frames))
+        hyps += ctc_greedy_decode(logits_BTV, [encoder_frames(n) for n in frames])
+    model.train(was_training)
+    return {**error_rates(utts.texts, hyps), "loss": sum(losses) / len(utts), "utterances": len(utts),
+            "examples": [{"ref": r, "hyp": h} for r, h in list(zip(utts.texts, hyps))[:5]]}
+
+
+def _lr_at(step: int, cfg: EncoderPretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# ------------------------------------------------------------------------------------------- train
+
+def _epoch_batches(mel_frames: list[int], cfg: EncoderPretrainConfig, gen: torch.Generator) -> list[list[int]]:
+    """One epoch of batches (popped from the end), each item once: shuffle, sort each run of
+    ``bucket * batch_size`` items by length, cut into batches, shuffle the batches. A last short batch is
+    dropped (its items come first in the next epoch's shuffle anyway)."""
+    order = torch.randperm(len(mel_frames), generator=gen).tolist()
+    B = min(cfg.batch_size, len(order))
+    batches = []
+    for i in range(0, len(order), B * cfg.bucket):
+        group = sorted(order[i : i + B * cfg.bucket], key=lambda j: mel_frames[j])
+        batches += [group[k : k + B] for k in range(0, len(group) - B + 1, B)]
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[p] for p in perm]
+
+
+def train_ctc(cfg: EncoderPretrainConfig, utts: Utterances, progress: bool = True) -> tuple[CTCEncoder, list[float]]:
+    """Train a fresh :class:`CTCEncoder` on ``utts`` for ``cfg.steps`` steps -> (model in eval mode, losses)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = CTCEncoder(cfg)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    window = cfg.max_source_positions * MEL_FRAMES_PER_ENCODER_FRAME
+    batches: list[list[int]] = []
+    losses: list[float] = []
+    model.train()
+    from tqdm import tqdm
+
+    with tqdm(total=cfg.steps, desc="encoder ctc", unit="step", disable=not progress, dynamic_ncols=True) as bar:
+        for step in range(cfg.steps):
+            if not batches:
+                batches = _epoch_batches(utts.mel_frames, cfg, gen)
+            idx = batches.pop()
+            frames = [utts.mel_frames[i] for i in idx]
+            # cut window: the longest item's frames rounded up to 8 (even, as the stride-2 conv needs)
+            T = min(window, -(-max(frames) // 8) * 8) if cfg.crop_to_batch else window
+            floor_B = utts.mel_NMT[idx].amin(dim=(1, 2))
+            mel_BMT = _spec_augment(utts.mel_NMT[idx, :, :T], frames, floor_B, cfg, gen)
+            loss = ctc_loss(model(mel_BMT), frames, [utts.targets[i] for i in idx])
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            bar.update()
+    return model.eval(), losses
+
+
+def save_encoder_dir(model: CTCEncoder, out_dir: str | Path) -> None:
+    """Write ``out_dir`` as a local Whisper encoder directory (+ the CTC head and its vocabulary)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.encoder.config.save_pretrained(out)
+    enc = {f"encoder.{k}": v.detach().contiguous() for k, v in model.encoder.state_dict().items()}
+    save_file(enc, str(out / "model.safetensors"), metadata={"format": "pt"})
+    head = {k: v.detach().contiguous() for k, v in model.head.state_dict().items()}
+    save_file(head, str(out / "ctc_head.safetensors"), metadata={"format": "pt"})
+    (out / "ctc_vocab.json").write_text(json.dumps({"blank": 0, "tokens": list(VOCAB)}, indent=1) + "\n")
+
+
+def _curve(losses: list[float], points: int = 20) -> list[dict[str, float]]:
+    """The loss curve at ~``points`` evenly spaced steps, each the mean of the steps since the previous one."""
+    edges = sorted({round(i * len(losses) / points) for i in range(points + 1)})
+    return [{"step": b, "loss": round(sum(losses[a:b]) / (b - a), 4)} for a, b in zip(edges, edges[1:])]
+
+
+def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: str | Path,
+                     progress: bool = True) -> dict[str, Any]:
+    """Featurise the corpus, train encoder + CTC head, evaluate held out, write ``out_dir``; returns the
+    summary also written to ``out_dir/pretrain.json``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _pretrain(cfg, data_dir, out_dir, progress)
+    finally:
+        torch.set_num_threads(threads)  # a process-wide setting: leave it as the caller had it
+
+
+def _pretrain(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: str | Path, progress: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    train, train_skipped = load_utterances(data_dir, cfg.train_split, cfg, True, cfg.max_items)
+    held, held_skipped = load_utterances(data_dir, cfg.eval_split, cfg, False, cfg.eval_max_items)
+    t_feat = time.perf_counter()
+    longest = max(max(train.mel_frames), max(held.mel_frames)) / 100
+    if progress:
+        print(f"[encoder] {len(train)} train utterances ({train.seconds / 3600:.3f} h, longest "
+              f"{longest:.2f} s of a {cfg.max_source_positions * 2 / 100:g} s window), {len(held)} held out; "
+              f"features in {t_feat - t0:.1f} s")
+    model, losses = train_ctc(cfg, train, progress)
+    t_train = time.perf_counter()
+    result = evaluate(model, held, cfg.eval_batch_size)
+    t_eval = time.perf_counter()
+    save_encoder_dir(model, out_dir)
+    k = max(1, min(20, len(losses) // 10))
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "data": {"dir": str(data_dir), "train_utterances": len(train),
+                 "train_audio_hours": round(train.seconds / 3600, 4), "train_skipped": train_skipped, "eval_utterances": len(held),
+                 "eval_audio_hours": round(held.seconds / 3600, 4), "eval_skipped": held_skipped,
+                 "longest_seconds": longest},
+        "loss": {"first": round(sum(losses[:k]) / k, 4), "last": round(sum(losses[-k:]) / k, 4),
+                 "curve": _curve(losses)},
+        "eval": {"split": cfg.eval_split, "tasks": list(cfg.eval_tasks), **result},
+        "params": sum(p.numel() for p in model.encoder.parameters()),
+        "wall_seconds": {"features": round(t_feat - t0, 2), "train": round(t_train - t_feat, 2),
+                         "eval": round(t_eval - t_train, 2), "total": round(time.perf_counter() - t0, 2)},
+    }
+    (Path(out_dir) / "pretrain.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if progress:
+        print(f"[encoder] loss {summary['loss']['first']:.3f} -> {summary['loss']['last']:.3f} in "
+              f"{summary['wall_seconds']['train']:.1f} s; held-out CER {result['cer']:.3f} WER {result['wer']:.3f} "
+              f"({len(held)} utterances); wrote {out_dir}")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------- cli
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m deepomni.train.encoder --data DIR --out DIR [--steps N --d-model 128 ...]``: every
+    :class:`EncoderPretrainConfig` scalar field is an option (``--max-items``, ``--lr``, ...)."""
+    p = argparse.ArgumentParser(prog="python -m deepomni.train.encoder", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="dataset dir holding raw/<split>/part-*.parquet")
+    p.add_argument("--out", required=True, help="output Whisper encoder directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    defaults = EncoderPretrainConfig()
+    for f in dataclasses.fields(EncoderPretrainConfig):
+        value = getattr(defaults, f.name)
+        if isinstance(value, tuple):
+            p.add_argument(f"--{f.name.replace('_', '-')}", nargs="+", default=None)
+        elif isinstance(value, bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"),
+                           default=None)
+        else:
+            kind = float if isinstance(value, float) else int if isinstance(value, int) else str
+            if f.name in ("max_items", "eval_max_items"):
+                kind = int
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+    args = vars(p.parse_args(argv))
+    data, out, quiet = args.pop("data"), args.pop("out"), args.pop("quiet")
+    overrides = {k: v for k, v in args.items() if v is not None}
+    if "betas" in overrides:
+        overrides["betas"] = tuple(float(b) for b in overrides["betas"])
+    cfg = EncoderPretrainConfig.from_dict({**dataclasses.asdict(defaults), **overrides})
+    return pretrain_encoder(cfg, data, out, progress=not quiet)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Running the recipe (``stages.RECIPE`` and ``stages.BASELINES``) end to end in one directory: the driver
+side of ``jobs.pipeline`` and ``benchmarks/recipe_table.py``.
+
+    <out>/data/            the corpus (raw/), its tokenized shards and the built-in codec (codec/)
+    <out>/encoder/         the speech encoder pretrained with CTC (a local Whisper directory), when the
+                           preset has no Whisper directory of its own
+    <out>/runs/<run>/final every training step's model;  <out>/profile/<run>/ every profiling step's output
+    <out>/eval/<model>/    every evaluated model's eval.json / eval.md / items.jsonl
+
+Each step is skipped when its output exists, so a re-run continues where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .stages import MODELS, STAGES, Step, all_steps
+
+# the table's columns: (header, eval.json metric); definitions in deepomni/train/evaluate.py
+COLUMNS = (("text QA exact", "text_qa_accuracy"), ("relative text drop", "text_drop"),
+           ("spoken QA exact", "spoken_qa_accuracy"), ("same questions typed", "spoken_qa_typed_accuracy"),
+           ("ASR WER", "asr_wer"), ("TTS-consistency WER", "tts_consistency_wer"),
+           ("judge floor WER", "judge_floor_wer"), ("codec acc", "codec_accuracy"))
+
+
+class Pipeline:
+    def __init__(self, out: Path, config: str = "tiny", seed: int = 0, steps_scale: float = 1.0,
+                 n_speech: str = "25%", train_items: int = 1500, eval_items: int = 40,
+                 encoder_steps: int | None = None, progress: bool = True):
+        self.out, self.config, self.seed, self.steps_scale = Path(out), config, seed, steps_scale
+        self.n_speech, self.train_items, self.eval_items = n_speech, train_items, eval_items
+        self.encoder_steps, self.progress = encoder_steps, progress
+        self.data, self.encoder = self.out / "data", self.out / "encoder"
+        self.times: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------- plumbing
+    def step(self, name: str, done: bool, fn: Callable[[], object]) -> None:
+        if done:
+            print(f"[pipeline] {name}: done before, skipped", flush=True)
+            return
+        t0 = time.perf_counter()
+        print(f"[pipeline] {name} ...", flush=True)
+        fn()
+        self.times[name] = round(time.perf_counter() - t0, 1)
+        print(f"[pipeline] {name}: {self.times[name]:.0f} s", flush=True)
+
+    def final(self, run: str) -> Path:
+        return self.out / "runs" / run / "final"
+
+    def experts(self, profile_run: str) -> Path:
+        return self.out / "profile" / profile_run / "experts.json"
+
+    def train_config(self, stage: str, overrides: dict | None = None):
+        from .config import TrainConfig
+
+        cfg = TrainConfig.load(self.config, {"stage": stage, "seed": self.seed, **(overrides or {})})
+        cfg.max_steps = max(1, round((cfg.max_steps or STAGES[stage].steps) * self.steps_scale))
+        return cfg
+
+    def runs(self, baselines: tuple[str, ...]) -> set[str]:
+        return {s.run for s in all_steps(baselines)}
+
+    # ----------------------------------------------------------------------------------------- data
+    def uses_own_encoder(self) -> bool:
+        """The embedded default: the model preset names no Whisper directory, so we pretrain one."""
+        from ..config import load_preset
+
+        return load_preset(self.train_config("text_pretrain").preset).speech_encoder.path is None
+
+    def prepare_data(self) -> None:
+        from ..config import DataConfig
+        from ..data.pipeline import prepare
+        from ..data.synth import SynthConfig, synthesize
+
+        # the test split holds ~eval_items items of each of asr / text_qa / spoken_qa (tts is 1/10 of items)
+        sizes = {"train": self.train_items, "validation": self.eval_items // 2, "test": self.eval_items * 10 // 3}
+        self.step("synth", (self.data / "summary.json").exists(),
+                  lambda: synthesize(SynthConfig(seed=self.seed, sizes=sizes), self.data, progress=False))
+        self.step("prepare", (self.data / "prepare_summary.json").exists(),
+                  lambda: prepare(self.data / "raw", self.data, DataConfig(seed=self.seed, codec_fit_items=100)))
+        if self.uses_own_encoder():
+            from ..config import load_preset
+            from .encoder import ARCH_FIELDS, EncoderPretrainConfig, pretrain_encoder
+
+            # the preset's encoder architecture (the random-init encoder it describes), trained
+            arch = load_preset(self.train_config("text_pretrain").preset).speech_encoder
+            cfg = EncoderPretrainConfig(seed=self.seed, **{f: getattr(arch, f) for f in ARCH_FIELDS})
+            if self.encoder_steps is not None:
+                cfg.steps = self.encoder_steps
+            self.step("pretrain speech encoder (CTC)", (self.encoder / "pretrain.json").exists(),
+                      lambda: pretrain_encoder(cfg, self.data, self.encoder, progress=self.progress))
+
+    # ------------------------------------------------------------------------------------- training
+    def run_step(self, s: Step) -> None:
+        from . import profile
+        from .loop import fit
+
+        if s.is_profile:
+            out = self.experts(s.run).parent
+            self.step(f"profile {s.run} ({'random' if s.random_assignment else 'load'})", self.experts(s.run).exists(),
+                      lambda: profile.run(self.final(s.init), self.data, out, n_speech=self.n_speech,
+                                          random=s.random_assignment, seed=self.seed))
+            return
+
+        def go():
+            overrides = {"run_name": s.run, "storage_path": str(self.out / "runs"), "data": str(self.data),
+                         "init": str(self.final(s.init)) if s.init else None,
+                         "assignment": str(self.experts(s.assignment)) if s.assignment else None}
+            if s.init is None and self.uses_own_encoder():
+                overrides["speech_encoder"] = str(self.encoder)
+            cfg = self.train_config(s.stage, overrides)
+            if s.steps_of:  # compute-matched: as many optimizer steps as those runs together
+                cfg.max_steps = sum(self.train_config(self.stage_of(r)).max_steps for r in s.steps_of)
+            result = fit(cfg, progress=self.progress)
+            if result.error is not None:
+                raise RuntimeError(f"step {s.run} (stage {s.stage}) failed: {result.error}")
+
+        self.step(f"train {s.run} ({s.stage})", (self.final(s.run) / "model.safetensors").exists(), go)
+
+    @staticmethod
+    def stage_of(run: str) -> str:
+        return next(s.stage for s in all_steps() if s.run == run)
+
+    def train_all(self, baselines: tuple[str, ...]) -> None:
+        for s in all_steps(baselines):
+            self.run_step(s)
+
+    # ----------------------------------------------------------------------------------- evaluation
+    def evaluate_all(self, models: list[str]) -> dict[str, dict]:
+        from . import evaluate
+
+        base = self.final(MODELS["base"])
+        cfg = evaluate.EvalConfig(max_items=self.eval_items, seed=self.seed)
+        judge = None
+        results = {}
+        for name in ["base"] + [m for m in models if m != "base"]:  # the base first: the others' drop needs it
+            ckpt, ev = self.final(MODELS[name]), self.out / "eval" / name
+            if not (ev / "eval.json").exists() and judge is None:
+                judge = evaluate.corpus_judge(self.data)  # built once, for every model
+            self.step(f"evaluate {name}", (ev / "eval.json").exists(),
+                      lambda: evaluate.run(ckpt, self.data, ev, base=None if name == "base" else base, cfg=cfg,
+                                           judge=judge, base_metrics=None if name == "base" else results["base"]))
+            results[name] = json.loads((ev / "eval.json").read_text())["metrics"]
+        return {m: results[m] for m in models}
+
+    @staticmethod
+    def table(results: dict[str, dict]) -> str:
+        """One Markdown row per model, the columns of :data:`COLUMNS`."""
+        lines = ["| model | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+        for name, m in results.items():
+            lines.append(f"| {name} | " + " | ".join("-" if m.get(k) is None else f"{m[k]:.3f}" for _, k in COLUMNS)
+                         + " |")
+        return "\n".join(lines)
