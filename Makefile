@@ -25,8 +25,12 @@ setup: sysdeps $(STAMP)
 
 # the main job: corpus -> prepare -> base -> profile -> staged recipe + baseline -> evaluation table
 # (steps already done under runs/demo are skipped; `make clean-demo` starts over)
+# the 15-minute cut on 2 cores: one baseline, 60% of each stage's steps, 24 held-out items per task; the
+# whole recipe with every baseline at full steps is `make demo DEMO_ARGS=` (~30 min) and, over seeds,
+# benchmarks/recipe_table.py
+DEMO_ARGS ?= --baselines full_finetune --steps-scale 0.6 --encoder-steps 800 --eval-items 24
 demo: setup
-	$(PY) -m jobs.pipeline --out runs/demo
+	$(PY) -m jobs.pipeline --out runs/demo $(DEMO_ARGS)
 
 clean-demo:
 	rm -rf runs/demo

@@ -113,10 +113,10 @@ class ChannelEmbedding(nn.Module):
 
         return w if self.trainable_rows is None else mask_grad_rows(w, self.trainable_rows.to(w.device))
 
-    def extension_rows(self) -> torch.Tensor:
-        """True for the rows a text LLM's vocabulary does not have: text specials and every codec block."""
-        rows = torch.ones(self.layout.total_size, dtype=torch.bool)
-        rows[: self.layout.text_vocab_size] = False
+    def codec_rows(self) -> torch.Tensor:
+        """True for the rows of every codec block (the speech vocabulary the extension added)."""
+        rows = torch.zeros(self.layout.total_size, dtype=torch.bool)
+        rows[self.layout.channel_offset(1):] = True
         return rows
 
     def reset_buffers(self) -> None:

@@ -3,7 +3,7 @@
 | stage            | data (tasks)                    | trainable                                             | router      |
 |------------------|---------------------------------|-------------------------------------------------------|-------------|
 | text_pretrain    | text_qa, text-input spoken_qa   | all but the speech input (our tiny base LLM)          | all experts |
-| s1_align         | asr                             | projector, extended embedding rows (+ untied head's)  | unchanged   |
+| s1_align         | asr                             | projector, codec embedding rows (+ untied head's)     | unchanged   |
 | s2_speech_experts| spoken_qa, tts (speech answers) | speech experts, router, shared experts, dense layers, | speech only |
 |                  |                                 | norms, embeddings; attention of MoE layers frozen     |             |
 | s2_text_experts  | text_qa                         | text experts + the same shared parts                  | text only   |
@@ -38,7 +38,10 @@ class Stage:
     steps: int  # default number of optimizer steps
     text_only: bool = False  # text-input rows only, codec channels blanked (see module doc)
     needs_assignment: bool = False  # routing mode needs experts.json
-    extension_rows_only: bool = False  # embedding table: only the rows the text vocabulary lacks train
+    # embedding table: only the codec blocks train. Not the text specials either: the base already uses
+    # them (turn markers, EOT), and training them on ASR alone took the tiny base's held-out text QA from
+    # 0.35 to 0.00 with every other text weight frozen (measured, runs/demo_full, 2026-11-27)
+    codec_rows_only: bool = False
 
 
 # ------------------------------------------------------------------------------ trainable predicates
@@ -74,7 +77,7 @@ SPEECH_TASKS = ("asr", "tts", "spoken_qa")
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("text_pretrain", ("text_qa", "spoken_qa"), all_but_speech_input, "all", 1e-4, 1000, text_only=True),
-    Stage("s1_align", ("asr",), projector_and_embeddings, "all", 2e-5, 1000, extension_rows_only=True),
+    Stage("s1_align", ("asr",), projector_and_embeddings, "all", 2e-5, 1000, codec_rows_only=True),
     Stage("s2_speech_experts", ("spoken_qa", "tts"), all_but_moe_attention, "speech", 1e-4, 1000,
           needs_assignment=True),
     Stage("s2_text_experts", ("text_qa",), all_but_moe_attention, "text", 2e-5, 1000, needs_assignment=True),
@@ -93,7 +96,7 @@ def get_stage(name: str) -> Stage:
 def set_trainable(model, stage: Stage) -> tuple[int, int]:
     """Set ``requires_grad`` per the stage; returns (trainable, total) parameter counts."""
     n_train = n_all = 0
-    model.embed.trainable_rows = model.embed.extension_rows() if stage.extension_rows_only else None
+    model.embed.trainable_rows = model.embed.codec_rows() if stage.codec_rows_only else None
     for name, p in model.named_parameters():
         p.requires_grad_(bool(stage.trainable(name, model.cfg)))
         n_all += p.numel()
