@@ -25,10 +25,10 @@ setup: sysdeps $(STAMP)
 
 # the main job: corpus -> prepare -> base -> profile -> staged recipe + baseline -> evaluation table
 # (steps already done under runs/demo are skipped; `make clean-demo` starts over)
-# the 15-minute cut on 2 cores: one baseline, 60% of each stage's steps, 24 held-out items per task; the
-# whole recipe with every baseline at full steps is `make demo DEMO_ARGS=` (~30 min) and, over seeds,
+# the 15-minute cut on 2 cores: one baseline, half of each stage's steps, 20 held-out items per task; the
+# whole recipe with every baseline at full steps is `make demo DEMO_ARGS=` (~35 min) and, over seeds,
 # benchmarks/recipe_table.py
-DEMO_ARGS ?= --baselines full_finetune --steps-scale 0.6 --encoder-steps 800 --eval-items 24
+DEMO_ARGS ?= --baselines full_finetune --steps-scale 0.5 --encoder-steps 600 --eval-items 20
 demo: setup
 	$(PY) -m jobs.pipeline --out runs/demo $(DEMO_ARGS)
 

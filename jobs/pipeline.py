@@ -3,7 +3,7 @@
 
     synth corpus -> prepare -> pretrain the speech encoder (CTC; only when the preset has no Whisper dir)
     -> base (text_pretrain) -> s1_align -> profile the aligned model -> s2_speech_experts
-    -> s2_text_experts -> s3_joint ("deeptalk")
+    -> s2_text_experts ("deeptalk_before_s3") -> s3_joint ("deeptalk")
     baselines: random assignment (same stages), full fine-tune (all tasks) and speech fine-tune (speech
     tasks), both compute-matched to the recipe's steps after the base
     -> evaluate every model (held-out split, speech output judged by pocketsphinx) -> one table

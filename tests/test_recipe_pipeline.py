@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from deepomni.train.stages import MODELS, all_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +26,7 @@ def _pipeline(out: Path) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
 
 
+@pytest.mark.timeout(1600)  # the whole chain twice: ~6 min alone, more when CI runs other tests beside it
 def test_pipeline_end_to_end_and_rerun(tmp_path):
     out = tmp_path / "pipe"
     r = _pipeline(out)

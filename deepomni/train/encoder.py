@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jiwer
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -158,25 +159,9 @@ def ctc_greedy_decode(logits_BTV: torch.Tensor, lengths_B: list[int]) -> list[st
     return out
 
 
-def _levenshtein(a: list[str] | str, b: list[str] | str) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
-
-
 def error_rates(refs: list[str], hyps: list[str]) -> dict[str, float]:
-    """Corpus-level CER and WER (sum of edits / sum of reference units), with jiwer when installed."""
-    try:
-        import jiwer
-
-        return {"cer": float(jiwer.cer(refs, hyps)), "wer": float(jiwer.wer(refs, hyps))}
-    except ImportError:
-        chars = sum(_levenshtein(r, h) for r, h in zip(refs, hyps)) / max(1, sum(len(r) for r in refs))
-        words = sum(_levenshtein(r.split(), h.split()) for r, h in zip(refs, hyps))
-        return {"cer": chars, "wer": words / max(1, sum(len(r.split()) for r in refs))}
+    """Corpus-level CER and WER (jiwer: sum of edits / sum of reference units)."""
+    return {"cer": float(jiwer.cer(refs, hyps)), "wer": float(jiwer.wer(refs, hyps))}
 
 
 # -------------------------------------------------------------------------------------------- data

@@ -64,11 +64,13 @@ class Pipeline:
         return {s.run for s in all_steps(baselines)}
 
     # ----------------------------------------------------------------------------------------- data
-    def uses_own_encoder(self) -> bool:
-        """The embedded default: the model preset names no Whisper directory, so we pretrain one."""
+    def own_encoder_arch(self):
+        """The preset's speech-encoder config when it names no Whisper directory (the embedded default: we
+        pretrain an encoder of that architecture), else None (the preset's Whisper is used as it is)."""
         from ..config import load_preset
 
-        return load_preset(self.train_config("text_pretrain").preset).speech_encoder.path is None
+        arch = load_preset(self.train_config("text_pretrain").preset).speech_encoder
+        return arch if arch.path is None else None
 
     def prepare_data(self) -> None:
         from ..config import DataConfig
@@ -81,12 +83,10 @@ class Pipeline:
                   lambda: synthesize(SynthConfig(seed=self.seed, sizes=sizes), self.data, progress=False))
         self.step("prepare", (self.data / "prepare_summary.json").exists(),
                   lambda: prepare(self.data / "raw", self.data, DataConfig(seed=self.seed, codec_fit_items=100)))
-        if self.uses_own_encoder():
-            from ..config import load_preset
+        arch = self.own_encoder_arch()
+        if arch is not None:
             from .encoder import ARCH_FIELDS, EncoderPretrainConfig, pretrain_encoder
 
-            # the preset's encoder architecture (the random-init encoder it describes), trained
-            arch = load_preset(self.train_config("text_pretrain").preset).speech_encoder
             cfg = EncoderPretrainConfig(seed=self.seed, **{f: getattr(arch, f) for f in ARCH_FIELDS})
             if self.encoder_steps is not None:
                 cfg.steps = self.encoder_steps
@@ -109,7 +109,7 @@ class Pipeline:
             overrides = {"run_name": s.run, "storage_path": str(self.out / "runs"), "data": str(self.data),
                          "init": str(self.final(s.init)) if s.init else None,
                          "assignment": str(self.experts(s.assignment)) if s.assignment else None}
-            if s.init is None and self.uses_own_encoder():
+            if s.init is None and self.own_encoder_arch() is not None:
                 overrides["speech_encoder"] = str(self.encoder)
             cfg = self.train_config(s.stage, overrides)
             if s.steps_of:  # compute-matched: as many optimizer steps as those runs together
