@@ -1,6 +1,6 @@
 """The paper's forgetting table at toy scale: the recipe and every baseline, several seeds, mean and spread.
 
-    python benchmarks/recipe_table.py                      # seeds 0 1 2, the full recipe and every baseline (~30 min a seed)
+    python benchmarks/recipe_table.py                      # seeds 0 1 2, the full recipe and every baseline (~35 min a seed)
     python benchmarks/recipe_table.py --seeds 0 1 2 3 4 --out runs/recipe_table
 
 Each seed is one whole `jobs.pipeline` run (its own corpus, models and random assignment, all drawn from the
@@ -10,7 +10,7 @@ issue 11 checked against it, the command and the wall time:
 
     benchmarks/results/recipe_table.json, benchmarks/results/recipe_table.md
 
-Not part of CI: three seeds take about 90 minutes on 2 cores (one seed measured: 29.3 min).
+Not part of CI: three seeds take about 100-110 minutes on 2 cores (a fresh seed measured: 32.8 min).
 """
 
 from __future__ import annotations

@@ -52,8 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     results = pipe.evaluate_all([m for m, run in MODELS.items() if run in pipe.runs(baselines)])
     wall = time.perf_counter() - t_start
     table = pipe.table(results)
-    (pipe.out / "summary.md").write_text(table + f"\n\nwall time {wall:.0f} s; steps: {json.dumps(pipe.times)}\n")
+    seeds = (f"One seed ({args.seed}), {args.eval_items} held-out items a task: differences between rows can be "
+             "noise. The table over seeds with mean and spread, every baseline at full steps: "
+             "benchmarks/results/recipe_table.md (made by `python benchmarks/recipe_table.py`).")
+    (pipe.out / "summary.md").write_text(f"{table}\n\n{seeds}\n\nwall time {wall:.0f} s; steps: "
+                                         f"{json.dumps(pipe.times)}\n")
     print(table)
+    print(seeds)
     print(f"[pipeline] wall time {wall:.0f} s ({wall / 60:.1f} min); summary in {pipe.out / 'summary.md'}")
     return 0
 
