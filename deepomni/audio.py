@@ -53,7 +53,10 @@ MAX_CHANNELS = 32  # more "channels" than this means a 2-D array is not (frames,
 WHISPER_SAMPLE_RATE = 16_000
 WHISPER_HOP = 160  # samples per log-mel frame: 100 frames per second
 _DEFAULT_SUBTYPE = {"FLAC": "PCM_16", "WAV": "PCM_16"}  # others: soundfile.default_subtype (OGG: VORBIS)
-_UNKNOWN_SIZE = 0xFFFF_0000  # streaming WAV writers put 0xFFFFFFFF in the data size: unknown, not cut
+# WAV written to a pipe cannot seek back to fill in its sizes: the writer declares "unknown" instead
+# (0xFFFFFFFF, 0x7FFFF000 as espeak-ng --stdout writes, or INT32_MAX); such a file is not cut
+_UNKNOWN_SIZE = 0xFFFF_0000  # this and above
+_UNKNOWN_SIZES = frozenset({0x7FFF_F000, 0x7FFF_FFFF})
 _WAV_DATA_LOG = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 
 
@@ -177,9 +180,12 @@ def _open(src: AudioSource) -> Iterator[tuple[sf.SoundFile, str]]:
 
 
 def _declared_wav_bytes(f: sf.SoundFile) -> tuple[int, int] | None:
-    """(declared, present) bytes of a WAV data chunk that is shorter than its header says, else None."""
+    """(declared, present) bytes of a WAV data chunk that is shorter than its header says, else None.
+
+    A size that means "unknown" (:data:`_UNKNOWN_SIZES`) is not a cut: libsndfile then reads the whole
+    sample frames that are present and drops a trailing partial one."""
     m = _WAV_DATA_LOG.search(f.extra_info)
-    if m and int(m[2]) < int(m[1]) < _UNKNOWN_SIZE:
+    if m and int(m[2]) < int(m[1]) < _UNKNOWN_SIZE and int(m[1]) not in _UNKNOWN_SIZES:
         return int(m[1]), int(m[2])
     return None
 

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--config", help="Serve config whose deployments section sets replicas and autoscaling "
-                                      "(default serve_apps/config.yaml; 'none': the code's defaults)")
+                                      "(default serve_apps/config.yaml, the only place that sets them)")
     srv.set_defaults(fn=cmd_serve)
     args = p.parse_args(argv)
     try:

@@ -27,9 +27,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from .loading import AppConfig
+from .messages import AudioRejected, BackboneInfo, EncodedSpeech, EncoderInfo, GenerateOptions
 from .protocol import (AUDIO_FORMAT, WS_INPUT_FORMATS, WS_INVALID_PAYLOAD, WS_MESSAGE_TOO_BIG,
                        WS_POLICY_VIOLATION, WS_UNSUPPORTED_DATA, AnswerOptions, REASONS, Rejection, decode_b64, pcm_s16le,
-                       reject, sse)
+                       parse_json_object, reject, sse)
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "pcm-recorder.js": "text/javascript"}
@@ -75,10 +76,10 @@ class _Realtime:
                                             "body_too_large")
                 continue
             try:
-                data = json.loads(msg.get("text") or "")
-            except json.JSONDecodeError:
+                data = parse_json_object(msg.get("text") or "", "a text frame")
+            except Rejection:
                 return await self.close(WS_INVALID_PAYLOAD, "text frames must be JSON objects", "malformed_json")
-            if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+            if not isinstance(data.get("type"), str):
                 return await self.close(WS_INVALID_PAYLOAD, "text frames must be JSON objects with a string 'type'",
                                         "malformed_json")
             kind = data["type"]
@@ -149,7 +150,7 @@ class _Realtime:
                 await events.aclose()
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(name="Ingress")  # replicas, autoscaling, num_cpus: config.yaml
 @serve.ingress(app)
 class Ingress:
     def __init__(self, encoder: DeploymentHandle, backbone: DeploymentHandle, cfg: AppConfig):
@@ -163,10 +164,11 @@ class Ingress:
         """Sample rate and limits, asked of the deployments once (the Vocoder refuses, when it starts, a codec
         that does not fit the model)."""
         if self._info is None:
+            enc: EncoderInfo
+            bb: BackboneInfo
             enc, bb = await asyncio.gather(self.encoder.info.remote(), self.backbone.info.remote())
-            voc = bb["codec"]
-            self._info = {"sample_rate": voc["sample_rate"], "format": AUDIO_FORMAT, "codec": voc["codec"],
-                          "max_seconds": enc["max_seconds"], "max_body_bytes": self.cfg.max_body_bytes,
+            self._info = {"sample_rate": bb.codec.sample_rate, "format": AUDIO_FORMAT, "codec": bb.codec.codec,
+                          "max_seconds": enc.max_seconds, "max_body_bytes": self.cfg.max_body_bytes,
                           "max_steps": self.cfg.max_steps, "max_steps_limit": self.cfg.max_steps_limit}
         return self._info
 
@@ -225,12 +227,7 @@ class Ingress:
         if not is_json:
             opts = AnswerOptions.parse(dict(request.query_params), self.cfg.max_steps_limit)
             return body, None, None, opts
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise reject("malformed_json", f"the body is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise reject("malformed_json", f"the body must be a JSON object, got {type(data).__name__}")
+        data = parse_json_object(body, "the body")
         opts = AnswerOptions.parse(data, self.cfg.max_steps_limit)
         has_audio, text = data.get("audio_b64") is not None, data.get("text")
         if has_audio == (text is not None):
@@ -267,10 +264,10 @@ class Ingress:
 
     # ------------------------------------------------------------------------------------ one answer
     async def _encode(self, audio: bytes, pcm_rate: int | None) -> np.ndarray:
-        out = await self.encoder.encode.remote(audio, pcm_rate)
-        if "error" in out:
-            raise reject(out["error"]["reason"], out["error"]["message"])
-        return out["audio_ND"]
+        out: EncodedSpeech | AudioRejected = await self.encoder.encode.remote(audio, pcm_rate)
+        if isinstance(out, AudioRejected):
+            raise reject(out.reason, out.message)
+        return out.audio_ND
 
     async def _answer(self, audio_ND: np.ndarray | None, text: str | None, opts: AnswerOptions,
                       t0: float) -> AsyncIterator[dict]:
@@ -279,21 +276,21 @@ class Ingress:
         info = await self.info()
         sr = info["sample_rate"]
         stream = self.backbone.options(stream=True).generate.remote(
-            audio_ND, text, {"speech": opts.speech, "max_steps": opts.max_steps, "seed": opts.seed})
+            audio_ND, text, GenerateOptions(speech=opts.speech, max_steps=opts.max_steps, seed=opts.seed))
         seq, samples, finished = 0, 0, False
         first_audio = last_audio = None
         try:
             started = False
-            async for item in stream:
-                if item["error"] is not None:
-                    reason = item["error"]["reason"]
-                    raise reject(reason if reason in REASONS else "internal_error", item["error"]["message"])
+            async for item in stream:  # AnswerChunk
+                if item.error is not None:
+                    reason = item.error.reason
+                    raise reject(reason if reason in REASONS else "internal_error", item.error.message)
                 if not started:
                     started = True
                     yield {"type": "start", "sample_rate": sr, "format": AUDIO_FORMAT, "speech": opts.speech}
-                if item["text"]:
-                    yield {"type": "text", "delta": item["text"]}
-                end, wav = item["end"], item["pcm"]
+                if item.text:
+                    yield {"type": "text", "delta": item.text}
+                end, wav = item.end, item.pcm
                 if opts.speech and wav is not None and len(wav):
                     now = time.perf_counter()
                     if first_audio is None:
@@ -313,11 +310,11 @@ class Ingress:
                     if rtf is not None:
                         self.metrics.real_time_factor.observe(rtf)
                     finished = True
-                    yield {"type": "end", "text": end["text"], "steps": end["steps"],
-                           "text_tokens": end["text_tokens"], "frames": end["frames"], "audio_chunks": seq,
+                    yield {"type": "end", "text": end.text, "steps": end.steps,
+                           "text_tokens": end.text_tokens, "frames": end.frames, "audio_chunks": seq,
                            "audio_seconds": round(audio_s, 4), "elapsed_ms": round(elapsed * 1e3, 2),
                            "ttfa_ms": None if first_audio is None else round((first_audio - t0) * 1e3, 2),
-                           "queue_ms": end["queue_ms"], "rtf": None if rtf is None else round(rtf, 4)}
+                           "queue_ms": end.queue_ms, "rtf": None if rtf is None else round(rtf, 4)}
                     return
         finally:
             if not finished:

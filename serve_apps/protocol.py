@@ -88,7 +88,38 @@ def decode_b64(text: object) -> bytes:
         raise reject("bad_base64", f"audio_b64 is not valid base64: {e}") from e
 
 
+def parse_json_object(body: bytes | bytearray | str, what: str = "the body") -> dict:
+    """A request body or WebSocket text frame -> its JSON object; anything else is ``malformed_json``:
+    bytes that are not UTF-8 (or UTF-16/32, which :func:`json.loads` detects), text that is not JSON,
+    nesting too deep for the decoder (a ``RecursionError``), an integer of too many digits, or a
+    top level that is not an object."""
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError as e:  # before ValueError, its base class
+        raise reject("malformed_json", f"{what} is not valid UTF-8 JSON: {e}") from e
+    except ValueError as e:  # json.JSONDecodeError, or an integer over sys.get_int_max_str_digits()
+        raise reject("malformed_json", f"{what} is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise reject("malformed_json", f"{what} is not valid JSON: it is nested too deeply") from e
+    if not isinstance(data, dict):
+        raise reject("malformed_json", f"{what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
 # ------------------------------------------------------------------------------------------ options
+SEED_MAX = 2**63 - 1  # seeds are 0..SEED_MAX: torch.Generator.manual_seed takes any 64-bit value, and this
+# range means the same seed to every client (no signed/unsigned aliasing of negative or >= 2**63 seeds)
+
+
+def _shown(v: object, limit: int = 60) -> str:
+    """``repr(v)`` for a message, cut to ``limit`` characters (a request may send a 5000-digit number)."""
+    try:
+        r = repr(v)
+    except ValueError:  # an int over sys.get_int_max_str_digits()
+        return f"<{type(v).__name__} too long to show>"
+    return r if len(r) <= limit else f"{r[: limit - 3]}..."
+
+
 @dataclass
 class AnswerOptions:
     """Per-request generation options (JSON fields or query parameters of the same names)."""
@@ -111,16 +142,19 @@ class AnswerOptions:
             if raw.get(name) is None:
                 continue
             v = raw[name]
-            try:
+            try:  # float(): "1e400", "inf" and "nan" are not integers; OverflowError: an int past float's range
                 v = int(v) if not isinstance(v, bool) and float(v).is_integer() else None
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 v = None
             if v is None or v < (1 if name == "max_steps" else 0):
                 raise reject("bad_request", f"{name} must be a {'positive' if name == 'max_steps' else 'non-negative'} "
-                                            f"integer, got {raw[name]!r}")
+                                            f"integer, got {_shown(raw[name])}")
+            if name == "seed" and v > SEED_MAX:
+                raise reject("bad_request", f"seed must be an integer from 0 to {SEED_MAX} (2**63 - 1), got "
+                                            f"{_shown(raw[name])}")
             setattr(opts, name, v)
         if opts.max_steps is not None and opts.max_steps > cap:
-            raise reject("bad_request", f"max_steps must be at most {cap}, got {opts.max_steps}")
+            raise reject("bad_request", f"max_steps must be at most {cap}, got {_shown(opts.max_steps)}")
         return opts
 
 

@@ -294,3 +294,49 @@ def test_real_speech_from_espeak(tmp_path, logmel):
     assert n == math.ceil(len(wav) / 160)
     speech, padding = mel_BMT[0, :, :n], mel_BMT[0, :, n + 1 :]
     assert speech.std() > 0.1 and padding.std() < 1e-4  # speech has structure; the padding is silence
+
+
+# ------------------------------------------------------------------------------ WAV written to a pipe
+
+
+def piped_wav(pcm_FC: np.ndarray, sr: int, data_size: int, riff_size: int, tail: bytes = b"") -> bytes:
+    """A 16-bit PCM WAV as a writer that cannot seek back writes it: sizes declared "unknown"."""
+    frames, channels = pcm_FC.shape
+    fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, channels, sr, sr * 2 * channels, 2 * channels, 16)
+    return (struct.pack("<4sI4s", b"RIFF", riff_size, b"WAVE") + fmt
+            + struct.pack("<4sI", b"data", data_size) + pcm_FC.astype("<i2").tobytes() + tail)
+
+
+@pytest.mark.parametrize("data_size", [0xFFFF_FFFF, 0x7FFF_F000])
+@pytest.mark.parametrize("riff_size", [0xFFFF_FFFF, 0x7FFF_F024, None])
+def test_wav_with_unknown_size_from_a_pipe(data_size, riff_size):
+    rng = np.random.default_rng(0)
+    mono = rng.integers(-32768, 32768, size=(1001, 1), dtype=np.int16)
+    stereo = rng.integers(-32768, 32768, size=(777, 2), dtype=np.int16)
+    for pcm, tail in ((mono, b""), (mono, b"\x7f"), (stereo, b""), (stereo, b"\x01\x02\x03")):
+        body = 36 + pcm.nbytes + len(tail)
+        data = piped_wav(pcm, 16000, data_size, body if riff_size is None else riff_size, tail)
+        expected = pcm.astype(np.float32).mean(axis=1) / 32768  # a trailing partial frame is dropped
+        assert audio_info(data).frames == len(pcm)
+        np.testing.assert_allclose(load_audio(data), expected, rtol=0, atol=1e-7)
+        np.testing.assert_allclose(load_audio(io.BytesIO(data), max_seconds=0.01, truncate=True),
+                                   expected[:160], rtol=0, atol=1e-7)
+
+
+def test_truncated_wav_still_refused_next_to_unknown_sizes():
+    pcm = np.arange(-500, 500, dtype=np.int16)[:, None]
+    for declared in (pcm.nbytes + 2, 2 * pcm.nbytes, 0x7FFF_EFFE, 0x8000_0000):
+        data = piped_wav(pcm, 16000, declared, 36 + declared)
+        with pytest.raises(AudioError, match=f"truncated: its WAV data chunk declares {declared} bytes "
+                                             f"but only {pcm.nbytes} are present"):
+            load_audio(data)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_espeak_stdout_wav_loads():
+    out = subprocess.run(["espeak-ng", "--stdout", "hello world"], check=True, capture_output=True).stdout
+    assert struct.unpack("<I", out[40:44])[0] in (0x7FFF_F000, 0xFFFF_FFFF)  # the data size is "unknown"
+    info = audio_info(out)
+    wav = load_audio(out)
+    assert info.frames == (len(out) - 44) // 2
+    assert abs(len(wav) / 16000 - info.duration_s) < 1e-3 and wav.std() > 0.01

@@ -10,7 +10,7 @@ from deepomni.config import load_preset
 from deepomni.model.channels import CodecSpecial, TextSpecial
 from deepomni.model.generate import GenerationConfig, generate
 from deepomni.model.model import DeepOmniModel
-from deepomni.model.prompt import user_turn
+from deepomni.model.prompt import Turn, conversation, first_kept_turn, prompt_length, user_turn
 from deepomni.serve.engine import BatchEngine, Request
 
 
@@ -55,6 +55,8 @@ def _run(engine, requests, join_every=2, cancel=None):
                 o["text"].append(ev.text_id)
             elif ev.kind == "frame":
                 o["frames"].append(ev.frame_K.tolist())
+            elif ev.kind == "prefill":
+                assert not o["text"] and not o["frames"], "prefill after the answer began"
             else:
                 assert o["end"] is None, "events after end"
                 o["end"] = ev.step
@@ -75,7 +77,8 @@ def test_batched_sessions_decode_as_alone(model):
         assert out[i]["text"] == a.text_ids, i
         assert out[i]["frames"] == [f.tolist() for f in a.frames], i
         assert out[i]["end"] == a.steps, i
-    assert engine.stats() == {"active_sessions": 0, "queued": 0, "rows": 0}
+    assert engine.stats() == {"active_sessions": 0, "queued": 0, "rows": 0, "kept_contexts": 0,
+                              "prefix_hits": 0, "prefix_misses": 6}
 
 
 def test_cancel_frees_rows_and_leaves_others_alone(model):
@@ -137,3 +140,79 @@ def test_bad_requests(model):
     while not engine.idle:
         ends += [ev for s, ev in engine.step() if s == sid and ev.kind == "end"]
     assert len(ends) == 1 and ends[0].step <= 64
+
+
+# ------------------------------------------------------------------------------------ conversation memory
+def _answer(engine, request):
+    """Run one request alone; its text ids and its prefill event."""
+    sid, text, pre = engine.submit(request), [], None
+    while not engine.idle:
+        for s, ev in engine.step():
+            assert s == sid
+            if ev.kind == "prefill":
+                pre = ev
+            elif ev.kind == "text":
+                text.append(ev.text_id)
+    return text, pre
+
+
+@pytest.mark.parametrize("speech", [False, True])
+def test_next_turn_prefills_only_itself_and_answers_as_a_full_prefill(model, speech):
+    lay = model.layout
+    gen = GenerationConfig(max_steps=30, speech=speech, seed=3)
+    q1, q2 = Turn("user", tuple(range(10, 25))), Turn("user", tuple(range(40, 52)))
+    engine = BatchEngine(model, max_rows=4)
+    p1 = conversation(lay, [q1])
+    a1, pre1 = _answer(engine, Request(p1, None, gen, keep=True))
+    assert (pre1.prompt_tokens, pre1.cached_tokens) == (p1.shape[0], 0) and a1
+    prompt2 = conversation(lay, [q1, Turn("assistant", tuple(a1)), q2])
+    a2, pre2 = _answer(engine, Request(prompt2, None, gen, keep=True))
+    # the text item read the prompt and the answer, all but a last token cut by max_steps
+    read = len(a1) if len(a1) < gen.max_steps else len(a1) - 1
+    assert (pre2.prompt_tokens, pre2.cached_tokens) == (prompt2.shape[0], p1.shape[0] + read)
+    assert engine.stats()["prefix_hits"] == 1 and engine.stats()["kept_contexts"] == 1  # turn 2 replaced turn 1
+    fresh = BatchEngine(model, max_rows=4, prefix_entries=0)
+    a2_fresh, pre = _answer(fresh, Request(prompt2, None, gen))
+    assert pre.cached_tokens == 0
+    assert a2 == a2_fresh  # the cached prefix gives the answer a whole prefill gives
+
+
+def test_kept_prefix_needs_the_same_speech(model):
+    lay = model.layout
+    D = model.cfg.hidden_size
+    speech_a, speech_b = torch.randn(7, D, generator=torch.Generator().manual_seed(1)), torch.randn(7, D)
+    gen = GenerationConfig(max_steps=6, speech=False)
+    engine = BatchEngine(model, max_rows=4)
+    q1 = Turn("user", audio_positions=7)
+    a1, _ = _answer(engine, Request(conversation(lay, [q1]), speech_a, gen, keep=True))
+    turns = [q1, Turn("assistant", tuple(a1)), Turn("user", (5, 6, 7))]
+    _, other = _answer(engine, Request(conversation(lay, turns), speech_b, gen))
+    _, same = _answer(engine, Request(conversation(lay, turns), speech_a, gen))
+    assert other.cached_tokens == 0 and same.cached_tokens > 7
+
+
+def test_prefix_store_is_bounded(model):
+    gen = GenerationConfig(max_steps=3, speech=False)
+    engine = BatchEngine(model, max_rows=2, prefix_entries=2)
+    for i in range(4):
+        _answer(engine, Request(user_turn(model.layout, [10 + i, 11, 12]), None, gen, keep=True))
+    assert engine.stats()["kept_contexts"] == 2
+    _, pre = _answer(engine, Request(user_turn(model.layout, [10, 11, 12]), None, gen))
+    assert pre.cached_tokens == 0  # the oldest was dropped
+
+
+def test_context_drops_the_oldest_exchanges_first():
+    from deepomni.model.channels import VocabLayout
+
+    lay = VocabLayout(300, 64, 2)
+    turns = [Turn("user", (1,) * 10), Turn("assistant", (2,) * 10), Turn("user", (3,) * 10),
+             Turn("assistant", (4,) * 10), Turn("user", (5,) * 10)]
+    sys_ids = (9, 9)
+    assert prompt_length(lay, turns, sys_ids) == conversation(lay, turns, sys_ids).shape[0]
+    assert first_kept_turn(lay, turns, 1000, sys_ids) == 0
+    assert first_kept_turn(lay, turns, prompt_length(lay, turns, sys_ids) - 1, sys_ids) == 2
+    assert first_kept_turn(lay, turns, prompt_length(lay, turns[4:], sys_ids), sys_ids) == 4
+    with pytest.raises(ValueError, match="last turn alone"):
+        first_kept_turn(lay, turns, prompt_length(lay, turns[4:], sys_ids) - 1, sys_ids)
+    with pytest.raises(ValueError):
+        conversation(lay, turns[:2])  # ends with the assistant

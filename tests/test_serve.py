@@ -381,6 +381,28 @@ def test_config_yaml_sets_autoscaling_for_every_deployment():
     assert AppConfig.from_args({"max_steps": "32", "codec": ""}).max_steps == 32
 
 
+def test_deployment_settings_live_only_in_config_yaml(tmp_path):
+    """The decorators name the deployments and set nothing else; build_app needs a config that sets them all."""
+    import yaml
+
+    from serve_apps.app import CONFIG_YAML, build_app
+    from serve_apps.backbone import Backbone
+    from serve_apps.encoder import SpeechEncoder
+    from serve_apps.ingress import Ingress
+    from serve_apps.vocoder import Vocoder
+
+    for d in (Ingress, SpeechEncoder, Backbone, Vocoder):
+        assert d._deployment_config.user_configured_option_names == {"name"}, d.name
+    with pytest.raises(ValueError, match="Serve config file"):
+        build_app({"serve_config": "none"})
+    doc = yaml.safe_load(CONFIG_YAML.read_text())
+    doc["applications"][0]["deployments"] = [d for d in doc["applications"][0]["deployments"] if d["name"] != "Vocoder"]
+    partial = tmp_path / "serve.yaml"
+    partial.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="Vocoder"):
+        build_app({"serve_config": str(partial)})
+
+
 def test_serve_defaults_to_the_demo_model(tmp_path, monkeypatch):
     """`deepomni serve` with no flags serves what `make demo` trained (recipe checkpoint + its codec), and
     finds nothing (random weights, said aloud) before the demo ran."""

@@ -149,6 +149,14 @@ class KVCache:
                 r = rows.to(c.latent_BSR.device)
                 self.layers[i] = LayerCache(c.latent_BSR[r], c.k_pe_BSP[r])
 
+    def repeated(self, n: int) -> "KVCache":
+        """A new cache holding this one-row cache's entries ``n`` times (a stored prefix, for an answer's
+        items to continue from); the stored one is left as it is."""
+        out = KVCache(len(self.layers))
+        out.layers = [None if c is None else LayerCache(c.latent_BSR.expand(n, -1, -1).clone(),
+                                                        c.k_pe_BSP.expand(n, -1, -1).clone()) for c in self.layers]
+        return out
+
 
 class SlotKVCache:
     """Preallocated latents for continuous batching: rows ``0..n-1`` are in use, each with its own length.
@@ -194,6 +202,14 @@ class SlotKVCache:
         self.lens[dst[0] : dst[-1] + 1] = S
         self.n += len(src)
         return dst
+
+    def row(self, r: int) -> KVCache:
+        """A copy of row ``r``'s entries as a one-row :class:`KVCache`."""
+        S = int(self.lens[r])
+        out = KVCache(len(self.latent))
+        out.layers = [LayerCache(lat[r : r + 1, :S].clone(), pe[r : r + 1, :S].clone())
+                      for lat, pe in zip(self.latent, self.k_pe)]
+        return out
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order) as the new rows ``0..len(rows)-1``."""

@@ -33,9 +33,12 @@ class GenerationConfig:
 @dataclass
 class Event:
     kind: str  # "text" (a text token id) | "frame" (codes of one complete codec frame, [K]) | "end"
+    #            | "prefill" (continuous batching: the prompt was prefilled; its size and the cached part)
     step: int  # decoding step (0 = first token after the prompt)
     text_id: int | None = None
     frame_K: torch.Tensor | None = None
+    prompt_tokens: int | None = None  # "prefill": prompt positions
+    cached_tokens: int | None = None  # "prefill": of which read from a kept conversation prefix (not run)
 
 
 @dataclass

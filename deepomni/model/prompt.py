@@ -1,9 +1,20 @@
 """Chat prompts as channel tokens: ``[BOS] USER <text or BOA AUDIO*n EOA> ASSISTANT`` on the text channel,
-codec channels PAD (nothing to say yet). Training data (``deepomni.data``) and decoding share this."""
+codec channels PAD (nothing to say yet). Training data (``deepomni.data``) and decoding share this.
+
+A conversation (:func:`conversation`) continues the same grammar turn after turn:
+
+    [BOS] [SYSTEM <instruction>] USER <q1> ASSISTANT <a1 text> EOT USER <q2> ASSISTANT
+
+An earlier answer is its *text* only (codec channels PAD): that is exactly what the answer's text item
+consumed while it was decoded (``deepomni.model.generate``), so the cache of that item is the cache of
+this prefix and a next turn prefills only its own tokens (``deepomni.serve.engine``). Training sequences
+are single turns; serving longer contexts is our extension (``docs/serving.md`` "Conversation memory").
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -17,19 +28,73 @@ def channel_tokens(layout: VocabLayout, text_ids: Sequence[int]) -> torch.Tensor
     return out
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation: the user's (text ids, ``audio_positions`` speech frames, or both: text
+    first) or the assistant's (its answer's text ids)."""
+
+    role: str  # "user" | "assistant"
+    text_ids: tuple[int, ...] | None = None
+    audio_positions: int | None = None
+
+    def __post_init__(self):
+        if self.role not in ("user", "assistant"):
+            raise ValueError(f"a turn's role is 'user' or 'assistant', got {self.role!r}")
+        if self.text_ids is None and self.audio_positions is None:
+            raise ValueError("a turn has text_ids or audio_positions")
+        if self.role == "assistant" and (self.text_ids is None or self.audio_positions is not None):
+            raise ValueError("an assistant turn is its answer's text ids")
+
+    def ids(self, layout: VocabLayout) -> list[int]:
+        t = layout.text
+        if self.role == "assistant":
+            return [t(TextSpecial.ASSISTANT), *self.text_ids, t(TextSpecial.EOT)]
+        ids = [t(TextSpecial.USER), *(self.text_ids or ())]
+        if self.audio_positions is not None:
+            ids += [t(TextSpecial.BOA), *[t(TextSpecial.AUDIO)] * self.audio_positions, t(TextSpecial.EOA)]
+        return ids
+
+
+def conversation(layout: VocabLayout, turns: Sequence[Turn], system_ids: Sequence[int] | None = None) -> torch.Tensor:
+    """The prompt ``[L, C]`` for the assistant's next answer after ``turns`` (the last one the user's)."""
+    if not turns or turns[-1].role != "user":
+        raise ValueError("a conversation prompt ends with a user turn")
+    t = layout.text
+    ids = [t(TextSpecial.BOS)]
+    if system_ids:
+        ids += [t(TextSpecial.SYSTEM), *system_ids]
+    for i, turn in enumerate(turns):
+        if turn.role == "assistant" and (i == 0 or turns[i - 1].role != "user"):
+            raise ValueError("an assistant turn follows a user turn")
+        ids += turn.ids(layout)
+        if turn.role == "user" and i + 1 < len(turns) and turns[i + 1].role == "user":
+            raise ValueError("two user turns in a row: put them in one turn")
+    ids.append(t(TextSpecial.ASSISTANT))
+    return channel_tokens(layout, ids)
+
+
+def prompt_length(layout: VocabLayout, turns: Sequence[Turn], system_ids: Sequence[int] | None = None) -> int:
+    """``conversation(layout, turns, system_ids).shape[0]`` without building it."""
+    return 2 + (1 + len(system_ids) if system_ids else 0) + sum(len(turn.ids(layout)) for turn in turns)
+
+
+def first_kept_turn(layout: VocabLayout, turns: Sequence[Turn], max_positions: int,
+                    system_ids: Sequence[int] | None = None) -> int:
+    """Index of the first turn to keep so the prompt fits ``max_positions``: the oldest exchanges (a user
+    turn and the answers after it) go first; the system slot and the last user turn always stay. Raises
+    ``ValueError`` when even the last user turn alone does not fit."""
+    starts = [i for i, turn in enumerate(turns) if turn.role == "user"]
+    for i in starts:
+        if prompt_length(layout, turns[i:], system_ids) <= max_positions:
+            return i
+    raise ValueError(f"the last turn alone takes {prompt_length(layout, turns[starts[-1]:], system_ids)} positions, "
+                     f"over the context of {max_positions}")
+
+
 def user_turn(layout: VocabLayout, text_ids: Sequence[int] | None = None, audio_positions: int | None = None,
               system_ids: Sequence[int] | None = None) -> torch.Tensor:
     """A user turn with text or speech input, ready for the assistant's answer: ``[L, C]``."""
     if (text_ids is None) == (audio_positions is None):
         raise ValueError("a user turn has either text_ids or audio_positions")
-    t = layout.text
-    ids = [t(TextSpecial.BOS)]
-    if system_ids:
-        ids += [t(TextSpecial.SYSTEM), *system_ids]
-    ids.append(t(TextSpecial.USER))
-    if text_ids is not None:
-        ids += list(text_ids)
-    else:
-        ids += [t(TextSpecial.BOA)] + [t(TextSpecial.AUDIO)] * audio_positions + [t(TextSpecial.EOA)]
-    ids.append(t(TextSpecial.ASSISTANT))
-    return channel_tokens(layout, ids)
+    turn = Turn("user", None if text_ids is None else tuple(text_ids), audio_positions)
+    return conversation(layout, [turn], system_ids)

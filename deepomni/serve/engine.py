@@ -13,6 +13,13 @@ A session joins or leaves between two steps; leaving rows are compacted away. Th
 same object :func:`deepomni.model.generate.stream` uses, so a session decodes the same tokens whether it
 runs alone or in a batch (up to floating-point differences of batched matmuls).
 
+**Conversation memory** (:class:`PrefixCache`): a request with ``keep=True`` leaves, when its answer
+ends, the cache of its text item (the prompt plus the answer's text, exactly what
+:func:`deepomni.model.prompt.conversation` writes for an earlier answer) in an LRU store; a later prompt
+that starts with a stored prefix (same tokens, same speech frames) copies that cache and prefills only
+the rest. Every surface that holds a conversation sends its whole history as the prompt; the turns
+already run cost nothing again.
+
 The engine also counts which experts the tokens it runs were routed to, per modality: prompt positions
 holding speech (the ``AUDIO`` placeholders) and decoding rows of speech items count as ``speech``; text
 prompt positions and text items as ``text`` (:meth:`take_expert_load`).
@@ -32,16 +39,19 @@ from ..model.channels import TextSpecial
 from ..model.generate import AnswerDecoder, Event, GenerationConfig
 from ..model.modality import moe_layers
 from ..model.model import DeepOmniModel
+from ..model.prompt import channel_tokens
 
 
 DEFAULT_MAX_LEN = 4096  # positions per row: a spoken turn of ~60 s in + ~4 min of 12.5 Hz speech out
+DEFAULT_PREFIX_ENTRIES = 64  # conversations whose context is kept (LRU)
 
 
 @dataclass
 class Request:
-    prompt_LC: torch.Tensor  # LongTensor [L, C]: the prompt (see deepomni.model.prompt.user_turn)
-    audio_ND: torch.Tensor | None = None  # projected speech for the prompt's AUDIO positions
+    prompt_LC: torch.Tensor  # LongTensor [L, C]: the prompt (see deepomni.model.prompt.conversation)
+    audio_ND: torch.Tensor | None = None  # projected speech for the prompt's AUDIO positions, in order
     gen: GenerationConfig = field(default_factory=GenerationConfig)
+    keep: bool = False  # keep prompt + answer text cached for a next turn (conversation memory)
 
 
 @dataclass
@@ -50,6 +60,66 @@ class _Session:
     request: Request
     decoder: AnswerDecoder | None = None
     cancelled: bool = False
+    text_ids: list[int] = field(default_factory=list)  # the answer's text so far
+
+
+@dataclass
+class _Prefix:
+    tokens_LC: torch.Tensor  # on the CPU
+    audio_ND: torch.Tensor | None  # the speech of its AUDIO positions (CPU), None if it has none
+    cache: KVCache  # one row, on the model's device
+
+
+class PrefixCache:
+    """Caches of conversation prefixes, least recently used dropped first (``max_entries``).
+
+    :meth:`lookup` finds the longest stored prefix of a prompt (tokens equal, and the speech frames of its
+    AUDIO positions equal), shorter than the prompt (the last position must run to give logits).
+    :meth:`put` drops stored prefixes the new one extends (a conversation keeps its newest state)."""
+
+    def __init__(self, max_entries: int = DEFAULT_PREFIX_ENTRIES):
+        self.max_entries = max_entries
+        self._entries: list[_Prefix] = []  # least recently used first
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def _extends(tokens_LC: torch.Tensor, audio_ND: torch.Tensor | None, e: _Prefix, strict: bool) -> bool:
+        n = e.tokens_LC.shape[0]
+        if n > tokens_LC.shape[0] or (strict and n == tokens_LC.shape[0]):
+            return False
+        if not torch.equal(tokens_LC[:n], e.tokens_LC):
+            return False
+        if e.audio_ND is None:
+            return True
+        return audio_ND is not None and audio_ND.shape[0] >= e.audio_ND.shape[0] and torch.equal(
+            audio_ND[: e.audio_ND.shape[0]], e.audio_ND)
+
+    def lookup(self, prompt_LC: torch.Tensor, audio_ND: torch.Tensor | None) -> _Prefix | None:
+        prompt_LC = prompt_LC.cpu()
+        audio_ND = None if audio_ND is None else audio_ND.cpu()
+        best = None
+        for e in self._entries:
+            if (best is None or e.tokens_LC.shape[0] > best.tokens_LC.shape[0]) and self._extends(
+                    prompt_LC, audio_ND, e, strict=True):
+                best = e
+        if best is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.remove(best)
+        self._entries.append(best)
+        return best
+
+    def put(self, tokens_LC: torch.Tensor, audio_ND: torch.Tensor | None, cache: KVCache) -> None:
+        if self.max_entries <= 0:
+            return
+        new = _Prefix(tokens_LC.cpu(), None if audio_ND is None or not audio_ND.shape[0] else audio_ND.cpu(), cache)
+        self._entries = [e for e in self._entries if not self._extends(new.tokens_LC, new.audio_ND, e, strict=False)]
+        self._entries.append(new)
+        del self._entries[: max(0, len(self._entries) - self.max_entries)]
 
 
 class BatchEngine:
@@ -61,7 +131,8 @@ class BatchEngine:
     beyond the free rows wait in a queue, first come first served. Not thread-safe: call it from one
     thread (a Serve replica runs :meth:`step` in a worker thread and submits between steps)."""
 
-    def __init__(self, model: DeepOmniModel, max_rows: int = 32, max_len: int | None = None):
+    def __init__(self, model: DeepOmniModel, max_rows: int = 32, max_len: int | None = None,
+                 prefix_entries: int = DEFAULT_PREFIX_ENTRIES):
         if max_rows < 2:
             raise ValueError("max_rows must be at least 2 (one speech answer takes 2 rows)")
         self.model = model.eval()
@@ -77,6 +148,7 @@ class BatchEngine:
         E = model.cfg.n_routed_experts
         self._load = {m: torch.zeros(len(moe), E, dtype=torch.long) for m in ("text", "speech")}
         self._audio_id = model.layout.text(TextSpecial.AUDIO)
+        self.prefixes = PrefixCache(prefix_entries)
 
     # ------------------------------------------------------------------------------------------- API
     def submit(self, request: Request) -> int:
@@ -106,7 +178,9 @@ class BatchEngine:
         return not self._live and not self._queue
 
     def stats(self) -> dict[str, int]:
-        return {"active_sessions": len(self._live), "queued": len(self._queue), "rows": self.cache.n}
+        return {"active_sessions": len(self._live), "queued": len(self._queue), "rows": self.cache.n,
+                "kept_contexts": len(self.prefixes), "prefix_hits": self.prefixes.hits,
+                "prefix_misses": self.prefixes.misses}
 
     def take_expert_load(self) -> dict[str, torch.Tensor]:
         """Routed-token counts ``[moe layers, experts]`` per modality since the last call (then reset)."""
@@ -160,14 +234,25 @@ class BatchEngine:
                 return
             self._queue.popleft()
             req = sess.request
-            cache = KVCache(len(self.model.layers))
-            tokens = dec.prompt_tokens(req.prompt_LC.to(self.device))
-            audio = None if req.audio_ND is None else [req.audio_ND.to(self.device)] * dec.n_items
+            prefix = self.prefixes.lookup(req.prompt_LC, req.audio_ND)
+            if prefix is None:
+                cache, start, audio_start = KVCache(len(self.model.layers)), 0, 0
+            else:
+                cache, start = prefix.cache.repeated(dec.n_items), prefix.tokens_LC.shape[0]
+                audio_start = 0 if prefix.audio_ND is None else prefix.audio_ND.shape[0]
+            tokens = dec.prompt_tokens(req.prompt_LC[start:].to(self.device))
+            audio = None
+            if req.audio_ND is not None and req.audio_ND.shape[0] > audio_start:
+                audio = [req.audio_ND[audio_start:].to(self.device)] * dec.n_items
             logits = self.model(tokens, audio=audio, cache=cache).logits
             self._count_prefill(tokens)
-            for ev in dec.advance(logits, list(range(dec.n_items))):
+            events.append((sess.sid, Event("prefill", 0, prompt_tokens=req.prompt_LC.shape[0], cached_tokens=start)))
+            for ev in self._advance(sess, dec, logits, list(range(dec.n_items))):
                 events.append((sess.sid, ev))
             if dec.finished:
+                if req.keep:  # the text item (the last) read the prompt only
+                    cache.select([dec.n_items - 1])
+                    self._keep(sess, cache)
                 self._sessions.pop(sess.sid, None)
                 continue
             sess.decoder = dec
@@ -185,8 +270,11 @@ class BatchEngine:
         self._count_decode(rows)
         keep, dropped = [], set()
         for s, r in zip(self._live, rows):
-            for ev in s.decoder.advance(logits, r):
+            had_text_row = not s.decoder.speech or len(r) == 2
+            for ev in self._advance(s, s.decoder, logits, r):
                 events.append((s.sid, ev))
+            if s.request.keep and had_text_row and (s.decoder.finished or s.decoder.dropped_text):
+                self._keep(s, self.cache.row(r[-1]))  # the text item leaves: what it read is the next turn's prefix
             if s.decoder.finished:
                 self._sessions.pop(s.sid, None)
                 continue
@@ -195,6 +283,20 @@ class BatchEngine:
                 dropped.add(s.sid)
         if len(keep) != len(self._live) or dropped:
             self._compact(rows, keep, dropped)
+
+    @staticmethod
+    def _advance(sess: _Session, dec: AnswerDecoder, logits, rows: list[int]) -> list[Event]:
+        evs = dec.advance(logits, rows)
+        sess.text_ids += [ev.text_id for ev in evs if ev.kind == "text"]
+        return evs
+
+    def _keep(self, sess: _Session, cache: KVCache) -> None:
+        """Store a session's text-item cache: its prompt and the answer text it has read (an answer cut by
+        ``max_steps`` has read all but its last token)."""
+        req = sess.request
+        read = cache.length - req.prompt_LC.shape[0]
+        tokens = torch.cat([req.prompt_LC.cpu(), channel_tokens(self.model.layout, sess.text_ids[:read])])
+        self.prefixes.put(tokens, req.audio_ND, cache)
 
     # ---------------------------------------------------------------------------------- expert load
     def _routed(self) -> list[torch.Tensor]:

@@ -1,21 +1,14 @@
-"""The three model deployments: audio -> SpeechEncoder -> Backbone -> Vocoder -> audio.
+"""The Backbone deployment: the MoE LLM under a :class:`deepomni.serve.engine.BatchEngine`.
 
-Each is its own Serve deployment, so each autoscales on its own load (``config.yaml``):
-
-* :class:`SpeechEncoder`: audio bytes -> checked 16 kHz mono (``deepomni.audio.load_audio``) -> log-mel ->
-  Whisper encoder + projector -> the projected speech ``[n, D]`` the backbone reads at its AUDIO positions.
-  Turns that arrive while a batch is being encoded are encoded together next (:class:`_Batcher`).
-  Bad audio is *returned* as ``{"error": {reason, message}}``, not raised: the ingress turns it into a 422.
-* :class:`Backbone`: the MoE LLM under a :class:`deepomni.serve.engine.BatchEngine`. One background task
-  per replica runs ``engine.step()`` in a worker thread while any session is live (the replica's event
-  loop stays free to take new sessions); sessions join and leave the running batch between steps. The
-  codec frames the steps release go to the Vocoder deployment as they come: one call carries every
-  session's new frames (one batched decode), and while it runs the next frames pile up for the next call,
-  so the calls grow with the load instead of falling behind. The PCM that comes back goes to each
-  session's stream; :meth:`Backbone.generate` streams text deltas and audio to the caller, everything
-  that arrived since the caller last read. A caller that stops consuming (client gone) cancels its session.
-* :class:`Vocoder`: codec frames -> PCM, stateless: the codec's explicit stream state travels in and
-  out of every call (moshi-style), so any replica can decode the next chunk of any stream.
+One background task per replica runs ``engine.step()`` in a worker thread while any session is live (the
+replica's event loop stays free to take new sessions); sessions join and leave the running batch between
+steps. The codec frames the steps release go to the Vocoder deployment as they come: one call carries every
+session's new frames (one batched decode, :class:`~serve_apps.messages.VocodeItem` per session), and while
+it runs the next frames pile up for the next call, so the calls grow with the load instead of falling
+behind. The PCM that comes back goes to each session's stream; :meth:`Backbone.generate` streams text
+deltas and audio to the caller (:class:`~serve_apps.messages.AnswerChunk`), everything that arrived since
+the caller last read. A caller that stops consuming (client gone) cancels its session. Replicas and
+autoscaling: ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -23,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,104 +26,16 @@ from ray import serve
 
 from deepomni.model.generate import Event, GenerationConfig
 
-from .loading import AppConfig, default_codec_spec, load_serving_model
-from .protocol import audio_reason, pcm_s16le_to_float
+from .loading import AppConfig, load_serving_model
+from .messages import (AnswerChunk, AnswerEnd, AnswerError, BackboneInfo, CodecInfo, GenerateOptions, VocodedAudio,
+                       VocodeFailed, VocodeItem)
 
 log = logging.getLogger("ray.serve")
 EXPERT_LOAD_FLUSH_S = 1.0  # how often the expert-load and token counters are pushed to the metrics
 MIN_CHUNK_FRAMES = 4  # after a session's first audio, its frames go to the vocoder in chunks of at least this
 VOCODER_CALLS_IN_FLIGHT = 2  # per Backbone replica; a session is in at most one call at a time
-MAX_ENCODE_BATCH = 16  # turns encoded together
 
 
-class _Batcher:
-    """Calls that arrive while a batch runs wait and go together in the next one, run in a worker thread:
-    a lone call waits for nothing, and under load the batches grow by themselves (``@serve.batch`` instead
-    collects for a fixed time, which a lone call pays, and forms the next batch before the last is done).
-    ``fn(items) -> results``, one per item; a result that is an exception is raised to that caller alone."""
-
-    def __init__(self, fn: Callable[[list], list], max_batch: int):
-        self.fn, self.max_batch = fn, max_batch
-        self.pending: list[tuple[Any, asyncio.Future]] = []
-        self.running = False
-
-    async def __call__(self, item: Any) -> Any:
-        fut = asyncio.get_running_loop().create_future()
-        self.pending.append((item, fut))
-        if not self.running:
-            self.running = True
-            asyncio.get_running_loop().create_task(self._drain())
-        out = await fut
-        if isinstance(out, BaseException):
-            raise out
-        return out
-
-    async def _drain(self) -> None:
-        try:
-            while self.pending:
-                batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
-                try:
-                    results = await asyncio.to_thread(self.fn, [item for item, _ in batch])
-                except Exception as e:  # the whole batch failed: every caller hears why
-                    results = [e] * len(batch)
-                for (_, fut), res in zip(batch, results):
-                    if not fut.done():
-                        fut.set_result(res)
-        finally:
-            self.running = False
-
-
-# ---------------------------------------------------------------------------------------------- encoder
-@serve.deployment(name="SpeechEncoder", max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.25})
-class SpeechEncoder:
-    def __init__(self, cfg: AppConfig):
-        from deepomni.audio import LogMel
-
-        cfg.setup_torch(cfg.encoder_threads)
-        model = load_serving_model(cfg)
-        self.speech, self.device = model.speech, cfg.torch_device()  # only the speech input is kept
-        self.logmel = LogMel.from_config(model.cfg.speech_encoder)
-        self.hidden_size = model.cfg.hidden_size
-        self._batch = _Batcher(self._encode_many, MAX_ENCODE_BATCH)
-        tone = (3000 * np.sin(np.arange(3200) * 0.1)).astype(np.int16).tobytes()
-        self._encode_many([(tone, 16000)])  # first-call costs here, not in the first user's turn
-
-    def info(self) -> dict:
-        return {"max_seconds": self.logmel.max_seconds, "hidden_size": self.hidden_size}
-
-    async def encode(self, audio: bytes, pcm_sample_rate: int | None = None) -> dict:
-        """Encoded audio (or raw ``pcm_s16le`` at ``pcm_sample_rate``) -> ``{"audio_ND": float32 [n, D],
-        "seconds": input duration}`` or ``{"error": {"reason", "message"}}``."""
-        return await self._batch((audio, pcm_sample_rate))
-
-    def _load(self, audio: bytes, pcm_sample_rate: int | None) -> np.ndarray | dict:
-        from deepomni.audio import AudioError, load_audio
-
-        try:
-            if pcm_sample_rate is not None:
-                return load_audio(pcm_s16le_to_float(audio), sample_rate=pcm_sample_rate,
-                                  max_seconds=self.logmel.max_seconds)
-            return load_audio(audio, max_seconds=self.logmel.max_seconds)
-        except AudioError as e:
-            return {"error": {"reason": audio_reason(str(e)), "message": str(e)}}
-        except (ValueError, TypeError) as e:
-            return {"error": {"reason": "bad_audio", "message": str(e)}}
-
-    @torch.no_grad()
-    def _encode_many(self, items: list[tuple[bytes, int | None]]) -> list[dict]:
-        from deepomni.audio import WHISPER_SAMPLE_RATE
-
-        out = [self._load(*item) for item in items]
-        ok = [i for i, w in enumerate(out) if isinstance(w, np.ndarray)]
-        if ok:
-            wavs = [out[i] for i in ok]
-            mel, frames = self.logmel(wavs)
-            for i, wav, audio_ND in zip(ok, wavs, self.speech(mel.to(self.device), frames)):
-                out[i] = {"audio_ND": audio_ND.float().cpu().numpy(), "seconds": len(wav) / WHISPER_SAMPLE_RATE}
-        return out
-
-
-# ---------------------------------------------------------------------------------------------- backbone
 @dataclass
 class _Session:
     """One answer as the Backbone sees it: the request, where its stream items go, its id once the engine
@@ -138,7 +43,8 @@ class _Session:
 
     request: Any  # deepomni.serve.engine.Request
     speech: bool
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("text", ids) | ("audio", pcm) | ("end", steps) | ("error", {..})
+    # ("text", ids) | ("audio", pcm) | ("end", steps) | ("error", AnswerError)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     sid: int | None = None
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -146,7 +52,7 @@ class _Session:
     frames: list = field(default_factory=list)  # codec frames [K] not yet sent to the vocoder
     frames_sent: int = 0
     end_step: int | None = None  # set when decoding ended; the answer ends when its audio is flushed
-    codec_state: Any = None  # the codec's stream state, between vocoder calls
+    codec_state: Any = None  # the codec's stream state, between vocoder calls (VocodeItem.state)
     vocoding: bool = False  # a vocoder call holds this session's stream state
 
     def wants_vocoder(self) -> bool:
@@ -181,7 +87,7 @@ class _TextStream:
         return self.tok.decode(self.ids)
 
 
-@serve.deployment(name="Backbone", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(name="Backbone")
 class Backbone:
     def __init__(self, cfg: AppConfig, vocoder=None):
         """``vocoder``: the Vocoder deployment's handle (``None``: text answers only, as in unit tests)."""
@@ -198,7 +104,7 @@ class Backbone:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._vocoder_calls = 0  # in flight
-        self._codec_info: dict | None = None
+        self._codec_info: CodecInfo | None = None
         self._tokens = {"text": 0, "speech": 0}
         self._flushed_at = time.perf_counter()
         from .metrics import backbone_metrics
@@ -219,59 +125,60 @@ class Backbone:
         self.engine.take_expert_load()
 
     # ------------------------------------------------------------------------------------ API
-    async def info(self) -> dict:
-        lay = self.model.layout
+    async def info(self) -> BackboneInfo:
         if self.vocoder is not None and self._codec_info is None:
             self._codec_info = await self.vocoder.info.remote()
-        return {"num_codec_channels": lay.num_codec_channels, "codebook_size": self.model.cfg.codebook_size,
-                "hidden_size": self.model.cfg.hidden_size, "max_len": self.engine.max_len,
-                "codec": self._codec_info}
+        return BackboneInfo(num_codec_channels=self.model.layout.num_codec_channels,
+                            codebook_size=self.model.cfg.codebook_size, hidden_size=self.model.cfg.hidden_size,
+                            max_len=self.engine.max_len, codec=self._codec_info)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
+        """The engine's counters and this replica's sessions and vocoder calls in flight (``/healthz`` shows
+        them as they are)."""
         return {**self.engine.stats(), "sessions": len(self._sessions) + len(self._inbox),
                 "vocoder_calls": self._vocoder_calls}
 
-    async def generate(self, audio_ND: np.ndarray | None, text: str | None, options: dict) -> AsyncIterator[dict]:
-        """Stream one answer: dicts ``{"text": delta, "pcm": float32 audio or None, "end": stats or None,
-        "error": {reason, message} or None}``, each with everything produced since the last one. Audio
-        needs a vocoder; without one, ``speech`` is off."""
+    async def generate(self, audio_ND: np.ndarray | None, text: str | None,
+                       options: GenerateOptions = GenerateOptions()) -> AsyncIterator[AnswerChunk]:
+        """Stream one answer (the projected speech ``audio_ND`` or a written ``text``): chunks, each with
+        everything produced since the last one; the last has ``end`` or ``error``. Audio needs a vocoder;
+        without one, ``speech`` is off."""
         from deepomni.serve.engine import Request
 
-        speech = bool(options.get("speech", True)) and self.vocoder is not None
-        gen = GenerationConfig(max_steps=int(options.get("max_steps") or self.cfg.max_steps), speech=speech,
-                               seed=options.get("seed"))
+        speech = options.speech and self.vocoder is not None
+        gen = GenerationConfig(max_steps=int(options.max_steps or self.cfg.max_steps), speech=speech,
+                               seed=options.seed)
         audio = None if audio_ND is None else torch.from_numpy(np.asarray(audio_ND, dtype=np.float32))
         sess = _Session(Request(self._prompt(audio, text, speech), audio, gen), speech)
         self._start_loop()
         self._inbox.append(sess)
         self._wake.set()
         texts, done = _TextStream(self.tok), False
-        stats = {"steps": 0, "text_tokens": 0, "frames": 0, "queue_ms": None}
+        steps, text_tokens, queue_ms = 0, 0, None
         try:
             while not done:
                 items = [await sess.queue.get()]
                 while not sess.queue.empty():
                     items.append(sess.queue.get_nowait())
-                ids, pcm, out = [], [], {"text": "", "pcm": None, "end": None, "error": None}
+                ids, pcm, error = [], [], None
                 for kind, value in items:
-                    if stats["queue_ms"] is None:
-                        stats["queue_ms"] = round((time.perf_counter() - sess.submitted_at) * 1e3, 2)
+                    if queue_ms is None:
+                        queue_ms = round((time.perf_counter() - sess.submitted_at) * 1e3, 2)
                     if kind == "text":
                         ids += value
                     elif kind == "audio":
                         pcm.append(value)
                     elif kind == "error":
-                        out["error"], done = value, True
+                        error, done = value, True
                     elif kind == "end":
-                        stats["steps"], done = value, True
-                out["text"] = texts.push(ids)
-                stats["text_tokens"] += len(ids)
-                if pcm:
-                    out["pcm"] = np.concatenate(pcm)
-                if done and out["error"] is None:
-                    stats["frames"] = sess.frames_sent
-                    out["end"] = {**stats, "text": texts.text}
-                yield out
+                        steps, done = value, True
+                delta = texts.push(ids)
+                text_tokens += len(ids)
+                end = None
+                if done and error is None:
+                    end = AnswerEnd(text=texts.text, steps=steps, text_tokens=text_tokens, frames=sess.frames_sent,
+                                    queue_ms=queue_ms)
+                yield AnswerChunk(text=delta, pcm=np.concatenate(pcm) if pcm else None, end=end, error=error)
         finally:
             if not done:  # the caller went away (or was cancelled) mid-answer: free the session's rows
                 sess.cancelled = True
@@ -319,7 +226,7 @@ class Backbone:
             except Exception as e:  # a bug must not leave sessions waiting forever: fail them, keep serving
                 log.exception("Backbone step failed")
                 for sess in [*self._sessions.values(), *self._inbox]:
-                    self._fail(sess, {"reason": "internal_error", "message": f"generation failed: {e}"})
+                    self._fail(sess, AnswerError("internal_error", f"generation failed: {e}"))
                 self._inbox.clear()
                 await asyncio.sleep(0.01)  # a fault that repeats must not spin the replica's loop
 
@@ -330,7 +237,7 @@ class Backbone:
             try:
                 sess.sid = self.engine.submit(sess.request)
             except ValueError as e:
-                sess.queue.put_nowait(("error", {"reason": "prompt_too_long", "message": str(e)}))
+                sess.queue.put_nowait(("error", AnswerError("prompt_too_long", str(e))))
                 continue
             self._sessions[sess.sid] = sess
         self._inbox.clear()
@@ -339,7 +246,7 @@ class Backbone:
                 self.engine.cancel(sess.sid)
         self._to_cancel.clear()
 
-    def _fail(self, sess: _Session, error: dict) -> None:
+    def _fail(self, sess: _Session, error: AnswerError) -> None:
         sess.queue.put_nowait(("error", error))
         if sess.sid is not None:
             self.engine.cancel(sess.sid)
@@ -397,30 +304,30 @@ class Backbone:
             items = []
             for sess in batch:
                 codes = torch.stack(sess.frames, dim=1).numpy() if sess.frames else None
-                items.append((sess.codec_state, codes, sess.end_step is not None))
+                items.append(VocodeItem(state=sess.codec_state, codes_KF=codes, final=sess.end_step is not None))
                 sess.frames_sent += len(sess.frames)
                 sess.frames, sess.vocoding = [], True
             self._vocoder_calls += 1
             asyncio.get_running_loop().create_task(self._vocode(batch, items))
 
-    async def _vocode(self, batch: list[_Session], items: list[tuple]) -> None:
+    async def _vocode(self, batch: list[_Session], items: list[VocodeItem]) -> None:
         try:
-            results = await self.vocoder.decode.remote(items)
+            results: list[VocodedAudio | VocodeFailed] = await self.vocoder.decode.remote(items)
         except Exception as e:  # the vocoder failed or went away: these answers fail, the others go on
             log.exception("Vocoder call failed")
-            results = [RuntimeError(f"the vocoder failed: {e}")] * len(batch)
+            results = [VocodeFailed(f"the vocoder failed: {e}")] * len(batch)
         finally:
             self._vocoder_calls -= 1
-        for sess, (_, _, final), res in zip(batch, items, results):
+        for sess, item, res in zip(batch, items, results):
             sess.vocoding = False
             if sess.cancelled or self._sessions.get(sess.sid) is not sess:
                 continue
-            if isinstance(res, BaseException):
-                self._fail(sess, {"reason": "internal_error", "message": str(res)})
+            if isinstance(res, VocodeFailed):
+                self._fail(sess, AnswerError("internal_error", res.message))
                 continue
-            pcm, sess.codec_state = res
-            self._deliver(sess, pcm)
-            if final:
+            sess.codec_state = res.state
+            self._deliver(sess, res.pcm)
+            if item.final:
                 self._end(sess)
         self._send_to_vocoder()
 
@@ -448,57 +355,3 @@ def _make_engine(model, max_rows: int):
     from deepomni.serve.engine import BatchEngine
 
     return BatchEngine(model, max_rows=max_rows)
-
-
-# ---------------------------------------------------------------------------------------------- vocoder
-@serve.deployment(name="Vocoder", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
-class Vocoder:
-    def __init__(self, cfg: AppConfig):
-        from deepomni.codec import load_codec
-
-        cfg.setup_torch()
-        model_cfg = cfg.model_config()
-        self.spec = cfg.codec or default_codec_spec(model_cfg)
-        self.codec = load_codec(self.spec, device=cfg.torch_device())
-        if self.codec.num_channels != model_cfg.num_codec_channels or self.codec.codebook_size > model_cfg.codebook_size:
-            raise ValueError(f"codec {self.spec!r} has {self.codec.num_channels} channels x {self.codec.codebook_size} "
-                             f"codes; the model writes {model_cfg.num_codec_channels} x {model_cfg.codebook_size}")
-        self._decode([(None, np.zeros((self.codec.num_channels, 2), dtype=np.int64), True)])  # first-call costs
-
-    def info(self) -> dict:
-        c = self.codec
-        return {"codec": self.spec, "sample_rate": c.sample_rate, "num_channels": c.num_channels,
-                "codebook_size": c.codebook_size, "frame_rate": c.frame_rate}
-
-    async def decode(self, items: list[tuple[Any, np.ndarray | None, bool]]) -> list:
-        """Stream steps of many answers as one batch (``Codec.stream_step_many``): per item ``(state,
-        codes_KF or None, final)`` -> ``(audio that became final, next state)``, or the exception for that
-        item alone. ``state`` None starts a stream; ``final`` flushes it (the returned state is then
-        None). Codes outside the codebook (the model's specials) are refused by ``Codec.check_codes``."""
-        return await asyncio.to_thread(self._decode, items)
-
-    @torch.no_grad()
-    def _decode(self, items: list[tuple]) -> list:
-        results: list = [None] * len(items)
-        states, codes, todo = [], [], []
-        for i, (state, codes_KF, _) in enumerate(items):
-            state = self.codec.init_stream_state() if state is None else state
-            states.append(state)
-            codes.append(None)
-            if codes_KF is not None and np.asarray(codes_KF).size:
-                try:
-                    codes[i] = self.codec.check_codes(torch.from_numpy(np.asarray(codes_KF)))
-                    todo.append(i)
-                except ValueError as e:
-                    results[i] = e
-        audio = dict(zip(todo, self.codec.stream_step_many([states[i] for i in todo], [codes[i] for i in todo])))
-        for i, (_, _, final) in enumerate(items):
-            if results[i] is not None:
-                continue
-            parts = [np.zeros(0, dtype=np.float32), audio.get(i, np.zeros(0, dtype=np.float32))]
-            state = states[i]
-            if final:
-                parts.append(self.codec.stream_flush(state))
-                state = None
-            results[i] = (np.concatenate(parts).astype(np.float32, copy=False), state)
-        return results

@@ -1,0 +1,113 @@
+"""What crosses a deployment boundary: plain dataclasses (numpy arrays, numbers, strings), pickled by Ray.
+
+    Ingress --encode(audio, pcm_sample_rate)--> SpeechEncoder   -> EncodedSpeech | AudioRejected
+    Ingress --generate(audio_ND, text, GenerateOptions)--> Backbone   -> stream of AnswerChunk
+    Backbone --decode([VocodeItem, ...])--> Vocoder   -> [VocodedAudio | VocodeFailed, ...], one per item
+    info():  SpeechEncoder -> EncoderInfo, Vocoder -> CodecInfo, Backbone -> BackboneInfo (with the CodecInfo)
+
+A refusal the client should hear (bad audio, a prompt too long) is a *result* (:class:`AudioRejected`,
+:class:`AnswerError`), not an exception: the ingress turns its ``reason`` into the protocol's status
+(``serve_apps/protocol.py``). The JSON the client sees is built by the ingress, never by these types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+@dataclass(frozen=True)
+class EncoderInfo:
+    max_seconds: float  # the speech encoder's window: longer audio is refused (audio_too_long)
+    hidden_size: int  # D of the projected speech
+
+
+@dataclass(frozen=True)
+class EncodedSpeech:
+    audio_ND: np.ndarray  # float32 [n, D]: the projected speech the backbone reads at its AUDIO positions
+    seconds: float  # the input's duration
+
+
+@dataclass(frozen=True)
+class AudioRejected:
+    reason: str  # a rejection reason of serve_apps/protocol.py (not_audio, audio_too_long, bad_audio, ...)
+    message: str
+
+
+# ---------------------------------------------------------------------------------------------- backbone
+@dataclass(frozen=True)
+class GenerateOptions:
+    speech: bool = True  # False (or a Backbone without a vocoder): a text answer only
+    max_steps: int | None = None  # None: the app's max_steps
+    seed: int | None = None  # codec sampling seed (None: random)
+
+
+@dataclass(frozen=True)
+class AnswerEnd:
+    """The last chunk's summary of an answer."""
+
+    text: str  # the whole answer's text
+    steps: int  # decoding steps
+    text_tokens: int
+    frames: int  # codec frames sent to the vocoder
+    queue_ms: float | None  # time the session waited for rows in the backbone's batch
+
+
+@dataclass(frozen=True)
+class AnswerError:
+    reason: str  # prompt_too_long | internal_error
+    message: str
+
+
+@dataclass(frozen=True)
+class AnswerChunk:
+    """One item of ``Backbone.generate``'s stream: everything produced since the caller last read."""
+
+    text: str = ""  # text delta
+    pcm: np.ndarray | None = None  # float32 audio at the codec's sample rate
+    end: AnswerEnd | None = None  # set on the last chunk of an answer that ended normally
+    error: AnswerError | None = None  # set on the last chunk of an answer that failed
+
+
+# ---------------------------------------------------------------------------------------------- vocoder
+@dataclass(frozen=True)
+class CodecInfo:
+    codec: str  # the codec spec (builtin:<dir> | snac:<dir>)
+    sample_rate: int
+    num_channels: int
+    codebook_size: int
+    frame_rate: float
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    num_codec_channels: int
+    codebook_size: int
+    hidden_size: int
+    max_len: int
+    codec: CodecInfo | None  # the vocoder's; None without a vocoder
+
+
+@dataclass(frozen=True)
+class VocodeItem:
+    """One stream's step in a batched ``Vocoder.decode`` call."""
+
+    state: Any  # the codec's stream state from the last call; None starts a stream
+    codes_KF: np.ndarray | None  # int64 [K, F] codec frames (None or F == 0: none this time)
+    final: bool  # flush the stream: the returned state is then None
+
+
+@dataclass(frozen=True)
+class VocodedAudio:
+    pcm: np.ndarray  # float32 audio that became final
+    state: Any  # the next call's state (None after a final item)
+
+
+@dataclass(frozen=True)
+class VocodeFailed:
+    """That item alone failed (e.g. codes outside the codebook); the others in the call went on."""
+
+    message: str
