@@ -93,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     init_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=APP_NAME, route_prefix="/")
-    print(f"DeepOmni is serving on http://{args.host}:{args.port}/ (page), POST /v1/dialogue, WS /v1/realtime; "
+    print(f"DeepOmni is serving on http://{args.host}:{args.port}/ (page), POST /v1/dialogue, WS /v1/dialogue/ws, /v1/chat/completions, /v1/audio/*, /v1/models; "
           f"Ctrl-C stops it", flush=True)
 
     def interrupt(signum, frame):

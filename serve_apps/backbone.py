@@ -27,8 +27,8 @@ from ray import serve
 from deepomni.model.generate import Event, GenerationConfig
 
 from .loading import AppConfig, load_serving_model
-from .messages import (AnswerChunk, AnswerEnd, AnswerError, BackboneInfo, CodecInfo, GenerateOptions, VocodedAudio,
-                       VocodeFailed, VocodeItem)
+from .messages import (AnswerChunk, AnswerEnd, AnswerError, BackboneInfo, CodecInfo, Conversation, GenerateOptions,
+                       VocodedAudio, VocodeFailed, VocodeItem)
 
 log = logging.getLogger("ray.serve")
 EXPERT_LOAD_FLUSH_S = 1.0  # how often the expert-load and token counters are pushed to the metrics
@@ -54,6 +54,7 @@ class _Session:
     end_step: int | None = None  # set when decoding ended; the answer ends when its audio is flushed
     codec_state: Any = None  # the codec's stream state, between vocoder calls (VocodeItem.state)
     vocoding: bool = False  # a vocoder call holds this session's stream state
+    prefill: Event | None = None  # the engine's "prefill" event: prompt and cached positions
 
     def wants_vocoder(self) -> bool:
         """Whether this session's frames should go now (it is in no call): its first audio, a full chunk,
@@ -97,7 +98,7 @@ class Backbone:
         self.cfg, self.vocoder = cfg, vocoder
         self.model = load_serving_model(cfg)
         self.tok = load_tokenizer(cfg.tokenizer, self.model.cfg.text_vocab_size)
-        self.engine = _make_engine(self.model, cfg.max_rows)
+        self.engine = _make_engine(self.model, cfg.max_rows, cfg.kept_contexts)
         self._inbox: list[_Session] = []  # submitted by generate(), handed to the engine between steps
         self._to_cancel: list[_Session] = []
         self._sessions: dict[int, _Session] = {}  # admitted and not yet ended (decoding, or audio on the way)
@@ -116,7 +117,7 @@ class Backbone:
         """A few decoding steps of a throwaway session: first-call costs here, not in the first user's answer."""
         from deepomni.serve.engine import Request
 
-        prompt = self._prompt(None, "warm up", speech=True)
+        prompt, _, _, _ = self._prompt(Conversation.single(text="warm up"), True, 8)
         sid = self.engine.submit(Request(prompt, None, GenerationConfig(max_steps=8, speech=True, seed=0)))
         for _ in range(8):
             self.engine.step()
@@ -138,18 +139,23 @@ class Backbone:
         return {**self.engine.stats(), "sessions": len(self._sessions) + len(self._inbox),
                 "vocoder_calls": self._vocoder_calls}
 
-    async def generate(self, audio_ND: np.ndarray | None, text: str | None,
-                       options: GenerateOptions = GenerateOptions()) -> AsyncIterator[AnswerChunk]:
-        """Stream one answer (the projected speech ``audio_ND`` or a written ``text``): chunks, each with
-        everything produced since the last one; the last has ``end`` or ``error``. Audio needs a vocoder;
-        without one, ``speech`` is off."""
+    async def generate(self, conv: Conversation, options: GenerateOptions = GenerateOptions()
+                       ) -> AsyncIterator[AnswerChunk]:
+        """Stream the answer to a conversation: chunks, each with everything produced since the last one;
+        the last has ``end`` or ``error``. Audio needs a vocoder; without one, ``speech`` is off."""
         from deepomni.serve.engine import Request
 
         speech = options.speech and self.vocoder is not None
-        gen = GenerationConfig(max_steps=int(options.max_steps or self.cfg.max_steps), speech=speech,
-                               seed=options.seed)
-        audio = None if audio_ND is None else torch.from_numpy(np.asarray(audio_ND, dtype=np.float32))
-        sess = _Session(Request(self._prompt(audio, text, speech), audio, gen), speech)
+        max_steps = int(options.max_steps or self.cfg.max_steps)
+        gen = GenerationConfig(max_steps=max_steps, speech=speech, seed=options.seed)
+        if options.temperature is not None:
+            gen.temperature = options.temperature
+        try:
+            prompt, audio, dropped, n_audio = self._prompt(conv, speech, max_steps)
+        except ValueError as e:
+            yield AnswerChunk(error=AnswerError("prompt_too_long", str(e)))
+            return
+        sess = _Session(Request(prompt, audio, gen, keep=conv.keep), speech)
         self._start_loop()
         self._inbox.append(sess)
         self._wake.set()
@@ -176,8 +182,13 @@ class Backbone:
                 text_tokens += len(ids)
                 end = None
                 if done and error is None:
+                    pre = sess.prefill
                     end = AnswerEnd(text=texts.text, steps=steps, text_tokens=text_tokens, frames=sess.frames_sent,
-                                    queue_ms=queue_ms)
+                                    queue_ms=queue_ms, prompt_tokens=prompt.shape[0],
+                                    cached_tokens=0 if pre is None else pre.cached_tokens,
+                                    audio_prompt_tokens=n_audio, dropped_turns=dropped,
+                                    finish_reason="length" if steps >= max_steps else "stop",
+                                    codec_channels=self.model.layout.num_codec_channels)
                 yield AnswerChunk(text=delta, pcm=np.concatenate(pcm) if pcm else None, end=end, error=error)
         finally:
             if not done:  # the caller went away (or was cancelled) mid-answer: free the session's rows
@@ -187,17 +198,31 @@ class Backbone:
                 self.metrics.cancelled_sessions.inc(tags={"reason": "client_gone"})
 
     # ------------------------------------------------------------------------------------ prompts
-    def _prompt(self, audio: torch.Tensor | None, text: str | None, speech: bool) -> torch.Tensor:
-        """As training and evaluation build it (deepomni.train.evaluate.build_prompt): the task's instruction
-        on the SYSTEM slot, then the question as AUDIO placeholders or text ids."""
+    def _prompt(self, conv: Conversation, speech: bool, max_steps: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
+        """The conversation as training and evaluation build a prompt (deepomni.model.prompt): the task's
+        instruction (or the client's system text) on the SYSTEM slot, then the turns, earlier answers as
+        their text. Returns ``(prompt [L, C], speech [n, D] of the kept turns or None, turns dropped, n)``:
+        the oldest exchanges are dropped so the prompt and ``max_steps`` fit ``max_context`` and the engine's
+        rows. Raises ``ValueError`` when the last turn alone does not fit."""
         from deepomni.data.sequences import INSTRUCTIONS
-        from deepomni.model.prompt import user_turn
+        from deepomni.model.prompt import Turn, conversation, first_kept_turn
 
-        task = "spoken_qa" if speech or audio is not None else "text_qa"
-        system = self.tok.encode(INSTRUCTIONS[task])
-        if audio is not None:
-            return user_turn(self.model.layout, audio_positions=audio.shape[0], system_ids=system)
-        return user_turn(self.model.layout, text_ids=self.tok.encode(text or ""), system_ids=system)
+        tok, lay = self.tok, self.model.layout
+        if not conv.turns or conv.turns[-1].role != "user":
+            raise ValueError("a conversation ends with the user's turn")
+        task = conv.task or ("spoken_qa" if speech or conv.turns[-1].audio_ND is not None else "text_qa")
+        system = tok.encode(conv.system if conv.system is not None else INSTRUCTIONS[task])
+        turns = []
+        for t in conv.turns:
+            ids = None if t.text is None and t.audio_ND is not None else tuple(tok.encode(t.text or ""))
+            turns.append(Turn(t.role, ids, None if t.audio_ND is None else int(t.audio_ND.shape[0])))
+        room = min(self.cfg.max_context, self.engine.max_len - 1 - max_steps)
+        first = first_kept_turn(lay, turns, room, system)
+        speech_ND = [torch.from_numpy(np.asarray(t.audio_ND, dtype=np.float32)) for t in conv.turns[first:]
+                     if t.audio_ND is not None]
+        audio = torch.cat(speech_ND) if speech_ND else None
+        return conversation(lay, turns[first:], system), audio, first, 0 if audio is None else audio.shape[0]
 
     # ------------------------------------------------------------------------------------ the loop
     def _start_loop(self) -> None:
@@ -271,6 +296,8 @@ class Backbone:
                 sess.frames.append(ev.frame_K)
             elif ev.kind == "end":
                 sess.end_step = ev.step
+            elif ev.kind == "prefill":
+                sess.prefill = ev
         for sid, ids in text.items():
             self._sessions[sid].queue.put_nowait(("text", ids))
         for sess in [s for s in self._sessions.values() if s.end_step is not None]:
@@ -350,8 +377,8 @@ class Backbone:
                     "layer": str(self.engine.moe_layer_ids[layer]), "expert": str(expert), "modality": modality})
 
 
-def _make_engine(model, max_rows: int):
+def _make_engine(model, max_rows: int, kept_contexts: int):
     """The one place that knows the continuous-batching engine (``deepomni.serve.engine``)."""
     from deepomni.serve.engine import BatchEngine
 
-    return BatchEngine(model, max_rows=max_rows)
+    return BatchEngine(model, max_rows=max_rows, prefix_entries=kept_contexts)

@@ -15,7 +15,6 @@ refusal is a :class:`~serve_apps.protocol.Rejection` (HTTP status + reason), cou
 
 import asyncio
 import base64
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,8 +25,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from . import openai_routes
 from .loading import AppConfig
-from .messages import AudioRejected, BackboneInfo, EncodedSpeech, EncoderInfo, GenerateOptions
+from .messages import (AnswerChunk, AudioRejected, BackboneInfo, Conversation, ConversationTurn, EncodedSpeech,
+                       EncoderInfo, GenerateOptions)
 from .protocol import (AUDIO_FORMAT, WS_INPUT_FORMATS, WS_INVALID_PAYLOAD, WS_MESSAGE_TOO_BIG,
                        WS_POLICY_VIOLATION, WS_UNSUPPORTED_DATA, AnswerOptions, REASONS, Rejection, decode_b64, pcm_s16le,
                        parse_json_object, reject, sse)
@@ -43,11 +44,18 @@ def _status(e: Rejection) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-class _Realtime:
-    """One WebSocket connection: turns in (audio frames + ``end_of_turn``, or ``text``), answers out.
+def _native(ev: dict) -> dict:
+    """An answer event as our own protocol sends it (JSON): without the float audio and the summary."""
+    return {k: v for k, v in ev.items() if k not in ("wav", "summary")}
+
+
+class _NativeSession:
+    """One connection of our own WebSocket protocol (``WS /v1/dialogue/ws``): turns in (audio frames +
+    ``end_of_turn``, or ``text``), answers out.
 
     One answer runs at a time, as a task, so the connection keeps reading while it streams: a new turn or
-    ``cancel`` stops the running answer first (barge-in)."""
+    ``cancel`` stops the running answer first (barge-in). The connection is one conversation: every turn is
+    answered with the earlier ones in context (an interrupted answer counts as the text it had sent)."""
 
     def __init__(self, ingress: "Ingress", ws: WebSocket):
         self.ing, self.ws = ingress, ws
@@ -57,6 +65,7 @@ class _Realtime:
         self.opts = AnswerOptions()
         self.buf = bytearray()
         self.task: asyncio.Task | None = None
+        self.history: list[ConversationTurn] = []
 
     async def close(self, code: int, reason: str, why: str) -> None:
         self.ing._rejected(Rejection(400, why, reason), "realtime")
@@ -125,20 +134,26 @@ class _Realtime:
         self.task = asyncio.get_running_loop().create_task(self.answer(self.turn, audio, text, time.perf_counter()))
 
     async def answer(self, turn: int, audio: bytes | None, text: str | None, t0: float) -> None:
-        ws, events = self.ws, None
+        ws, events, said = self.ws, None, []
+        user = None
         try:
             audio_ND = None
             if audio is not None:
                 audio_ND = await self.ing._encode(audio, self.rate if self.fmt == "pcm_s16le" else None)
-            events = self.ing._answer(audio_ND, text, self.opts, t0)
+            user = ConversationTurn("user", text, audio_ND)
+            conv = Conversation((*self.history, user), keep=True)
+            events = self.ing._answer(conv, self.opts.generate_options(), t0)
             async for ev in events:
                 if ev["type"] == "audio":
-                    await ws.send_bytes(ev["pcm"])
-                else:
-                    await ws.send_json({**ev, "turn": turn})
+                    await ws.send_bytes(pcm_s16le(ev["wav"]))
+                    continue
+                if ev["type"] == "text":
+                    said.append(ev["delta"])
+                await ws.send_json({**_native(ev), "turn": turn})
         except Rejection as e:  # a bad turn: said so, counted, and the connection goes on
             self.ing._rejected(e, "realtime")
             await ws.send_json({"type": "error", "turn": turn, **e.body()["error"]})
+            user = None  # a refused turn is not part of the conversation
         except asyncio.CancelledError:
             try:
                 await ws.send_json({"type": "end", "turn": turn, "cancelled": True})
@@ -148,6 +163,8 @@ class _Realtime:
         finally:
             if events is not None:
                 await events.aclose()
+            if user is not None:
+                self.history += [user, ConversationTurn("assistant", "".join(said))]
 
 
 @serve.deployment(name="Ingress")  # replicas, autoscaling, num_cpus: config.yaml
@@ -156,8 +173,13 @@ class Ingress:
     def __init__(self, encoder: DeploymentHandle, backbone: DeploymentHandle, cfg: AppConfig):
         from .metrics import ingress_metrics
 
+        from .openai_routes import AudioIds
+
         self.encoder, self.backbone, self.cfg = encoder, backbone, cfg
         self.metrics = ingress_metrics()
+        self.audio_ids = AudioIds()  # spoken chat answers' transcripts, for clients that send them back by id
+        self.started = int(time.time())
+        self.max_text_chars = MAX_TEXT_CHARS
         self._info: dict | None = None
 
     async def info(self) -> dict:
@@ -198,7 +220,7 @@ class Ingress:
         try:
             audio, pcm_rate, text, opts = await self._parse_dialogue(request)
             audio_ND = await self._encode(audio, pcm_rate) if audio is not None else None
-            events = self._answer(audio_ND, text, opts, t0)
+            events = self._answer(Conversation.single(audio_ND, text), opts.generate_options(), t0)
             first = await events.__anext__()  # a refusal by the backbone is still a plain 4xx here
         except Rejection as e:
             self._rejected(e, "dialogue")
@@ -209,8 +231,8 @@ class Ingress:
                 yield sse(first["type"], first)
                 async for ev in events:
                     if ev["type"] == "audio":
-                        ev = {k: v for k, v in ev.items() if k != "pcm"} | {"pcm_b64": base64.b64encode(ev["pcm"]).decode()}
-                    yield sse(ev["type"], ev)
+                        ev = _native(ev) | {"pcm_b64": base64.b64encode(pcm_s16le(ev["wav"])).decode()}
+                    yield sse(ev["type"], _native(ev))
             finally:  # the client went away: close the answer, which cancels the backbone session
                 await events.aclose()
 
@@ -263,20 +285,23 @@ class Ingress:
         return bytes(buf)
 
     # ------------------------------------------------------------------------------------ one answer
-    async def _encode(self, audio: bytes, pcm_rate: int | None) -> np.ndarray:
+    async def _encode_speech(self, audio: bytes, pcm_rate: int | None) -> EncodedSpeech:
         out: EncodedSpeech | AudioRejected = await self.encoder.encode.remote(audio, pcm_rate)
         if isinstance(out, AudioRejected):
             raise reject(out.reason, out.message)
-        return out.audio_ND
+        return out
 
-    async def _answer(self, audio_ND: np.ndarray | None, text: str | None, opts: AnswerOptions,
-                      t0: float) -> AsyncIterator[dict]:
-        """Protocol events of one answer: ``start``, ``text``, ``audio`` (with raw ``pcm`` bytes), ``end``.
-        Closing this generator early (client gone) cancels the backbone stream and so the session."""
+    async def _encode(self, audio: bytes, pcm_rate: int | None) -> np.ndarray:
+        return (await self._encode_speech(audio, pcm_rate)).audio_ND
+
+    async def _answer(self, conv: Conversation, opts: GenerateOptions, t0: float) -> AsyncIterator[dict]:
+        """Events of one answer, whichever surface asked: ``start``, ``text``, ``audio`` (``wav``: float32
+        at the codec's ``sample_rate``), ``end`` (with the answer's :class:`AnswerEnd` as ``summary``).
+        A refusal is raised as :class:`Rejection` before ``start``. Closing this generator early (client
+        gone) cancels the backbone stream and so the session."""
         info = await self.info()
         sr = info["sample_rate"]
-        stream = self.backbone.options(stream=True).generate.remote(
-            audio_ND, text, GenerateOptions(speech=opts.speech, max_steps=opts.max_steps, seed=opts.seed))
+        stream = self.backbone.options(stream=True).generate.remote(conv, opts)
         seq, samples, finished = 0, 0, False
         first_audio = last_audio = None
         try:
@@ -301,7 +326,7 @@ class Ingress:
                     last_audio = now
                     samples += len(wav)
                     yield {"type": "audio", "seq": seq, "sample_rate": sr, "format": AUDIO_FORMAT,
-                           "samples": len(wav), "pcm": pcm_s16le(wav)}
+                           "samples": len(wav), "wav": wav}
                     seq += 1
                 if end is not None:
                     elapsed = time.perf_counter() - t0
@@ -314,17 +339,41 @@ class Ingress:
                            "text_tokens": end.text_tokens, "frames": end.frames, "audio_chunks": seq,
                            "audio_seconds": round(audio_s, 4), "elapsed_ms": round(elapsed * 1e3, 2),
                            "ttfa_ms": None if first_audio is None else round((first_audio - t0) * 1e3, 2),
-                           "queue_ms": end.queue_ms, "rtf": None if rtf is None else round(rtf, 4)}
+                           "queue_ms": end.queue_ms, "rtf": None if rtf is None else round(rtf, 4),
+                           "prompt_tokens": end.prompt_tokens, "cached_tokens": end.cached_tokens,
+                           "dropped_turns": end.dropped_turns, "summary": end}
                     return
         finally:
             if not finished:
                 stream.cancel()
 
-    # ------------------------------------------------------------------------------------ WS /v1/realtime
-    @app.websocket("/v1/realtime")
-    async def realtime(self, ws: WebSocket) -> None:
+    # ------------------------------------------------------------------------------------ OpenAI-compatible
+    # (serve_apps/openai_routes.py; docs/serving.md "OpenAI-compatible API")
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await openai_routes.chat_completions(self, request)
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(self, request: Request) -> Response:
+        return await openai_routes.transcriptions(self, request)
+
+    @app.post("/v1/audio/speech")
+    async def speech(self, request: Request) -> Response:
+        return await openai_routes.speech(self, request)
+
+    @app.get("/v1/models")
+    async def models(self) -> Response:
+        return openai_routes.models(self)
+
+    @app.get("/v1/models/{model_id}")
+    async def model(self, model_id: str) -> Response:
+        return openai_routes.model(self, model_id)
+
+    # ------------------------------------------------------------------------------------ WS /v1/dialogue/ws
+    @app.websocket("/v1/dialogue/ws")
+    async def dialogue_ws(self, ws: WebSocket) -> None:
         await ws.accept()
-        session = _Realtime(self, ws)
+        session = _NativeSession(self, ws)
         try:
             await session.run()
         except WebSocketDisconnect:

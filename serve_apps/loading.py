@@ -48,6 +48,10 @@ class AppConfig:
     max_steps: int = 256  # default decoding steps per answer
     max_steps_limit: int = 1024  # the most a request may ask for
     max_body_bytes: int = 8 * 1024 * 1024  # request body / one WebSocket turn's audio
+    # conversation memory: prompt positions a conversation may fill (the oldest turns go first beyond it;
+    # the answer's max_steps must fit too), and conversations whose context a Backbone replica keeps cached
+    max_context: int = 2048
+    kept_contexts: int = 64
 
     @classmethod
     def from_args(cls, args: dict | None) -> AppConfig:
@@ -61,7 +65,8 @@ class AppConfig:
         for k, v in args.items():
             if v is None or v == "":
                 out[k] = None if k in ("checkpoint", "codec") else known[k].default
-            elif k in ("torch_threads", "encoder_threads", "seed", "max_rows", "max_steps", "max_steps_limit", "max_body_bytes"):
+            elif k in ("torch_threads", "encoder_threads", "seed", "max_rows", "max_steps", "max_steps_limit", "max_body_bytes",
+                       "max_context", "kept_contexts"):
                 out[k] = int(v)
             else:
                 out[k] = str(v)

@@ -1,7 +1,7 @@
 """What crosses a deployment boundary: plain dataclasses (numpy arrays, numbers, strings), pickled by Ray.
 
     Ingress --encode(audio, pcm_sample_rate)--> SpeechEncoder   -> EncodedSpeech | AudioRejected
-    Ingress --generate(audio_ND, text, GenerateOptions)--> Backbone   -> stream of AnswerChunk
+    Ingress --generate(Conversation, GenerateOptions)--> Backbone   -> stream of AnswerChunk
     Backbone --decode([VocodeItem, ...])--> Vocoder   -> [VocodedAudio | VocodeFailed, ...], one per item
     info():  SpeechEncoder -> EncoderInfo, Vocoder -> CodecInfo, Backbone -> BackboneInfo (with the CodecInfo)
 
@@ -39,10 +39,33 @@ class AudioRejected:
 
 # ---------------------------------------------------------------------------------------------- backbone
 @dataclass(frozen=True)
+class ConversationTurn:
+    role: str  # "user" | "assistant"
+    text: str | None = None  # a user's written words, or an assistant's answer (its transcript)
+    audio_ND: np.ndarray | None = None  # a user's speech, projected (EncodedSpeech.audio_ND)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """What the model answers: the turns so far (the last the user's). The Backbone turns it into the
+    prompt of :func:`deepomni.model.prompt.conversation`; earlier answers count as their text."""
+
+    turns: tuple[ConversationTurn, ...]
+    system: str | None = None  # the client's system text; None: the instruction of ``task``
+    task: str | None = None  # asr | tts | spoken_qa | text_qa (None: spoken_qa for speech answers or input)
+    keep: bool = False  # keep this context cached in the replica for the conversation's next turn
+
+    @classmethod
+    def single(cls, audio_ND: np.ndarray | None = None, text: str | None = None, **kw) -> Conversation:
+        return cls((ConversationTurn("user", text, audio_ND),), **kw)
+
+
+@dataclass(frozen=True)
 class GenerateOptions:
     speech: bool = True  # False (or a Backbone without a vocoder): a text answer only
     max_steps: int | None = None  # None: the app's max_steps
     seed: int | None = None  # codec sampling seed (None: random)
+    temperature: float | None = None  # codec sampling temperature (None: the model's default); text is greedy
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,12 @@ class AnswerEnd:
     text_tokens: int
     frames: int  # codec frames sent to the vocoder
     queue_ms: float | None  # time the session waited for rows in the backbone's batch
+    prompt_tokens: int = 0  # prompt positions (the conversation as the model read it)
+    cached_tokens: int = 0  # of which came from the conversation's kept context (not run again)
+    audio_prompt_tokens: int = 0  # of which are speech frames
+    dropped_turns: int = 0  # oldest turns left out to fit max_context
+    finish_reason: str = "stop"  # "stop" (the model ended) | "length" (max_steps)
+    codec_channels: int = 0  # K: an audio frame is K codec tokens
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,11 @@ class AnswerOptions:
     max_steps: int | None = None  # None: the server's default; capped by the server's max_steps
     seed: int | None = None  # codec sampling seed (None: random)
 
+    def generate_options(self):
+        from .messages import GenerateOptions
+
+        return GenerateOptions(speech=self.speech, max_steps=self.max_steps, seed=self.seed)
+
     @classmethod
     def parse(cls, raw: dict, cap: int) -> AnswerOptions:
         opts = cls()

@@ -195,8 +195,11 @@ def test_prefix_store_is_bounded(model):
     gen = GenerationConfig(max_steps=3, speech=False)
     engine = BatchEngine(model, max_rows=2, prefix_entries=2)
     for i in range(4):
-        _answer(engine, Request(user_turn(model.layout, [10 + i, 11, 12]), None, gen, keep=True))
+        answer, _ = _answer(engine, Request(user_turn(model.layout, [10 + i, 11, 12]), None, gen, keep=True))
     assert engine.stats()["kept_contexts"] == 2
+    q = Turn("user", (13, 11, 12))
+    _answer(engine, Request(conversation(model.layout, [q, Turn("assistant", tuple(answer)), q]), None, gen))
+    assert engine.stats()["prefix_hits"] == 1  # a hit among several entries (moves it to the back)
     _, pre = _answer(engine, Request(user_turn(model.layout, [10, 11, 12]), None, gen))
     assert pre.cached_tokens == 0  # the oldest was dropped
 

@@ -237,7 +237,7 @@ def test_client_disconnect_mid_answer_cancels_the_session(server, wav_bytes):
 
 # ---------------------------------------------------------------------------------------------- WebSocket
 def ws_url(base: str) -> str:
-    return base.replace("http://", "ws://") + "/v1/realtime"
+    return base.replace("http://", "ws://") + "/v1/dialogue/ws"
 
 
 def ws_turn(ws) -> tuple[list[dict], list[bytes]]:

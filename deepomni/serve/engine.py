@@ -63,7 +63,7 @@ class _Session:
     text_ids: list[int] = field(default_factory=list)  # the answer's text so far
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (the store removes and moves entries)
 class _Prefix:
     tokens_LC: torch.Tensor  # on the CPU
     audio_ND: torch.Tensor | None  # the speech of its AUDIO positions (CPU), None if it has none

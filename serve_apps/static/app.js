@@ -1,5 +1,5 @@
-// DeepOmni page: records the microphone, streams it over WS /v1/realtime, plays the answer as it arrives
-// and shows the transcript. Follows docs/serving.md ("WebSocket /v1/realtime").
+// DeepOmni page: records the microphone, streams it over WS /v1/dialogue/ws, plays the answer as it arrives
+// and shows the transcript. Follows docs/serving.md ("WebSocket /v1/dialogue/ws").
 //
 // State for tests and people, on <body>: data-state (idle | connecting | recording | answering | done |
 // error), data-chunks-played (answer audio chunks scheduled for playback), data-turns (answers ended).
@@ -38,7 +38,7 @@ async function audioContext() {
 function connect() {
   if (ready) return ready;
   setState("connecting", "connecting…");
-  const url = new URL("v1/realtime", location.href);
+  const url = new URL("v1/dialogue/ws", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
