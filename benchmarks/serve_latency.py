@@ -10,7 +10,14 @@ One run measures, on the same model, codec and spoken question (espeak-ng speech
   second thread, decoding everything pending as one batch), all in this process (the reference: what the
   split costs is the difference);
 * ``serve``: the Serve app (``serve_apps``) on 127.0.0.1, ``POST /v1/dialogue`` with the WAV, reading the
-  server-sent events (its deployments split the same components across replicas).
+  server-sent events (its deployments split the same components across replicas);
+* ``openai``: the same app through ``POST /v1/chat/completions`` (streamed, ``input_audio`` in, pcm16
+  audio out at 24 kHz), in the same alternating 1-session rounds: what the compatibility layer adds to
+  TTFA is the paired median difference against ``serve``.
+
+And, in-process, **the prefill of turn 10** of a spoken conversation (9 spoken questions and their
+answers before it): with the engine keeping the conversation's context (only turn 10 runs) against
+re-prefilling the whole history (an engine that keeps nothing), medians of ``--repeats`` first steps.
 
 Both sides run at once; their 1-session rounds alternate (``--repeats`` pairs), so the drift of a shared
 machine hits both alike. For 1 and N (default 16) concurrent sessions, and N sessions run one after another: TTFA = request sent
@@ -222,6 +229,94 @@ class ServeClient:
         return ans
 
 
+class OpenAIChatClient:
+    """POST /v1/chat/completions, streamed, the WAV as ``input_audio``, audio out (pcm16 at 24 kHz)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    async def answer(self, wav_bytes: bytes) -> Answer:
+        import base64
+
+        import httpx
+
+        body = {"model": "deepomni", "stream": True, "modalities": ["text", "audio"],
+                "audio": {"voice": "alloy", "format": "pcm16"},
+                "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+                    "data": base64.b64encode(wav_bytes).decode(), "format": "wav"}}]}]}
+        ans, samples = Answer(), 0
+        t0 = time.perf_counter()
+        async with httpx.AsyncClient(timeout=600) as client:
+            async with client.stream("POST", f"{self.url}/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    for choice in json.loads(line[6:]).get("choices", []):
+                        data = (choice["delta"].get("audio") or {}).get("data")
+                        if data:
+                            n = len(data) * 3 // 4 // 2
+                            if ans.ttfa_s is None:
+                                ans.ttfa_s = time.perf_counter() - t0
+                            samples += n
+        ans.total_s = time.perf_counter() - t0
+        ans.audio_s = samples / 24000
+        return ans
+
+
+def prefill_turn10(model, audio_ND: torch.Tensor, answer_steps: int, repeats: int) -> dict:
+    """First step (prefill + first token) of turn 10 of a spoken conversation, with the context kept
+    vs re-prefilled; the history's answers are the model's own (text answers of ``answer_steps``)."""
+    from deepomni.data.sequences import INSTRUCTIONS
+    from deepomni.model.generate import GenerationConfig
+    from deepomni.model.prompt import Turn, conversation
+    from deepomni.serve.engine import BatchEngine, Request
+    from deepomni.text import load_tokenizer
+
+    system = load_tokenizer("bytes", model.cfg.text_vocab_size).encode(INSTRUCTIONS["spoken_qa"])
+    lay, n = model.layout, audio_ND.shape[0]
+    kept, cold = BatchEngine(model, max_rows=4), BatchEngine(model, max_rows=4, prefix_entries=0)
+    turns: list[Turn] = []
+
+    def request(keep: bool, steps: int) -> "Request":
+        audio = audio_ND.repeat(sum(t.role == "user" for t in turns), 1)
+        return Request(conversation(lay, turns, system), audio, GenerationConfig(max_steps=steps, speech=False),
+                       keep=keep)
+
+    for _ in range(9):  # turns 1-9, each answered and kept
+        turns.append(Turn("user", audio_positions=n))
+        sid, text = kept.submit(request(True, answer_steps)), []
+        while not kept.idle:
+            text += [ev.text_id for s, ev in kept.step() if ev.kind == "text"]
+        turns.append(Turn("assistant", tuple(text)))
+    turns.append(Turn("user", audio_positions=n))
+
+    def first_step(engine) -> tuple[float, int]:
+        sid = engine.submit(request(False, 4))
+        t0 = time.perf_counter()
+        events = engine.step()
+        dt = time.perf_counter() - t0
+        engine.cancel(sid)
+        engine.step()
+        cached = next(ev.cached_tokens for _, ev in events if ev.kind == "prefill")
+        return dt, cached
+
+    times: dict[str, list] = {"kept": [], "reprefill": []}
+    cached: dict[str, int] = {}
+    for _ in range(repeats):  # alternating, so drift hits both alike
+        for name, engine in (("kept", kept), ("reprefill", cold)):
+            dt, cached[name] = first_step(engine)
+            times[name].append(dt * 1e3)
+    if cached["reprefill"] != 0 or cached["kept"] == 0:
+        raise RuntimeError(f"turn 10 should hit the kept context and miss without it: {cached}")
+    prompt = request(False, 4).prompt_LC.shape[0]
+    out = {"prompt_positions": prompt, "cached_positions": cached["kept"], "kept_ms": statistics.median(times["kept"]),
+           "reprefill_ms": statistics.median(times["reprefill"]), "repeats": repeats}
+    out["speedup"] = out["reprefill_ms"] / out["kept_ms"]
+    return out
+
+
 # ------------------------------------------------------------------------------------- measuring
 async def sessions(target, wav_bytes: bytes, n: int, concurrent: bool) -> dict:
     t0 = time.perf_counter()
@@ -243,12 +338,14 @@ async def sessions(target, wav_bytes: bytes, n: int, concurrent: bool) -> dict:
 
 async def measure(targets: dict, wav_bytes: bytes, n: int, repeats: int) -> dict:
     """Every side's figures. The 1-session rounds alternate between the sides (paired), so that the
-    drift of a shared machine hits both alike; then each side's N concurrent and N sequential rounds."""
-    for target in targets.values():
+    drift of a shared machine hits both alike; then each side's N concurrent and N sequential rounds
+    (not for ``openai``: only its TTFA against ``serve`` is asked)."""
+    for name, target in targets.items():
         # warm-up: first-use costs (allocations, connections) and, for Serve, the replicas that autoscaling
         # starts under concurrent load, so that the measured rounds see a settled deployment
         await target.answer(wav_bytes)
-        await sessions(target, wav_bytes, n, True)
+        if name != "openai":
+            await sessions(target, wav_bytes, n, True)
     single: dict[str, list] = {name: [] for name in targets}
     for _ in range(repeats):
         for name, target in targets.items():
@@ -258,13 +355,20 @@ async def measure(targets: dict, wav_bytes: bytes, n: int, repeats: int) -> dict
         ttfa = sorted(r["ttfa_p50_ms"] for r in single[name])
         one = {**single[name][0], "ttfa_p50_ms": statistics.median(ttfa), "ttfa_p99_ms": ttfa[-1],
                "rtf_mean": statistics.median(r["rtf_mean"] for r in single[name]), "repeats": repeats}
+        if name == "openai":
+            out[name] = {"1_session": one}
+            continue
         many = await sessions(target, wav_bytes, n, True)
         seq = await sessions(target, wav_bytes, n, False)
         out[name] = {"1_session": one, f"{n}_concurrent": many, f"{n}_sequential": seq,
                      "concurrency_gain": many["throughput_audio_s_per_s"] / seq["throughput_audio_s_per_s"]}
-    if len(single) == 2:
-        diffs = [s["ttfa_p50_ms"] - i["ttfa_p50_ms"] for i, s in zip(single["inprocess"], single["serve"])]
-        out["serve_overhead_ttfa_ms_paired_median"] = statistics.median(diffs)
+    def paired(a: str, b: str) -> float:
+        return statistics.median(y["ttfa_p50_ms"] - x["ttfa_p50_ms"] for x, y in zip(single[a], single[b]))
+
+    if "inprocess" in single and "serve" in single:
+        out["serve_overhead_ttfa_ms_paired_median"] = paired("inprocess", "serve")
+    if "openai" in single:
+        out["openai_overhead_ttfa_ms_paired_median"] = paired("serve", "openai")
     return out
 
 
@@ -295,6 +399,10 @@ def build_codec(spec: str, device: str):
 
 
 def report(name: str, r: dict) -> None:
+    if name == "openai":
+        v = r["1_session"]
+        print(f"  {name:9s} 1_session       ttfa p50 {v['ttfa_p50_ms']:8.1f} ms  p99 {v['ttfa_p99_ms']:8.1f} ms")
+        return
     for k, v in r.items():
         if isinstance(v, dict) and "ttfa_p50_ms" in v:
             print(f"  {name:9s} {k:15s} ttfa p50 {v['ttfa_p50_ms']:8.1f} ms  p99 {v['ttfa_p99_ms']:8.1f} ms  "
@@ -341,10 +449,16 @@ def main() -> None:
         print(f"[inprocess] model {args.preset} on {args.device} built in {time.perf_counter() - t0:.0f} s", flush=True)
         targets["inprocess"] = InProcess(model, codec, args.answer_steps, max_rows=32)  # as the app's Backbone
         stop.append(targets["inprocess"].close)
+        out["prefill_turn10"] = prefill_turn10(model, targets["inprocess"]._encode(wav_bytes), 24, args.repeats)
+        p = out["prefill_turn10"]
+        print(f"[inprocess] turn 10 of a spoken conversation ({p['prompt_positions']} positions, "
+              f"{p['cached_positions']} kept): first step {p['kept_ms']:.1f} ms with the context kept, "
+              f"{p['reprefill_ms']:.1f} ms re-prefilling the history ({p['speedup']:.1f}x)", flush=True)
     del model
     try:
         if args.only != "inprocess":
             targets["serve"], mode = start_serve(args, ckpt, codec_spec)
+            targets["openai"] = OpenAIChatClient(targets["serve"].url)
             out["ray_serve_env"] = mode
             from ray import serve
 
@@ -359,6 +473,10 @@ def main() -> None:
         out["serve_overhead_ttfa_ms"] = out["serve"]["1_session"]["ttfa_p50_ms"] - out["inprocess"]["1_session"]["ttfa_p50_ms"]
         print(f"Serve split adds {out['serve_overhead_ttfa_ms']:.1f} ms to TTFA p50 (1 session; median of the "
               f"paired differences {out['serve_overhead_ttfa_ms_paired_median']:.1f} ms)")
+    if "openai" in out:
+        out["openai_overhead_ttfa_ms"] = out["openai"]["1_session"]["ttfa_p50_ms"] - out["serve"]["1_session"]["ttfa_p50_ms"]
+        print(f"OpenAI chat completions add {out['openai_overhead_ttfa_ms']:.1f} ms to TTFA p50 against /v1/dialogue "
+              f"(median of the paired differences {out['openai_overhead_ttfa_ms_paired_median']:.1f} ms)")
     suffix = "" if (args.preset, args.device) == ("tiny", "cpu") else f"_{args.preset}_{args.device.split(':')[0]}"
     path = RESULTS / f"serve_latency{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -202,11 +202,16 @@ class Backbone:
                 ) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
         """The conversation as training and evaluation build a prompt (deepomni.model.prompt): the task's
         instruction (or the client's system text) on the SYSTEM slot, then the turns, earlier answers as
-        their text. Returns ``(prompt [L, C], speech [n, D] of the kept turns or None, turns dropped, n)``:
-        the oldest exchanges are dropped so the prompt and ``max_steps`` fit ``max_context`` and the engine's
-        rows. Raises ``ValueError`` when the last turn alone does not fit."""
+        their text. Returns ``(prompt [L, C], speech [n, D] of the kept turns or None, turns dropped, n)``.
+
+        When the prompt and ``max_steps`` would not fit ``max_context`` (and the engine's rows), the oldest
+        exchanges are dropped, and where to cut is chosen so the kept context keeps paying off: a cut whose
+        prompt extends a context this replica kept (the cut an earlier turn of this conversation made), else
+        one leaving a quarter of the room free, so the next turns extend this prompt instead of shifting it
+        again (a stateless client sends its whole history every time: the same rule finds the same cut).
+        Raises ``ValueError`` when the last turn alone does not fit."""
         from deepomni.data.sequences import INSTRUCTIONS
-        from deepomni.model.prompt import Turn, conversation, first_kept_turn
+        from deepomni.model.prompt import Turn, conversation, fitting_starts, prompt_length
 
         tok, lay = self.tok, self.model.layout
         if not conv.turns or conv.turns[-1].role != "user":
@@ -218,11 +223,24 @@ class Backbone:
             ids = None if t.text is None and t.audio_ND is not None else tuple(tok.encode(t.text or ""))
             turns.append(Turn(t.role, ids, None if t.audio_ND is None else int(t.audio_ND.shape[0])))
         room = min(self.cfg.max_context, self.engine.max_len - 1 - max_steps)
-        first = first_kept_turn(lay, turns, room, system)
-        speech_ND = [torch.from_numpy(np.asarray(t.audio_ND, dtype=np.float32)) for t in conv.turns[first:]
-                     if t.audio_ND is not None]
-        audio = torch.cat(speech_ND) if speech_ND else None
-        return conversation(lay, turns[first:], system), audio, first, 0 if audio is None else audio.shape[0]
+
+        def from_turn(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            speech_ND = [torch.from_numpy(np.asarray(t.audio_ND, dtype=np.float32)) for t in conv.turns[i:]
+                         if t.audio_ND is not None]
+            return conversation(lay, turns[i:], system), torch.cat(speech_ND) if speech_ND else None
+
+        fits = fitting_starts(lay, turns, room, system)
+        if not fits:
+            need = prompt_length(lay, turns[[i for i, t in enumerate(turns) if t.role == "user"][-1]:], system)
+            raise ValueError(f"the last turn alone takes {need} positions; with max_steps {max_steps} the context "
+                             f"holds {room}")
+        first = fits[0]
+        if first > 0:  # something must go: see the docstring
+            kept = [i for i in fits if self.engine.prefixes.peek(*from_turn(i))]
+            roomy = [i for i in fits if prompt_length(lay, turns[i:], system) <= room * 3 // 4]
+            first = (kept or roomy or fits[-1:])[0]
+        prompt, audio = from_turn(first)
+        return prompt, audio, first, 0 if audio is None else audio.shape[0]
 
     # ------------------------------------------------------------------------------------ the loop
     def _start_loop(self) -> None:

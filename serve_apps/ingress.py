@@ -32,6 +32,7 @@ from .messages import (AnswerChunk, AudioRejected, BackboneInfo, Conversation, C
 from .protocol import (AUDIO_FORMAT, WS_INPUT_FORMATS, WS_INVALID_PAYLOAD, WS_MESSAGE_TOO_BIG,
                        WS_POLICY_VIOLATION, WS_UNSUPPORTED_DATA, AnswerOptions, REASONS, Rejection, decode_b64, pcm_s16le,
                        parse_json_object, reject, sse)
+from .realtime import RealtimeSession
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "pcm-recorder.js": "text/javascript"}
@@ -68,7 +69,7 @@ class _NativeSession:
         self.history: list[ConversationTurn] = []
 
     async def close(self, code: int, reason: str, why: str) -> None:
-        self.ing._rejected(Rejection(400, why, reason), "realtime")
+        self.ing._rejected(Rejection(400, why, reason), "dialogue_ws")
         await self.stop_answer()
         await self.ws.close(code=code, reason=reason[:120])
 
@@ -135,7 +136,7 @@ class _NativeSession:
 
     async def answer(self, turn: int, audio: bytes | None, text: str | None, t0: float) -> None:
         ws, events, said = self.ws, None, []
-        user = None
+        user, dropped = None, 0
         try:
             audio_ND = None
             if audio is not None:
@@ -149,9 +150,11 @@ class _NativeSession:
                     continue
                 if ev["type"] == "text":
                     said.append(ev["delta"])
+                elif ev["type"] == "end":
+                    dropped = ev["dropped_turns"]
                 await ws.send_json({**_native(ev), "turn": turn})
         except Rejection as e:  # a bad turn: said so, counted, and the connection goes on
-            self.ing._rejected(e, "realtime")
+            self.ing._rejected(e, "dialogue_ws")
             await ws.send_json({"type": "error", "turn": turn, **e.body()["error"]})
             user = None  # a refused turn is not part of the conversation
         except asyncio.CancelledError:
@@ -163,8 +166,8 @@ class _NativeSession:
         finally:
             if events is not None:
                 await events.aclose()
-            if user is not None:
-                self.history += [user, ConversationTurn("assistant", "".join(said))]
+            if user is not None:  # the turns the model no longer reads are forgotten here too
+                self.history = [*self.history[dropped:], user, ConversationTurn("assistant", "".join(said))]
 
 
 @serve.deployment(name="Ingress")  # replicas, autoscaling, num_cpus: config.yaml
@@ -368,6 +371,11 @@ class Ingress:
     @app.get("/v1/models/{model_id}")
     async def model(self, model_id: str) -> Response:
         return openai_routes.model(self, model_id)
+
+    @app.websocket("/v1/realtime")
+    async def realtime(self, ws: WebSocket) -> None:  # OpenAI's Realtime API (serve_apps/realtime.py)
+        await ws.accept()
+        await RealtimeSession(self, ws).run()
 
     # ------------------------------------------------------------------------------------ WS /v1/dialogue/ws
     @app.websocket("/v1/dialogue/ws")

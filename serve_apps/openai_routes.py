@@ -47,11 +47,14 @@ class AudioIds:
         self._items: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def add(self, transcript: str) -> tuple[str, int]:
-        aid, expires = new_id("audio"), time.time() + AUDIO_ID_TTL_S
-        self._items[aid] = (transcript, expires)
+        aid, expires = new_id("audio"), int(time.time() + AUDIO_ID_TTL_S)
+        self.set(aid, transcript, expires)
         while len(self._items) > MAX_AUDIO_IDS:
             self._items.popitem(last=False)
-        return aid, int(expires)
+        return aid, expires
+
+    def set(self, aid: str, transcript: str, expires: int) -> None:
+        self._items[aid] = (transcript, expires)
 
     def transcript(self, aid: str) -> str | None:
         item = self._items.get(aid)
@@ -153,7 +156,7 @@ async def _chat_stream(ing: Ingress, shape: ChatShape, req, first: dict, events:
                     if tail:
                         audio["data"] = base64.b64encode(tail).decode()
                     yield sse_data(shape.chunk({"audio": audio}))
-                    ing.audio_ids._items[aid] = ("".join(text), expires)
+                    ing.audio_ids.set(aid, "".join(text), expires)  # the whole transcript, now known
                 usage = _usage(end)
                 yield sse_data(shape.chunk({}, end.finish_reason, usage))
                 if req.include_usage:

@@ -10,7 +10,7 @@ from deepomni.config import load_preset
 from deepomni.model.channels import CodecSpecial, TextSpecial
 from deepomni.model.generate import GenerationConfig, generate
 from deepomni.model.model import DeepOmniModel
-from deepomni.model.prompt import Turn, conversation, first_kept_turn, prompt_length, user_turn
+from deepomni.model.prompt import Turn, conversation, fitting_starts, prompt_length, user_turn
 from deepomni.serve.engine import BatchEngine, Request
 
 
@@ -189,6 +189,8 @@ def test_kept_prefix_needs_the_same_speech(model):
     _, other = _answer(engine, Request(conversation(lay, turns), speech_b, gen))
     _, same = _answer(engine, Request(conversation(lay, turns), speech_a, gen))
     assert other.cached_tokens == 0 and same.cached_tokens > 7
+    assert engine.prefixes.peek(conversation(lay, turns), speech_a) == same.cached_tokens
+    assert engine.prefixes.peek(conversation(lay, turns), speech_b) == 0
 
 
 def test_prefix_store_is_bounded(model):
@@ -212,10 +214,9 @@ def test_context_drops_the_oldest_exchanges_first():
              Turn("assistant", (4,) * 10), Turn("user", (5,) * 10)]
     sys_ids = (9, 9)
     assert prompt_length(lay, turns, sys_ids) == conversation(lay, turns, sys_ids).shape[0]
-    assert first_kept_turn(lay, turns, 1000, sys_ids) == 0
-    assert first_kept_turn(lay, turns, prompt_length(lay, turns, sys_ids) - 1, sys_ids) == 2
-    assert first_kept_turn(lay, turns, prompt_length(lay, turns[4:], sys_ids), sys_ids) == 4
-    with pytest.raises(ValueError, match="last turn alone"):
-        first_kept_turn(lay, turns, prompt_length(lay, turns[4:], sys_ids) - 1, sys_ids)
+    assert fitting_starts(lay, turns, 1000, sys_ids) == [0, 2, 4]
+    assert fitting_starts(lay, turns, prompt_length(lay, turns, sys_ids) - 1, sys_ids) == [2, 4]
+    assert fitting_starts(lay, turns, prompt_length(lay, turns[4:], sys_ids), sys_ids) == [4]
+    assert fitting_starts(lay, turns, prompt_length(lay, turns[4:], sys_ids) - 1, sys_ids) == []
     with pytest.raises(ValueError):
         conversation(lay, turns[:2])  # ends with the assistant

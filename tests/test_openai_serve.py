@@ -19,6 +19,7 @@ from serve_apps.openai_api import MODEL_ID, OPENAI_SAMPLE_RATE
 from tests.test_serve import SR, free_port, readable_checkpoint, speech_wav
 
 openai = pytest.importorskip("openai")
+MAX_CONTEXT = 256  # positions: a conversation of a few turns already drops its oldest
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,8 @@ def server(tmp_path_factory):
     init_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": ckpt, "max_steps": 16, "max_steps_limit": 64}), name="deepomni",
-              route_prefix="/")
+    serve.run(build_app({"checkpoint": ckpt, "max_steps": 16, "max_steps_limit": 64, "max_context": MAX_CONTEXT}),
+              name="deepomni", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -213,12 +214,37 @@ def test_native_websocket_keeps_the_conversation(server):
     with connect(ws_url(server)) as ws:
         assert json.loads(ws.recv(timeout=30))["type"] == "ready"
         ends = []
-        for text in ("Hello.", "What did I say?", "And before that?"):
-            ws.send(json.dumps({"type": "text", "text": text}))
+        for i in range(12):  # until the context is full and the oldest turns go, and on
+            ws.send(json.dumps({"type": "text", "text": f"Turn {i}: tell me more."}))
             msgs, _ = ws_turn(ws)
+            assert msgs[-1]["type"] == "end", msgs[-1]
             ends.append(msgs[-1])
-        assert [e["type"] for e in ends] == ["end"] * 3
-        assert ends[0]["cached_tokens"] == 0
-        for before, after in zip(ends, ends[1:]):  # each turn reads the earlier ones, mostly from the cache
+            if sum(e["dropped_turns"] > 0 for e in ends) >= 3:
+                break
+        assert ends[0]["cached_tokens"] == 0 and ends[0]["dropped_turns"] == 0
+        first_drop = next(i for i, e in enumerate(ends) if e["dropped_turns"])
+        assert first_drop >= 2, "the first turns all fit"
+        for before, after in zip(ends[:first_drop], ends[1:first_drop]):  # each turn reads the earlier ones
             assert after["prompt_tokens"] > before["prompt_tokens"] + len(before["text"])
-            assert after["cached_tokens"] >= before["prompt_tokens"]
+            assert after["cached_tokens"] >= before["prompt_tokens"]  # ... mostly from the kept context
+        # bounded, not broken: every later prompt fits, and after the drop's one full prefill the cache hits again
+        assert all(e["prompt_tokens"] + 16 <= MAX_CONTEXT for e in ends)
+        extending = [e for e in ends[first_drop + 1:] if e["dropped_turns"] == 0]
+        assert extending and all(e["cached_tokens"] > 0 for e in extending)
+
+
+def test_a_long_chat_is_cut_where_the_kept_context_still_serves(client):
+    """A stateless client resends its whole history; past max_context the oldest exchanges go, at a cut
+    the next calls keep (so they hit the kept context again) instead of one that moves every call."""
+    messages, usage = [], []
+    for i in range(10):
+        messages.append(_user(f"Question {i}: tell me more."))
+        r = client.chat.completions.create(model=MODEL_ID, messages=messages, max_completion_tokens=16)
+        messages.append({"role": "assistant", "content": r.choices[0].message.content})
+        usage.append(r.usage)
+    prompts = [u.prompt_tokens for u in usage]
+    assert all(p + 16 <= MAX_CONTEXT for p in prompts)
+    cuts = [i for i in range(1, len(prompts)) if prompts[i] < prompts[i - 1]]
+    assert cuts, prompts  # the history outgrew the context
+    after_cut = [usage[i].prompt_tokens_details.cached_tokens for i in range(cuts[0] + 1, len(usage)) if i not in cuts]
+    assert after_cut and all(c > 0 for c in after_cut), (prompts, after_cut)

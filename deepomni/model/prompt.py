@@ -78,17 +78,13 @@ def prompt_length(layout: VocabLayout, turns: Sequence[Turn], system_ids: Sequen
     return 2 + (1 + len(system_ids) if system_ids else 0) + sum(len(turn.ids(layout)) for turn in turns)
 
 
-def first_kept_turn(layout: VocabLayout, turns: Sequence[Turn], max_positions: int,
-                    system_ids: Sequence[int] | None = None) -> int:
-    """Index of the first turn to keep so the prompt fits ``max_positions``: the oldest exchanges (a user
-    turn and the answers after it) go first; the system slot and the last user turn always stay. Raises
-    ``ValueError`` when even the last user turn alone does not fit."""
+def fitting_starts(layout: VocabLayout, turns: Sequence[Turn], max_positions: int,
+                   system_ids: Sequence[int] | None = None) -> list[int]:
+    """The turns a prompt may start from and fit ``max_positions``: indices of user turns, oldest first
+    (dropping the turns before one drops whole exchanges; the system slot always stays). Empty when even
+    the last user turn alone does not fit."""
     starts = [i for i, turn in enumerate(turns) if turn.role == "user"]
-    for i in starts:
-        if prompt_length(layout, turns[i:], system_ids) <= max_positions:
-            return i
-    raise ValueError(f"the last turn alone takes {prompt_length(layout, turns[starts[-1]:], system_ids)} positions, "
-                     f"over the context of {max_positions}")
+    return [i for i in starts if prompt_length(layout, turns[i:], system_ids) <= max_positions]
 
 
 def user_turn(layout: VocabLayout, text_ids: Sequence[int] | None = None, audio_positions: int | None = None,

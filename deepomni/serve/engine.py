@@ -113,6 +113,14 @@ class PrefixCache:
         self._entries.append(best)
         return best
 
+    def peek(self, prompt_LC: torch.Tensor, audio_ND: torch.Tensor | None) -> int:
+        """Length of the longest kept prefix of a prompt (0: none), changing nothing; safe to call from
+        another thread than the one stepping the engine (it reads a snapshot of the entries)."""
+        prompt_LC = prompt_LC.cpu()
+        audio_ND = None if audio_ND is None else audio_ND.cpu()
+        return max((e.tokens_LC.shape[0] for e in list(self._entries)
+                    if self._extends(prompt_LC, audio_ND, e, strict=True)), default=0)
+
     def put(self, tokens_LC: torch.Tensor, audio_ND: torch.Tensor | None, cache: KVCache) -> None:
         if self.max_entries <= 0:
             return
