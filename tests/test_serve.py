@@ -197,6 +197,8 @@ BAD_INPUTS = {
     "odd_pcm": ("json", {"audio_b64": "AAAA", "format": "pcm_s16le", "sample_rate": 16000}, 422, "bad_audio"),
     "bad_sample_rate": ("json", {"audio_b64": "AAAAAA==", "format": "pcm_s16le", "sample_rate": 3}, 422, "bad_audio"),
     "unsupported_media_type": ("text/plain", b"hello", 415, "unsupported_media_type"),
+    "deeply_nested_json": ("application/json", b"[" * 100_000 + b"]" * 100_000, 400, "malformed_json"),
+    "seed_over_64_bits": ("json", {"text": "hi", "seed": 2 ** 70}, 400, "bad_request"),
 }
 
 
@@ -209,6 +211,7 @@ def test_bad_input_is_refused_and_the_server_goes_on(server, wav_bytes, name):
     else:
         r = dialogue(server, body, content_type=ctype)
     assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
     err = r.json()["error"]
     assert err["reason"] == reason and err["message"]
     assert_answer(dialogue(server, json_body={"text": "still there?", "max_steps": 8}))
@@ -418,3 +421,15 @@ def test_serve_defaults_to_the_demo_model(tmp_path, monkeypatch):
     assert demo_model(elsewhere) is None  # no codec yet: not a finished demo
     (codec / "config.json").write_text("{}")
     assert demo_model(elsewhere) == (str(ckpt), f"builtin:{codec}")
+
+
+def test_wav_written_to_a_pipe_is_answered(server):
+    """``espeak-ng --stdout`` / ``ffmpeg -f wav pipe:`` write unknown sizes (0x7FFFF000 / 0xFFFFFFFF): the
+    data that is there is read."""
+    import struct
+
+    pcm = pcm_s16le(speech_wav())
+    for unknown in (0x7FFFF000, 0xFFFFFFFF):
+        header = (b"RIFF" + struct.pack("<I", unknown if unknown == 0xFFFFFFFF else unknown + 36) + b"WAVE" +
+                  b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, SR, 2 * SR, 2, 16) + b"data" + struct.pack("<I", unknown))
+        assert_answer(dialogue(server, header + pcm, params={"max_steps": 8}))
