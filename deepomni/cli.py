@@ -90,11 +90,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.config is not None:
         app_args["serve_config"] = args.config
     app = build_app(app_args)  # checks the args before Ray starts
+    _check_port_free(args.host, args.port)
     init_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=APP_NAME, route_prefix="/")
-    print(f"DeepOmni is serving on http://{args.host}:{args.port}/ (page), POST /v1/dialogue, WS /v1/dialogue/ws, /v1/chat/completions, /v1/audio/*, /v1/models; "
-          f"Ctrl-C stops it", flush=True)
+    print(f"DeepOmni is serving on http://{args.host}:{args.port}/ (page); OpenAI-compatible /v1/chat/completions, "
+          f"/v1/audio/transcriptions, /v1/audio/speech, /v1/models, WS /v1/realtime; native POST /v1/dialogue, "
+          f"WS /v1/dialogue/ws. Ctrl-C stops it", flush=True)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -104,9 +106,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        import ray
+
         print("shutting down", flush=True)
         serve.shutdown()
+        ray.shutdown()  # the embedded Ray this process started, and its workers
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A clear error, before Ray starts, when the HTTP port is taken (another `deepomni serve`?)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: only a listener blocks it
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): another server (a second "
+                             f"`deepomni serve`?) holds it; pass --port") from e
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,3 +15,19 @@ def test_info_json_and_bad_preset(capsys):
     assert d["config"]["hidden_size"] == 128 and 1e6 < d["parameters"]["total"] < 1e7
     assert main(["info", "--preset", "nope"]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_says_so_before_starting_ray(capsys, monkeypatch):
+    import socket
+
+    import ray
+
+    monkeypatch.setattr("deepomni.cli.demo_model", lambda repo: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "--port" in err
+    assert not ray.is_initialized()
