@@ -5,6 +5,10 @@
     <dir>/experts.json        the modality expert assignment, when one has been made (deepomni.model.modality)
 
 Optimizer state and training progress are the trainer's business and live beside it (``deepomni.train``).
+
+Writes are atomic (:func:`deepomni.atomic.atomic_directory`): the files go to a hidden temporary
+sibling, are fsynced, then renamed into place, so a process killed mid-write leaves the previous checkpoint
+(or none), never a half-written one, where a loader looks.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_directory
 from .config import ModelConfig
 from .model.modality import ExpertAssignment
 from .model.model import DeepOmniModel
@@ -24,13 +29,16 @@ CONFIG, WEIGHTS, EXPERTS = "config.json", "model.safetensors", "experts.json"
 
 
 def save_model(model: DeepOmniModel, directory: str | Path, assignment: ExpertAssignment | None = None) -> Path:
+    """Write the checkpoint directory atomically: an existing one at ``directory`` is replaced as a whole
+    (a stale experts.json does not survive a save without assignment; files other than the checkpoint's
+    own are kept)."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=1))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(d / WEIGHTS), metadata={"format": "deepomni"})
-    if assignment is not None:
-        assignment.save(d / EXPERTS)
+    with atomic_directory(d, keep_others=(CONFIG, WEIGHTS, EXPERTS)) as tmp:
+        (tmp / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=1))
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "deepomni"})
+        if assignment is not None:
+            assignment.save(tmp / EXPERTS)
     return d
 
 

@@ -162,6 +162,93 @@ def test_s1_trains_only_the_codec_rows_of_the_embedding():
     assert model.embed.trainable_rows is None  # the baselines train the whole table
 
 
+# ------------------------------------------------------------------- optimizer state (no Ray needed)
+@pytest.fixture
+def world_of_one(tmp_path):
+    """A one-process gloo group, as a Ray Train worker has (the expert-parallel engine reduces over it)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def _tiny_model():
+    torch.manual_seed(0)  # the frozen speech encoder is drawn from the global generator
+    return DeepOmniModel(load_preset("tiny")).init_weights(seed=0)
+
+
+def _ep_engine(model, group, max_steps=8):
+    from deepomni.model.modality import param_groups
+    from deepomni.train.engine import ExpertParallelEngine
+
+    set_trainable(model.train(), get_stage("full_finetune"))
+    cfg = TrainConfig(warmup_ratio=0.25)
+    return ExpertParallelEngine(model, param_groups(model, cfg.weight_decay), cfg, max_steps, 1e-2, group, None)
+
+
+def _train(engine, batches):
+    for tokens in batches:
+        engine.backward(engine.forward(tokens, labels_BLC=tokens).loss)
+        engine.step()
+
+
+def test_optimizer_state_resumes_bit_identically(tmp_path, world_of_one):
+    """Save after 2 steps (weights + per-rank optimizer state), rebuild from the files, 2 more steps: the
+    parameters and lr are bit-identical to 4 uninterrupted steps. The state file is plain data
+    (``weights_only=True`` loads it)."""
+    whole = _tiny_model()
+    batches = [torch.randint(0, 200, (2, 12, whole.layout.num_channels)) for _ in range(4)]
+    e_whole = _ep_engine(whole, world_of_one)
+    _train(e_whole, batches)
+
+    first = _tiny_model()
+    e_first = _ep_engine(first, world_of_one)
+    _train(e_first, batches[:2])
+    d = tmp_path / "ck"
+    save_model(first, d / "model")
+    e_first.save(d, 2)
+    state = torch.load(d / "optim_rank000.pt", weights_only=True)
+    assert state["step"] == 2 and set(state["scheduler"]["lr_lambdas"]) == {None}  # lambdas are not pickled
+    assert state["optimizer"]["state"]  # Adam moments
+
+    resumed, _ = load_model(d / "model")
+    e_resumed = _ep_engine(resumed, world_of_one)
+    assert e_resumed.load(d) == 2 and e_resumed.lr == e_first.lr
+    _train(e_resumed, batches[2:])
+    assert e_resumed.lr == e_whole.lr
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class _RunsCode:
+    """Unpickling this calls ``exec``: what a checkpoint from an untrusted place could do."""
+
+    def __reduce__(self):
+        return exec, ("import builtins; builtins._deepomni_pwned = True",)
+
+
+def test_optimizer_state_that_runs_code_is_refused(tmp_path, world_of_one):
+    import builtins
+
+    from deepomni.train.engine import safe_checkpoint_engine
+
+    bad = tmp_path / "optim_rank000.pt"
+    torch.save({"optimizer": _RunsCode(), "scheduler": {}, "step": 1}, bad)
+    torch.load(bad, weights_only=False)  # the payload is real: a plain pickle load runs it
+    assert builtins.__dict__.pop("_deepomni_pwned", False)
+
+    engine = _ep_engine(_tiny_model(), world_of_one)
+    with pytest.raises(ValueError, match="refused to load"):
+        engine.load(tmp_path)
+    assert not hasattr(builtins, "_deepomni_pwned")
+    with pytest.raises(ValueError, match="refused to load"):  # what DeepSpeed's load_checkpoint reads with
+        safe_checkpoint_engine().load(str(bad), map_location="cpu")
+    assert not hasattr(builtins, "_deepomni_pwned")
+
+
 # ----------------------------------------------------------------------------------- Ray Train runs
 def test_stage_end_to_end_and_resume(corpus, tmp_path, ray_local):
     cfg = _cfg(corpus, tmp_path, stage="text_pretrain", run_name="base", max_steps=2, checkpoint_every=1, lr=3e-3)
@@ -172,6 +259,13 @@ def test_stage_end_to_end_and_resume(corpus, tmp_path, ray_local):
     assert all(math.isnan(x) for x in m["channel_losses"][1:])  # text-only stage: no codec loss
     assert m["tokens_per_s"] > 0 and "text" in m["expert_load"]
     assert (Path(r.checkpoint.path) / "model" / "model.safetensors").is_file()
+    # DeepSpeed's own files (model states, ZeRO partition) load without arbitrary unpickling
+    from deepomni.train.engine import deepspeed_safe_globals, load_plain
+
+    ds_files = sorted((Path(r.checkpoint.path) / "ds" / "state").glob("*.pt"))
+    assert len(ds_files) == 2
+    for f in ds_files:
+        assert isinstance(load_plain(f, "cpu", deepspeed_safe_globals()), dict)
     final = tmp_path / "runs" / "base" / "final"
     model, _ = load_model(final)
     assert isinstance(model, DeepOmniModel)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import write_atomic
 from .moe import MoE
 
 MODES = ("all", "speech", "text")
@@ -63,7 +64,7 @@ class ExpertAssignment:
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+        write_atomic(path, json.dumps(self.to_json(), indent=1))  # the whole file or none: it marks "done"
 
     @classmethod
     def load(cls, path: str | Path) -> "ExpertAssignment":

@@ -20,11 +20,20 @@ Two engines with one interface (``forward``-free: the loop calls the model itsel
   Clipping uses the global norm (expert shards' squares summed over the ep group). torch AdamW.
 
 The learning rate follows linear warmup then cosine (:func:`lr_factor`), for both.
+
+Optimizer state loads without arbitrary unpickling (a checkpoint from an untrusted place cannot run code):
+``torch.load(weights_only=True)`` (:func:`load_plain`), which builds only tensors, containers, numbers and
+strings. The expert-parallel engine's file holds only those (``LambdaLR.state_dict`` stores ``None`` for a
+lambda). DeepSpeed's checkpoint engine loads with ``weights_only=False`` and has no option against it; the
+DeepSpeed engine swaps in :func:`safe_checkpoint_engine` (DeepSpeed's own checkpoint-engine interface),
+which loads the same files with ``weights_only=True`` plus the few plain-data DeepSpeed classes ZeRO-1/2
+writes (:func:`deepspeed_safe_globals`).
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -45,6 +54,43 @@ def lr_factor(step: int, max_steps: int, warmup_ratio: float, min_ratio: float =
 
 def expert_params(model: nn.Module) -> set[int]:
     return {id(p) for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters()}
+
+
+def load_plain(path: str | Path, map_location=None, safe_globals: list | tuple = ()) -> object:
+    """``torch.load(weights_only=True)``: tensors, dicts, lists, tuples, sets, numbers, strings (and the
+    listed ``safe_globals``) only; anything else (a pickle that would call a function) is refused with a
+    ValueError and nothing of it runs."""
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [l.strip() for l in str(e).splitlines() if "WeightsUnpickler error" in l] or [str(e).strip()]
+        why = lines[0].removeprefix("WeightsUnpickler error: ").split(". Please use")[0]
+        raise ValueError(f"{path}: refused to load, it is not plain tensors and containers "
+                         f"(torch.load weights_only=True): {why}") from None
+
+
+def deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes a ZeRO-1/2 checkpoint pickles besides plain data: the loss scaler (its
+    attributes: numbers), the ZeRO stage enum and the parameter fragment addresses (dataclasses of two ints).
+    Unpickling them sets attributes only; no code of the file runs."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_checkpoint_engine(config_params=None):
+    """DeepSpeed's torch checkpoint engine (same files), loading with ``weights_only=True``
+    (:func:`load_plain` with :func:`deepspeed_safe_globals`). Built on first use: deepspeed is heavy."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_plain(path, map_location, deepspeed_safe_globals())
+
+    return SafeTorchCheckpointEngine(config_params)
 
 
 def _rank() -> int:
@@ -76,6 +122,10 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups, config=ds_config, lr_scheduler=sched)
         self.model = model
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        if type(self.engine.checkpoint_engine) is TorchCheckpointEngine:  # the default: loads with pickle
+            self.engine.checkpoint_engine = safe_checkpoint_engine(self.engine._config)
 
     def forward(self, *args, **kwargs):
         return self.engine(*args, **kwargs)  # DeepSpeed's forward bookkeeping, then the model
@@ -174,11 +224,15 @@ class ExpertParallelEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def save(self, d: Path, step: int) -> None:
+        # plain data only (tensors, numbers, strings, containers), so that load() can refuse anything else
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "step": step}, d / f"optim_rank{_rank():03d}.pt")
 
     def load(self, d: Path) -> int:
-        s = torch.load(d / f"optim_rank{_rank():03d}.pt", weights_only=False)
+        path = d / f"optim_rank{_rank():03d}.pt"
+        s = load_plain(path)
+        if not isinstance(s, dict) or not {"optimizer", "scheduler", "step"} <= s.keys():
+            raise ValueError(f"{path}: not an optimizer state file (optimizer, scheduler, step)")
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         return int(s["step"])

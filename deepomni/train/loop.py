@@ -15,6 +15,13 @@ A re-run with the same ``run_name`` and ``storage_path`` resumes from the latest
 its checkpoint manager from storage); so does a restarted worker group after a failure (``max_failures``).
 The finished model is written to ``<storage_path>/<run_name>/final`` (config.json, model.safetensors,
 experts.json when the stage has an assignment): the ``init`` of the next stage.
+
+A worker killed while it writes a checkpoint leaves the previous one what a resume or the next stage finds:
+each worker writes into a private temporary directory, which Ray Train copies to a new
+``checkpoint_<time>`` directory and enters in its run snapshot (``get_checkpoint`` of a resume) only after
+every worker's copy is complete; ``final`` (and every ``model/``) is written by ``save_model`` into a hidden
+sibling, fsynced and renamed into place (``deepomni.atomic``). Optimizer state loads with
+``weights_only=True`` (``deepomni.train.engine.load_plain``).
 """
 
 from __future__ import annotations

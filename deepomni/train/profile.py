@@ -244,13 +244,13 @@ def write_outputs(out: str | Path, table: LoadTable, assignment: ExpertAssignmen
     out.mkdir(parents=True, exist_ok=True)
     paths = {"experts": out / "experts.json", "load_json": out / "load.json", "load_csv": out / "load.csv",
              "heatmap": out / "load.png"}
-    assignment.save(paths["experts"])
     paths["load_json"].write_text(json.dumps({**meta, "load": table.to_json(), "assignment": assignment.to_json()}, indent=1))
     write_csv(table, assignment, paths["load_csv"])
     method = meta.get("method", "load")
     plot_heatmap(table, assignment, paths["heatmap"],
                  f"modality load ({method} assignment, {len(next(iter(assignment.speech.values())))} speech experts "
                  f"of {table.num_experts} per layer, red boxes)")
+    assignment.save(paths["experts"])  # last, atomically: the recipe takes an existing experts.json as "done"
     return paths
 
 
