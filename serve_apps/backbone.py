@@ -7,14 +7,17 @@ session's new frames (one batched decode, :class:`~serve_apps.messages.VocodeIte
 it runs the next frames pile up for the next call, so the calls grow with the load instead of falling
 behind. The PCM that comes back goes to each session's stream; :meth:`Backbone.generate` streams text
 deltas and audio to the caller (:class:`~serve_apps.messages.AnswerChunk`), everything that arrived since
-the caller last read. A caller that stops consuming (client gone) cancels its session. Replicas and
-autoscaling: ``config.yaml``.
+the caller last read. A caller that stops consuming (client gone) cancels its session. At most
+``max_queued`` sessions wait for rows (:class:`deepomni.serve.engine.Overloaded`): the next is refused at once
+with an ``overloaded`` :class:`~serve_apps.messages.AnswerError` whose ``retry_after_s`` estimates when a row
+frees (``docs/serving.md`` "Overload"). Replicas and autoscaling: ``config.yaml``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from deepomni.model.generate import Event, GenerationConfig
 from .loading import AppConfig, load_serving_model
 from .messages import (AnswerChunk, AnswerEnd, AnswerError, BackboneInfo, CodecInfo, Conversation, GenerateOptions,
                        VocodedAudio, VocodeFailed, VocodeItem)
+from .protocol import RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S
 
 log = logging.getLogger("ray.serve")
 EXPERT_LOAD_FLUSH_S = 1.0  # how often the expert-load and token counters are pushed to the metrics
@@ -98,13 +102,15 @@ class Backbone:
         self.cfg, self.vocoder = cfg, vocoder
         self.model = load_serving_model(cfg)
         self.tok = load_tokenizer(cfg.tokenizer, self.model.cfg.text_vocab_size)
-        self.engine = _make_engine(self.model, cfg.max_rows, cfg.kept_contexts)
+        self.engine = _make_engine(self.model, cfg.max_rows, cfg.kept_contexts, cfg.queue_limit())
         self._inbox: list[_Session] = []  # submitted by generate(), handed to the engine between steps
         self._to_cancel: list[_Session] = []
         self._sessions: dict[int, _Session] = {}  # admitted and not yet ended (decoding, or audio on the way)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._vocoder_calls = 0  # in flight
+        self._step_s = 0.02  # a decoding step's wall time (moving average): Retry-After estimates
+        self._overloaded = 0  # sessions refused because max_queued already waited
         self._codec_info: CodecInfo | None = None
         self._tokens = {"text": 0, "speech": 0}
         self._flushed_at = time.perf_counter()
@@ -137,7 +143,8 @@ class Backbone:
         """The engine's counters and this replica's sessions and vocoder calls in flight (``/healthz`` shows
         them as they are)."""
         return {**self.engine.stats(), "sessions": len(self._sessions) + len(self._inbox),
-                "vocoder_calls": self._vocoder_calls}
+                "vocoder_calls": self._vocoder_calls, "max_queued": self.cfg.queue_limit(),
+                "overloaded": self._overloaded}
 
     async def generate(self, conv: Conversation, options: GenerateOptions = GenerateOptions()
                        ) -> AsyncIterator[AnswerChunk]:
@@ -260,7 +267,9 @@ class Backbone:
                     if not self._inbox and not self._to_cancel:
                         await self._wake.wait()
                     continue
+                t = time.perf_counter()
                 events = await asyncio.to_thread(self.engine.step)
+                self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - t)
                 self._route(events)
                 self._send_to_vocoder()
                 self._flush_metrics()
@@ -274,6 +283,8 @@ class Backbone:
                 await asyncio.sleep(0.01)  # a fault that repeats must not spin the replica's loop
 
     def _admit_and_cancel(self) -> None:
+        from deepomni.serve.engine import Overloaded
+
         for sess in self._inbox:
             if sess.cancelled:
                 continue
@@ -281,6 +292,13 @@ class Backbone:
                 sess.sid = self.engine.submit(sess.request)
             except ValueError as e:
                 sess.queue.put_nowait(("error", AnswerError("prompt_too_long", str(e))))
+                continue
+            except Overloaded as e:  # refused at once: the queue stays bounded (docs/serving.md "Overload")
+                self._overloaded += 1
+                retry = min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, math.ceil(e.steps_to_free * self._step_s)))
+                sess.queue.put_nowait(("error", AnswerError(
+                    "overloaded", f"the server is overloaded: {e.waiting} sessions already wait for the model "
+                                  f"(max_queued={e.max_queued}); try again in {retry} s", retry)))
                 continue
             self._sessions[sess.sid] = sess
         self._inbox.clear()
@@ -395,8 +413,8 @@ class Backbone:
                     "layer": str(self.engine.moe_layer_ids[layer]), "expert": str(expert), "modality": modality})
 
 
-def _make_engine(model, max_rows: int, kept_contexts: int):
+def _make_engine(model, max_rows: int, kept_contexts: int, max_queued: int | None = None):
     """The one place that knows the continuous-batching engine (``deepomni.serve.engine``)."""
     from deepomni.serve.engine import BatchEngine
 
-    return BatchEngine(model, max_rows=max_rows, prefix_entries=kept_contexts)
+    return BatchEngine(model, max_rows=max_rows, prefix_entries=kept_contexts, max_queued=max_queued)

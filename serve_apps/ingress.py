@@ -9,12 +9,15 @@ One answer, whichever endpoint asked for it (:meth:`Ingress._answer`):
 streams the PCM that comes back). While the ingress sends one chunk on, the backbone goes on; the next
 item it streams holds everything produced meanwhile, so chunks grow when the client is slow. Every
 refusal is a :class:`~serve_apps.protocol.Rejection` (HTTP status + reason), counted in
-``deepomni_rejected_requests`` by reason.
+``deepomni_rejected_requests`` by reason. With an API key, :class:`~serve_apps.auth.ApiKeyMiddleware` in front
+of the whole app refuses what comes without it (``serve_apps/auth.py``); a Backbone too busy to queue another
+session refuses it as ``overloaded`` (503 + ``Retry-After``), as does Serve's backpressure on its handles.
 """
 
 
 import asyncio
 import base64
+import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,9 +26,10 @@ import numpy as np
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from . import openai_routes
+from . import auth, openai_routes
 from .loading import AppConfig
 from .messages import (AnswerChunk, AudioRejected, BackboneInfo, Conversation, ConversationTurn, EncodedSpeech,
                        EncoderInfo, GenerateOptions)
@@ -39,10 +43,18 @@ STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "pcm-rec
 MAX_TEXT_CHARS = 4000
 
 app = FastAPI(title="DeepOmni", description="Spoken dialogue with a speech-text MoE LM (docs/serving.md)")
+app.add_middleware(auth.ApiKeyMiddleware)  # before @serve.ingress freezes the app; the keys: Ingress.__init__
 
 
 def _status(e: Rejection) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+
+
+def _overloaded(e: Exception) -> Rejection:
+    """Serve's own backpressure (a deployment's ``max_queued_requests``, config.yaml) as our refusal."""
+    retry = getattr(e, "retry_after_s", None)
+    return reject("overloaded", "the server is overloaded: too many requests wait for the model; try again "
+                  "shortly", max(1, math.ceil(retry)) if retry else 1)
 
 
 def _native(ev: dict) -> dict:
@@ -180,6 +192,9 @@ class Ingress:
 
         self.encoder, self.backbone, self.cfg = encoder, backbone, cfg
         self.metrics = ingress_metrics()
+        # the API key (app arg, else this process's DEEPOMNI_API_KEY), for the middleware of this replica's app
+        auth.configure(auth.resolve_keys(cfg.api_key), lambda endpoint: self._rejected(
+            Rejection(401, "unauthorized", ""), endpoint))
         self.audio_ids = AudioIds()  # spoken chat answers' transcripts, for clients that send them back by id
         self.started = int(time.time())
         self.max_text_chars = MAX_TEXT_CHARS
@@ -289,7 +304,10 @@ class Ingress:
 
     # ------------------------------------------------------------------------------------ one answer
     async def _encode_speech(self, audio: bytes, pcm_rate: int | None) -> EncodedSpeech:
-        out: EncodedSpeech | AudioRejected = await self.encoder.encode.remote(audio, pcm_rate)
+        try:
+            out: EncodedSpeech | AudioRejected = await self.encoder.encode.remote(audio, pcm_rate)
+        except BackPressureError as e:
+            raise _overloaded(e) from e
         if isinstance(out, AudioRejected):
             raise reject(out.reason, out.message)
         return out
@@ -312,7 +330,8 @@ class Ingress:
             async for item in stream:  # AnswerChunk
                 if item.error is not None:
                     reason = item.error.reason
-                    raise reject(reason if reason in REASONS else "internal_error", item.error.message)
+                    raise reject(reason if reason in REASONS else "internal_error", item.error.message,
+                                 item.error.retry_after_s)
                 if not started:
                     started = True
                     yield {"type": "start", "sample_rate": sr, "format": AUDIO_FORMAT, "speech": opts.speech}
@@ -346,6 +365,8 @@ class Ingress:
                            "prompt_tokens": end.prompt_tokens, "cached_tokens": end.cached_tokens,
                            "dropped_turns": end.dropped_turns, "summary": end}
                     return
+        except BackPressureError as e:  # Serve refused the call: the Backbone's max_queued_requests (config.yaml)
+            raise _overloaded(e) from e
         finally:
             if not finished:
                 stream.cancel()
@@ -374,13 +395,13 @@ class Ingress:
 
     @app.websocket("/v1/realtime")
     async def realtime(self, ws: WebSocket) -> None:  # OpenAI's Realtime API (serve_apps/realtime.py)
-        await ws.accept()
+        await ws.accept(subprotocol=auth.accept_subprotocol(ws.scope.get("subprotocols")))
         await RealtimeSession(self, ws).run()
 
     # ------------------------------------------------------------------------------------ WS /v1/dialogue/ws
     @app.websocket("/v1/dialogue/ws")
     async def dialogue_ws(self, ws: WebSocket) -> None:
-        await ws.accept()
+        await ws.accept(subprotocol=auth.accept_subprotocol(ws.scope.get("subprotocols")))
         session = _NativeSession(self, ws)
         try:
             await session.run()

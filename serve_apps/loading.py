@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -45,6 +45,10 @@ class AppConfig:
     encoder_threads: int = 2  # the SpeechEncoder's (bursty, on the way to the first audio: 25 -> 13 ms a turn)
     seed: int = 0  # random init when there is no checkpoint
     max_rows: int = 32  # BatchEngine rows per Backbone replica (a speech answer takes 2, then 1)
+    # sessions that may wait for rows per Backbone replica; one more is refused at once (503 overloaded,
+    # Retry-After). None: max_rows (with Backbone's max_ongoing_requests 64 in config.yaml: 32 rows' worth
+    # of answers + 32 waiting); 0: refuse whatever cannot start at once
+    max_queued: int | None = None
     max_steps: int = 256  # default decoding steps per answer
     max_steps_limit: int = 1024  # the most a request may ask for
     max_body_bytes: int = 8 * 1024 * 1024  # request body / one WebSocket turn's audio
@@ -52,6 +56,10 @@ class AppConfig:
     # the answer's max_steps must fit too), and conversations whose context a Backbone replica keeps cached
     max_context: int = 2048
     kept_contexts: int = 64
+    # the API key every endpoint but /healthz, / and /static/* asks for (docs/serving.md "Authentication");
+    # None: the environment's DEEPOMNI_API_KEY, read by each Ingress replica; neither: no key. Several keys
+    # (rotation): comma-separated. Kept out of repr(): a config that is printed does not show it.
+    api_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_args(cls, args: dict | None) -> AppConfig:
@@ -64,9 +72,9 @@ class AppConfig:
         out = {}
         for k, v in args.items():
             if v is None or v == "":
-                out[k] = None if k in ("checkpoint", "codec") else known[k].default
+                out[k] = None if k in ("checkpoint", "codec", "max_queued", "api_key") else known[k].default
             elif k in ("torch_threads", "encoder_threads", "seed", "max_rows", "max_steps", "max_steps_limit", "max_body_bytes",
-                       "max_context", "kept_contexts"):
+                       "max_context", "kept_contexts", "max_queued"):
                 out[k] = int(v)
             else:
                 out[k] = str(v)
@@ -76,7 +84,13 @@ class AppConfig:
                                     f"(no config.json)")
         if not 1 <= cfg.max_steps <= cfg.max_steps_limit:
             raise ValueError(f"max_steps must be in [1, max_steps_limit={cfg.max_steps_limit}], got {cfg.max_steps}")
+        if cfg.max_queued is not None and cfg.max_queued < 0:
+            raise ValueError(f"max_queued must be >= 0 (or null: max_rows), got {cfg.max_queued}")
         return cfg
+
+    def queue_limit(self) -> int:
+        """Sessions that may wait for rows in one Backbone replica (``max_queued``, default ``max_rows``)."""
+        return self.max_rows if self.max_queued is None else self.max_queued
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -87,8 +87,9 @@ class AnswerEnd:
 
 @dataclass(frozen=True)
 class AnswerError:
-    reason: str  # prompt_too_long | internal_error
+    reason: str  # prompt_too_long | overloaded | internal_error
     message: str
+    retry_after_s: int | None = None  # overloaded: when a row should be free again (estimated)
 
 
 @dataclass(frozen=True)

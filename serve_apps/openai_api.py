@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .protocol import Rejection
+from .protocol import Rejection, http_headers
 
 MODEL_ID = "deepomni"  # the one model a server holds (``GET /v1/models``)
 OPENAI_SAMPLE_RATE = 24000  # audio out (and Realtime audio in): OpenAI's clients assume 24 kHz PCM
@@ -39,28 +39,35 @@ REFUSED_CHAT_FIELDS = ("tools", "functions", "tool_choice", "function_call")
 
 # our rejection reasons -> OpenAI error types
 _TYPES = {413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
-          400: "invalid_request_error", 404: "invalid_request_error", 500: "server_error"}
+          400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          500: "server_error", 503: "server_error"}
+# our rejection reasons whose OpenAI error code is another word (the rest are their own code)
+OPENAI_CODES = {"unauthorized": "invalid_api_key", "overloaded": "server_overloaded"}
 
 
 class OpenAIError(Exception):
-    """An error as OpenAI's API answers it; ``code`` is also our rejection reason (the metrics' tag)."""
+    """An error as OpenAI's API answers it. ``reason`` is our rejection reason (the metrics' tag): ``code``
+    unless it says otherwise (``unauthorized`` is OpenAI's ``invalid_api_key``, ``overloaded`` its
+    ``server_overloaded``). ``retry_after_s`` goes out as ``Retry-After``, which OpenAI's clients honour."""
 
     def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, reason: str | None = None, retry_after_s: int | None = None):
         super().__init__(status, message, code, param)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-
-    @property
-    def reason(self) -> str:
-        return self.code
+        self.reason = reason or code
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def headers(self) -> dict[str, str]:
+        return http_headers(self.status, self.retry_after_s)
+
     @classmethod
     def from_rejection(cls, e: Rejection, param: str | None = None) -> OpenAIError:
-        return cls(e.status, e.message, e.reason, param)
+        return cls(e.status, e.message, OPENAI_CODES.get(e.reason, e.reason), param, reason=e.reason,
+                   retry_after_s=e.retry_after_s)
 
 
 def bad(message: str, param: str | None = None, code: str = "bad_request", status: int = 400) -> OpenAIError:

@@ -64,7 +64,7 @@ class AudioIds:
 
 
 def error_response(e: OpenAIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
 
 async def _refused(ing: Ingress, e: Exception, endpoint: str) -> JSONResponse:

@@ -33,14 +33,32 @@ def pcm_s16le_to_float(data: bytes) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ rejections
 class Rejection(Exception):
     """A request we refuse: HTTP status, a machine-readable ``reason`` (the metric's tag) and a message for
-    the person who sent it. Over WebSocket the same reasons travel in ``error`` messages or close frames."""
+    the person who sent it. Over WebSocket the same reasons travel in ``error`` messages or close frames.
+    ``retry_after_s`` (``overloaded``): when to try again, sent as ``Retry-After`` and in the body."""
 
-    def __init__(self, status: int, reason: str, message: str):
+    def __init__(self, status: int, reason: str, message: str, retry_after_s: int | None = None):
         super().__init__(status, reason, message)
         self.status, self.reason, self.message = status, reason, message
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict:
-        return {"error": {"reason": self.reason, "message": self.message}}
+        err = {"reason": self.reason, "message": self.message}
+        if self.retry_after_s is not None:
+            err["retry_after_s"] = self.retry_after_s
+        return {"error": err}
+
+    def headers(self) -> dict[str, str]:
+        return http_headers(self.status, self.retry_after_s)
+
+
+def http_headers(status: int, retry_after_s: int | None) -> dict[str, str]:
+    """The headers a refusal carries: ``Retry-After`` (503), ``WWW-Authenticate`` (401, RFC 6750)."""
+    out = {}
+    if retry_after_s is not None:
+        out["Retry-After"] = str(retry_after_s)
+    if status == 401:
+        out["WWW-Authenticate"] = 'Bearer realm="deepomni"'
+    return out
 
 
 # reason -> HTTP status (docs/serving.md "Errors"); every reason is also a value of the rejected metric's tag
@@ -57,12 +75,15 @@ REASONS = {
     "bad_audio": 422,  # other unusable audio (sample rate, NaN samples, ...)
     "prompt_too_long": 422,  # the prompt does not fit the model's positions
     "protocol_error": 400,  # WebSocket: a message the protocol does not allow here
+    "unauthorized": 401,  # an API key is set (docs/serving.md "Authentication") and the request lacks it
+    "overloaded": 503,  # max_queued sessions already wait for the model's rows: try again after Retry-After
     "internal_error": 500,  # generation failed (a bug): the server logs it and keeps serving
 }
+RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 30  # the Retry-After an overloaded server suggests, clamped
 
 
-def reject(reason: str, message: str) -> Rejection:
-    return Rejection(REASONS[reason], reason, message)
+def reject(reason: str, message: str, retry_after_s: int | None = None) -> Rejection:
+    return Rejection(REASONS[reason], reason, message, retry_after_s)
 
 
 def audio_reason(message: str) -> str:
@@ -175,6 +196,7 @@ WS_UNSUPPORTED_DATA = 1003  # a message kind the protocol does not know ("type" 
 WS_INVALID_PAYLOAD = 1007  # a text frame that is not a JSON object, or pcm_s16le audio of odd length
 WS_POLICY_VIOLATION = 1008  # a message not allowed in the current state, or invalid fields
 WS_MESSAGE_TOO_BIG = 1009  # one turn's audio over max_body_bytes
+# WS_POLICY_VIOLATION also closes a connection without the API key (after an ``error`` message saying so)
 WS_INTERNAL_ERROR = 1011
 
 WS_INPUT_FORMATS = ("pcm_s16le", "file")  # binary frames of a turn: raw PCM at sample_rate, or one audio file

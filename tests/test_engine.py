@@ -11,7 +11,7 @@ from deepomni.model.channels import CodecSpecial, TextSpecial
 from deepomni.model.generate import GenerationConfig, generate
 from deepomni.model.model import DeepOmniModel
 from deepomni.model.prompt import Turn, conversation, fitting_starts, prompt_length, user_turn
-from deepomni.serve.engine import BatchEngine, Request
+from deepomni.serve.engine import BatchEngine, Overloaded, Request
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,44 @@ def test_queue_when_rows_run_out(model):
         engine.submit(Request(p, None, GenerationConfig(max_steps=5, speech=True, seed=0)))
     engine.step()
     assert engine.stats()["queued"] >= 2 and engine.cache.n <= 2
+
+
+def test_a_bounded_queue_refuses_at_once(model):
+    """max_queued: sessions that fit the free rows never count as waiting (even submitted before the step
+    that admits them); the one beyond max_queued waiters is refused with an estimate of when a row frees."""
+    p = user_turn(model.layout, list(range(10, 30)))
+
+    def req(speech: bool, n: int = 40) -> Request:
+        return Request(p, None, GenerationConfig(max_steps=n, speech=speech, seed=0))
+
+    with pytest.raises(ValueError, match="max_queued"):
+        BatchEngine(model, max_rows=2, max_queued=-1)
+    engine = BatchEngine(model, max_rows=3, max_queued=1)
+    a, b = engine.submit(req(True)), engine.submit(req(False))  # 2 rows + 1 row: both start at the next step
+    assert engine.waiting() == 0
+    c = engine.submit(req(False))  # waits: the one place in the queue
+    assert engine.waiting() == 1
+    with pytest.raises(Overloaded) as e:
+        engine.submit(req(False))
+    assert (e.value.waiting, e.value.max_queued, e.value.steps_to_free) == (1, 1, 1)  # nothing live yet
+    engine.step()
+    assert engine.stats()["active_sessions"] == 2 and engine.stats()["queued"] == 1
+    with pytest.raises(Overloaded) as e:
+        engine.submit(req(False))
+    assert 1 <= e.value.steps_to_free <= 39  # until a or b has decoded its last step
+    engine.cancel(c)  # a waiter that gives up frees its place
+    d = engine.submit(req(False))
+    ended = set()
+    while not engine.idle:
+        assert engine.waiting() <= 1  # (a cancelled waiter stays in the queue until the next step drops it)
+        ended |= {sid for sid, ev in engine.step() if ev.kind == "end"}
+    assert ended == {a, b, d}
+    # max_queued=0: whatever cannot start at once is refused
+    engine = BatchEngine(model, max_rows=2, max_queued=0)
+    engine.submit(req(False))
+    with pytest.raises(Overloaded):
+        engine.submit(req(True))  # 2 rows, 1 free
+    engine.submit(req(False))
 
 
 def test_expert_load_by_modality(model):

@@ -46,6 +46,16 @@ DEFAULT_MAX_LEN = 4096  # positions per row: a spoken turn of ~60 s in + ~4 min 
 DEFAULT_PREFIX_ENTRIES = 64  # conversations whose context is kept (LRU)
 
 
+class Overloaded(Exception):
+    """:meth:`BatchEngine.submit` when ``max_queued`` sessions already wait for rows: the session is refused
+    at once instead of joining a queue that would only grow. ``steps_to_free``: decoding steps until the
+    first live session ends (at most its ``max_steps``), so the caller can say when to try again."""
+
+    def __init__(self, waiting: int, max_queued: int, steps_to_free: int):
+        super().__init__(f"{waiting} sessions already wait for rows (max_queued={max_queued})")
+        self.waiting, self.max_queued, self.steps_to_free = waiting, max_queued, steps_to_free
+
+
 @dataclass
 class Request:
     prompt_LC: torch.Tensor  # LongTensor [L, C]: the prompt (see deepomni.model.prompt.conversation)
@@ -136,13 +146,17 @@ class BatchEngine:
     ``max_rows`` bounds the batch (a speech answer takes 2 rows while its text lives, then 1); ``max_len``
     bounds prompt + answer positions per row (default: ``DEFAULT_MAX_LEN``, at most the model's
     ``max_position_embeddings``; the cache is preallocated, ``max_rows x max_len`` latents). Sessions
-    beyond the free rows wait in a queue, first come first served. Not thread-safe: call it from one
+    beyond the free rows wait in a queue, first come first served; with ``max_queued`` set, a session that
+    would wait while that many already do is refused (:class:`Overloaded`). Not thread-safe: call it from one
     thread (a Serve replica runs :meth:`step` in a worker thread and submits between steps)."""
 
     def __init__(self, model: DeepOmniModel, max_rows: int = 32, max_len: int | None = None,
-                 prefix_entries: int = DEFAULT_PREFIX_ENTRIES):
+                 prefix_entries: int = DEFAULT_PREFIX_ENTRIES, max_queued: int | None = None):
         if max_rows < 2:
             raise ValueError("max_rows must be at least 2 (one speech answer takes 2 rows)")
+        if max_queued is not None and max_queued < 0:
+            raise ValueError(f"max_queued must be >= 0 (or None: no limit), got {max_queued}")
+        self.max_queued = max_queued
         self.model = model.eval()
         self.max_len = min(max_len or DEFAULT_MAX_LEN, model.cfg.max_position_embeddings)
         self.cache = SlotKVCache.for_model(model, max_rows, self.max_len)
@@ -160,7 +174,8 @@ class BatchEngine:
 
     # ------------------------------------------------------------------------------------------- API
     def submit(self, request: Request) -> int:
-        """Queue a session; returns its id. Raises ``ValueError`` for a prompt that cannot fit."""
+        """Queue a session; returns its id. Raises ``ValueError`` for a prompt that cannot fit, and
+        :class:`Overloaded` when it would wait for rows behind ``max_queued`` waiting sessions."""
         L, C = request.prompt_LC.shape
         if C != self.model.layout.num_channels:
             raise ValueError(f"prompt has {C} channels, the model {self.model.layout.num_channels}")
@@ -170,6 +185,10 @@ class BatchEngine:
         n_given = 0 if request.audio_ND is None else request.audio_ND.shape[0]
         if n_audio != n_given:
             raise ValueError(f"prompt has {n_audio} AUDIO positions but {n_given} speech frames were given")
+        if self.max_queued is not None:
+            waiting = self.waiting(extra=request)
+            if waiting > self.max_queued:  # counting this one: it would wait behind max_queued others
+                raise Overloaded(waiting - 1, self.max_queued, self._steps_to_free())
         sess = _Session(next(self._ids), request)
         self._sessions[sess.sid] = sess
         self._queue.append(sess)
@@ -180,6 +199,27 @@ class BatchEngine:
         sess = self._sessions.get(sid)
         if sess is not None:
             sess.cancelled = True
+
+    def _rows_needed(self, request: Request) -> int:
+        return 2 if request.gen.speech and self.model.layout.num_codec_channels > 0 else 1  # AnswerDecoder.n_items
+
+    def waiting(self, extra: Request | None = None) -> int:
+        """Queued sessions the free rows will not take at the next step (first come first served, as
+        :meth:`step` admits them), counting ``extra`` as if it were queued last. Between steps only."""
+        free = self.cache.free_rows
+        n = 0
+        for req in [s.request for s in self._queue if not s.cancelled] + ([extra] if extra is not None else []):
+            need = self._rows_needed(req)
+            if n == 0 and need <= free:
+                free -= need
+            else:
+                n += 1
+        return n
+
+    def _steps_to_free(self) -> int:
+        """Decoding steps until the first live session ends at the latest (its steps left), 1 if none."""
+        left = [s.decoder.cfg.max_steps - s.decoder.step for s in self._live if not s.cancelled]
+        return max(1, min(left, default=1))
 
     @property
     def idle(self) -> bool:

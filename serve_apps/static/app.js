@@ -2,7 +2,13 @@
 // and shows the transcript. Follows docs/serving.md ("WebSocket /v1/dialogue/ws").
 //
 // State for tests and people, on <body>: data-state (idle | connecting | recording | answering | done |
-// error), data-chunks-played (answer audio chunks scheduled for playback), data-turns (answers ended).
+// error | needs-key), data-chunks-played (answer audio chunks scheduled for playback), data-turns (answers
+// ended).
+//
+// A server with an API key ("Authentication" in docs/serving.md) closes the WebSocket with 1008 after an
+// "unauthorized" error: the page then asks for the key, keeps it for this tab (sessionStorage) and sends it
+// as the subprotocol openai-insecure-api-key.<key> (a browser cannot set headers on a WebSocket), or as
+// ?api_key= when the key has characters a subprotocol may not hold.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -35,12 +41,28 @@ async function audioContext() {
   return ctx;
 }
 
+const KEY_ITEM = "deepomni-api-key";
+const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;  // what a subprotocol may hold (RFC 6455 / 7230 token)
+let needsKey = false;
+
+function askForKey(msg) {
+  needsKey = true;
+  $("keyrow").hidden = false;
+  $("apikey").focus();
+  setState("needs-key", msg);
+}
+
 function connect() {
   if (ready) return ready;
+  if (needsKey) return Promise.reject(new Error("this server needs an API key"));
   setState("connecting", "connecting…");
   const url = new URL("v1/dialogue/ws", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-  ws = new WebSocket(url);
+  const key = sessionStorage.getItem(KEY_ITEM);
+  const protocols = ["deepomni"];
+  if (key && TOKEN.test(key)) protocols.push("openai-insecure-api-key." + key);
+  else if (key) url.searchParams.set("api_key", key);
+  ws = new WebSocket(url, protocols);
   ws.binaryType = "arraybuffer";
   ready = new Promise((resolve, reject) => {
     ws.onmessage = (ev) => {
@@ -54,7 +76,12 @@ function connect() {
     };
     ws.onclose = (ev) => {
       ready = null;
-      if (body.dataset.state !== "error") setState("idle", `disconnected (${ev.code}${ev.reason ? ": " + ev.reason : ""})`);
+      if (ev.code === 1008 && ev.reason === "unauthorized") {
+        askForKey(sessionStorage.getItem(KEY_ITEM) ? "that API key was refused: enter the server's key"
+                                                  : "this server needs an API key: enter it above");
+      } else if (body.dataset.state !== "error") {
+        setState("idle", `disconnected (${ev.code}${ev.reason ? ": " + ev.reason : ""})`);
+      }
       reject(new Error("closed"));
     };
   });
@@ -77,6 +104,8 @@ function onMessage(msg) {
       msg.rtf != null ? `RTF ${msg.rtf.toFixed(2)}` : ""];
     $("stats").textContent = parts.filter(Boolean).join(" · ");
     setState("done", "ready for the next question");
+  } else if (msg.type === "error" && msg.reason === "unauthorized") {
+    return;  // the close that follows (1008) asks for the key
   } else if (msg.type === "error") {
     const line = addLine("bot err", "error:", `${msg.message} (${msg.reason})`);
     line.parentElement.classList.add("err");
@@ -139,7 +168,7 @@ $("talk").onclick = async () => {
   try {
     if (recording) stopRecording(); else await startRecording();
   } catch (e) {
-    setState("error", `microphone or connection failed: ${e.message || e}`);
+    if (!needsKey) setState("error", `microphone or connection failed: ${e.message || e}`);
   }
 };
 
@@ -154,8 +183,24 @@ async function sendText() {
     ws.send(JSON.stringify({type: "text", text: q}));
     setState("answering", "thinking…");
   } catch (e) {
-    setState("error", `connection failed: ${e.message || e}`);
+    if (!needsKey) setState("error", `connection failed: ${e.message || e}`);
   }
 }
 $("send").onclick = sendText;
+
+async function useKey() {
+  const key = $("apikey").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY_ITEM, key);
+  $("apikey").value = "";
+  $("keyrow").hidden = true;
+  needsKey = false;
+  try {
+    await connect();
+  } catch (e) {
+    if (!needsKey) setState("error", `connection failed: ${e.message || e}`);
+  }
+}
+$("usekey").onclick = useKey;
+$("apikey").addEventListener("keydown", (e) => { if (e.key === "Enter") useKey(); });
 $("question").addEventListener("keydown", (e) => { if (e.key === "Enter") sendText(); });
