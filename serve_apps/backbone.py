@@ -195,7 +195,8 @@ class Backbone:
                                     cached_tokens=0 if pre is None else pre.cached_tokens,
                                     audio_prompt_tokens=n_audio, dropped_turns=dropped,
                                     finish_reason="length" if steps >= max_steps else "stop",
-                                    codec_channels=self.model.layout.num_codec_channels)
+                                    codec_channels=self.model.layout.num_codec_channels,
+                                    text_ids=tuple(texts.ids))
                 yield AnswerChunk(text=delta, pcm=np.concatenate(pcm) if pcm else None, end=end, error=error)
         finally:
             if not done:  # the caller went away (or was cancelled) mid-answer: free the session's rows
@@ -227,7 +228,10 @@ class Backbone:
         system = tok.encode(conv.system if conv.system is not None else INSTRUCTIONS[task])
         turns = []
         for t in conv.turns:
-            ids = None if t.text is None and t.audio_ND is not None else tuple(tok.encode(t.text or ""))
+            if t.text_ids is not None:
+                ids = tuple(t.text_ids)
+            else:
+                ids = None if t.text is None and t.audio_ND is not None else tuple(tok.encode(t.text or ""))
             turns.append(Turn(t.role, ids, None if t.audio_ND is None else int(t.audio_ND.shape[0])))
         room = min(self.cfg.max_context, self.engine.max_len - 1 - max_steps)
 

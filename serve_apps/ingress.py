@@ -148,7 +148,7 @@ class _NativeSession:
 
     async def answer(self, turn: int, audio: bytes | None, text: str | None, t0: float) -> None:
         ws, events, said = self.ws, None, []
-        user, dropped = None, 0
+        user, dropped, ids = None, 0, None
         try:
             audio_ND = None
             if audio is not None:
@@ -163,7 +163,7 @@ class _NativeSession:
                 if ev["type"] == "text":
                     said.append(ev["delta"])
                 elif ev["type"] == "end":
-                    dropped = ev["dropped_turns"]
+                    dropped, ids = ev["dropped_turns"], ev["summary"].text_ids
                 await ws.send_json({**_native(ev), "turn": turn})
         except Rejection as e:  # a bad turn: said so, counted, and the connection goes on
             self.ing._rejected(e, "dialogue_ws")
@@ -179,7 +179,8 @@ class _NativeSession:
             if events is not None:
                 await events.aclose()
             if user is not None:  # the turns the model no longer reads are forgotten here too
-                self.history = [*self.history[dropped:], user, ConversationTurn("assistant", "".join(said))]
+                answer = ConversationTurn("assistant", "".join(said), text_ids=ids)  # ids: a finished answer's
+                self.history = [*self.history[dropped:], user, answer]
 
 
 @serve.deployment(name="Ingress")  # replicas, autoscaling, num_cpus: config.yaml

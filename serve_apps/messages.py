@@ -43,6 +43,9 @@ class ConversationTurn:
     role: str  # "user" | "assistant"
     text: str | None = None  # a user's written words, or an assistant's answer (its transcript)
     audio_ND: np.ndarray | None = None  # a user's speech, projected (EncodedSpeech.audio_ND)
+    # an answer's own token ids (AnswerEnd.text_ids): read instead of re-encoding ``text``, so the prompt
+    # holds exactly what the answer's text item read (the kept context matches, whatever the tokenizer)
+    text_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class AnswerEnd:
     dropped_turns: int = 0  # oldest turns left out to fit max_context
     finish_reason: str = "stop"  # "stop" (the model ended) | "length" (max_steps)
     codec_channels: int = 0  # K: an audio frame is K codec tokens
+    text_ids: tuple[int, ...] = ()  # the answer's text token ids (for ConversationTurn.text_ids)
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,7 @@ class Item:
     audio_ND: np.ndarray | None = None
     status: str = "completed"
     audio_bytes: int = 0  # an assistant answer's audio sent (for truncate)
+    text_ids: tuple[int, ...] | None = None  # a finished answer's own token ids (what the model read)
 
     def body(self) -> dict:
         return {"id": self.id, "object": "realtime.item", "type": "message", "role": self.role,
@@ -304,7 +305,8 @@ def _turns(items: list[Item]) -> tuple[ConversationTurn, ...]:
             audio = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else None)
             turns[-1] = ConversationTurn(it.role, text if text or audio is not None else "", audio)
         else:
-            turns.append(ConversationTurn(it.role, it.text if it.text or it.audio_ND is not None else "", it.audio_ND))
+            turns.append(ConversationTurn(it.role, it.text if it.text or it.audio_ND is not None else "", it.audio_ND,
+                                          text_ids=it.text_ids))
     if turns and turns[0].role == "assistant":
         turns.insert(0, ConversationTurn("user", ""))
     if not turns or turns[-1].role != "user":
@@ -581,6 +583,7 @@ class RealtimeSession:
         end = int(_number(ev.get("audio_end_ms"), "audio_end_ms", 0, it.audio_bytes // MS, integer=True))
         text = it.text or ""
         it.text = text[:round(len(text) * end * MS / it.audio_bytes)] if it.audio_bytes else ""
+        it.text_ids = None  # what was heard is only part of what the model said
         it.content = [{"type": "output_audio", "transcript": it.text}]
         it.audio_bytes = end * MS
         await self.send("conversation.item.truncated", item_id=it.id, content_index=0, audio_end_ms=end)
@@ -711,6 +714,7 @@ class RealtimeSession:
         if item is not None:
             text = "".join(said)
             item.text = text
+            item.text_ids = None if end is None else end.text_ids
             item.status = "completed" if status == "completed" else "incomplete"
             item.content = [{"type": f"output_{part}", key: text}]
             output = [item.body()]
