@@ -58,6 +58,7 @@ _DEFAULT_SUBTYPE = {"FLAC": "PCM_16", "WAV": "PCM_16"}  # others: soundfile.defa
 _UNKNOWN_SIZE = 0xFFFF_0000  # this and above
 _UNKNOWN_SIZES = frozenset({0x7FFF_F000, 0x7FFF_FFFF})
 _WAV_DATA_LOG = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_READ_BLOCK_SAMPLES = 1 << 22  # decode in blocks of this many samples (16 MB of float32), see _read_frames
 
 
 class AudioError(ValueError):
@@ -190,6 +191,24 @@ def _declared_wav_bytes(f: sf.SoundFile) -> tuple[int, int] | None:
     return None
 
 
+def _read_frames(f: sf.SoundFile, frames: int) -> np.ndarray:
+    """Up to ``frames`` float32 ``[frames, channels]``, read block by block: soundfile allocates what it is
+    asked for up front, and a header may declare far more than the file holds (a few hundred bytes of FLAC
+    can claim 2**36 frames), so memory follows what really decodes, not what the header says."""
+    block = max(1, _READ_BLOCK_SAMPLES // f.channels)
+    parts, left = [], frames
+    while left > 0:
+        want = min(left, block)
+        part = f.read(want, dtype="float32", always_2d=True)
+        parts.append(part)
+        left -= len(part)
+        if len(part) < want:  # the end of what decodes
+            break
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.zeros((0, f.channels), dtype=np.float32)
+
+
 def _decode(src: AudioSource, max_seconds: float | None, truncate: bool) -> tuple[np.ndarray, int, str]:
     """Decode -> (float32 ``[frames, channels]``, sample rate, name), refusing cut or empty files."""
     with _open(src) as (f, name):
@@ -202,7 +221,7 @@ def _decode(src: AudioSource, max_seconds: float | None, truncate: bool) -> tupl
             raise AudioError(f"{name} is truncated: its WAV data chunk declares {cut[0]} bytes but only "
                              f"{cut[1]} are present")
         keep = _limit_frames(f.frames, sr, max_seconds, truncate, name)
-        data = f.read(keep, dtype="float32", always_2d=True)
+        data = _read_frames(f, keep)
         # an MP3's length may be estimated from its bitrate: allow a little slack; other formats are exact
         slack = max(2 * 1152, keep // 100) if f.format == "MP3" else 0
         if len(data) < keep - slack:

@@ -218,7 +218,8 @@ def parse_chat(data: dict, max_steps_limit: int, max_chars: int,
     req.system = "\n".join(s for s in system if s) or None
 
     modalities = data.get("modalities") or ["text"]
-    if not isinstance(modalities, list) or not set(modalities) <= {"text", "audio"} or "text" not in modalities:
+    if (not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities)  # set(): hashable only
+            or not set(modalities) <= {"text", "audio"} or "text" not in modalities):
         raise bad('modalities must be ["text"] or ["text", "audio"]', "modalities")
     req.speech = "audio" in modalities
     audio = data.get("audio")
