@@ -209,6 +209,7 @@ class Ingress:
             bb: BackboneInfo
             enc, bb = await asyncio.gather(self.encoder.info.remote(), self.backbone.info.remote())
             self._info = {"sample_rate": bb.codec.sample_rate, "format": AUDIO_FORMAT, "codec": bb.codec.codec,
+                          "frame_rate": bb.codec.frame_rate, "codec_channels": bb.num_codec_channels,
                           "max_seconds": enc.max_seconds, "max_body_bytes": self.cfg.max_body_bytes,
                           "max_steps": self.cfg.max_steps, "max_steps_limit": self.cfg.max_steps_limit}
         return self._info

@@ -108,11 +108,13 @@ def deltas(events, kind: str) -> list[str]:
     return [e.delta for e in events if e.type == kind]
 
 
-def codec() -> tuple[float, int]:
-    from ray import serve
+def codec(server: str) -> tuple[float, int]:
+    """The codec's frame rate and channels, as /healthz reports them (over HTTP: a driver-side Serve handle
+    fails outside an event loop in Serve's throughput mode)."""
+    import requests
 
-    info = serve.get_deployment_handle("Backbone", app_name="deepomni").info.remote().result()
-    return info.codec.frame_rate, info.num_codec_channels
+    info = requests.get(f"{server}/healthz", timeout=30).json()
+    return info["frame_rate"], info["codec_channels"]
 
 
 # ------------------------------------------------------------------------------------------ no server
@@ -153,7 +155,7 @@ def test_turns_the_backbone_dropped_are_forgotten():
 
 # ------------------------------------------------------------------------------------------ turns
 def test_two_spoken_turns_in_order_with_memory(server, question_pcm):
-    frame_rate, channels = codec()
+    frame_rate, channels = codec(server)
     usage = []
 
     async def session(conn):
