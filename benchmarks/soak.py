@@ -560,22 +560,9 @@ def readable_checkpoint(directory: Path) -> str:
     answers into text that reads back as the same tokens, so a conversation's next turn can extend the
     context the Backbone kept. (The plain random model's text ids mostly decode to nothing, so an earlier
     answer comes back as other tokens and every next turn misses the kept context.)"""
-    import torch
+    from tests.test_serve import readable_checkpoint as make  # the tests' own maker (pytest: a dev dependency)
 
-    from deepomni.checkpoint import save_model
-    from deepomni.config import load_preset
-    from deepomni.model.model import DeepOmniModel
-
-    torch.manual_seed(0)
-    model = DeepOmniModel(load_preset("tiny")).init_weights(seed=0)
-    keep = torch.zeros(model.layout.total_size, dtype=torch.bool)
-    keep[32:127] = True
-    keep[model.layout.channel_size(0):] = True  # codec channels untouched
-    with torch.no_grad():
-        for w in (model.embed.weight, model.embed.head_weight):
-            if w is not None:
-                w[~keep] = 0.0
-    return str(save_model(model, directory / "model"))
+    return make(directory / "model")
 
 
 def start_serve(args) -> tuple[str, dict, dict]:

@@ -37,10 +37,6 @@ IGNORED_CHAT_FIELDS = ("top_p", "presence_penalty", "frequency_penalty", "logit_
 # fields refused when set: the answer could not be what the client asked for
 REFUSED_CHAT_FIELDS = ("tools", "functions", "tool_choice", "function_call")
 
-# our rejection reasons -> OpenAI error types
-_TYPES = {413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
-          400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          500: "server_error", 503: "server_error"}
 # our rejection reasons whose OpenAI error code is another word (the rest are their own code)
 OPENAI_CODES = {"unauthorized": "invalid_api_key", "overloaded": "server_overloaded"}
 
@@ -54,7 +50,7 @@ class OpenAIError(Exception):
                  type: str | None = None, reason: str | None = None, retry_after_s: int | None = None):
         super().__init__(status, message, code, param)
         self.status, self.message, self.code, self.param = status, message, code, param
-        self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
         self.reason = reason or code
         self.retry_after_s = retry_after_s
 

@@ -79,6 +79,22 @@ def _usage(end: AnswerEnd) -> Usage:
                  audio_tokens=end.frames * end.codec_channels)
 
 
+async def _drain(events: AsyncIterator[dict]) -> tuple[list[str], list[np.ndarray], AnswerEnd | None]:
+    """A whole (non-streamed) answer: its text deltas, audio chunks and summary; closes the events."""
+    text, wavs, end = [], [], None
+    try:
+        async for ev in events:
+            if ev["type"] == "text":
+                text.append(ev["delta"])
+            elif ev["type"] == "audio":
+                wavs.append(ev["wav"])
+            elif ev["type"] == "end":
+                end = ev["summary"]
+    finally:
+        await events.aclose()
+    return text, wavs, end
+
+
 async def _start(events: AsyncIterator[dict]) -> dict:
     """The first event: a refusal by the backbone (prompt too long) is still a plain 4xx."""
     return await events.__anext__()
@@ -107,19 +123,11 @@ async def chat_completions(ing: Ingress, request: Request) -> Response:
     if req.stream:
         return StreamingResponse(_chat_stream(ing, shape, req, first, events), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
-    text, wavs, end, sr = [], [], None, first["sample_rate"]
+    sr = first["sample_rate"]
     try:
-        async for ev in events:
-            if ev["type"] == "text":
-                text.append(ev["delta"])
-            elif ev["type"] == "audio":
-                wavs.append(ev["wav"])
-            elif ev["type"] == "end":
-                end = ev["summary"]
+        text, wavs, end = await _drain(events)
     except Rejection as e:
         return await _refused(ing, e, "chat_completions")
-    finally:
-        await events.aclose()
     answer = "".join(text)
     audio = None
     if req.speech:
@@ -207,14 +215,9 @@ async def transcriptions(ing: Ingress, request: Request) -> Response:
     if stream:
         return StreamingResponse(_transcript_stream(ing, events), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
-        end = None
-        async for ev in events:
-            if ev["type"] == "end":
-                end = ev["summary"]
+        _, _, end = await _drain(events)
     except Rejection as e:
         return await _refused(ing, e, "transcriptions")
-    finally:
-        await events.aclose()
     text = end.text.strip()
     if fmt == "text":
         return PlainTextResponse(text + "\n")

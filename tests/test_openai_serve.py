@@ -16,7 +16,7 @@ import soundfile as sf
 
 from deepomni.audio import encode_audio, load_audio
 from serve_apps.openai_api import MODEL_ID, OPENAI_SAMPLE_RATE
-from tests.test_serve import SR, free_port, readable_checkpoint, speech_wav
+from tests.test_serve import SR, serve_app, speech_wav
 
 openai = pytest.importorskip("openai")
 MAX_CONTEXT = 256  # positions: a conversation of a few turns already drops its oldest
@@ -24,23 +24,7 @@ MAX_CONTEXT = 256  # positions: a conversation of a few turns already drops its 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from deepomni.ray_env import init_ray
-    from serve_apps import ray_mode
-    from serve_apps.app import build_app
-
-    ckpt = readable_checkpoint(tmp_path_factory.mktemp("ckpt"))
-    ray_mode.apply()
-    init_ray()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": ckpt, "max_steps": 16, "max_steps_limit": 64, "max_context": MAX_CONTEXT}),
-              name="deepomni", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    yield from serve_app(tmp_path_factory.mktemp("ckpt"), max_steps=16, max_steps_limit=64, max_context=MAX_CONTEXT)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import soxr
 
 from serve_apps.openai_api import MODEL_ID, OPENAI_SAMPLE_RATE
 from serve_apps.protocol import pcm_s16le
-from tests.test_serve import SR, backbone_stats, free_port, readable_checkpoint, speech_wav
+from tests.test_serve import SR, backbone_stats, serve_app, speech_wav
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("websockets")
@@ -41,22 +41,7 @@ DELTAS = ("response.output_audio.delta", "response.output_audio_transcript.delta
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from deepomni.ray_env import init_ray
-    from serve_apps import ray_mode
-    from serve_apps.app import build_app
-
-    ckpt = readable_checkpoint(tmp_path_factory.mktemp("ckpt"))
-    ray_mode.apply()
-    init_ray()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": ckpt, "max_steps": 16}), name="deepomni", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    yield from serve_app(tmp_path_factory.mktemp("ckpt"), max_steps=16)
 
 
 @pytest.fixture(scope="module")

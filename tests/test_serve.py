@@ -61,28 +61,31 @@ def readable_checkpoint(directory) -> str:
     return str(save_model(model, directory))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def serve_app(directory, **app_args):
+    """The Serve app on the embedded local Ray at 127.0.0.1 (as `deepomni serve` runs it: HAProxy in front
+    when installed), on :func:`readable_checkpoint`'s weights saved under ``directory``, with ``app_args``;
+    yields its base URL, then shuts Serve and Ray down (the next module starts its own). For module fixtures."""
+    import ray
     from ray import serve
 
     from deepomni.ray_env import init_ray
+    from serve_apps import ray_mode
     from serve_apps.app import build_app
 
-    import ray
-
-    from serve_apps import ray_mode
-
-    ckpt = readable_checkpoint(tmp_path_factory.mktemp("ckpt"))
-    ray_mode.apply()  # as `deepomni serve` runs (HAProxy in front when installed)
+    ckpt = readable_checkpoint(directory)
+    ray_mode.apply()
     init_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": ckpt, "max_steps": 24, "max_body_bytes": MAX_BODY}),
-              name="deepomni", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    yield base
+    serve.run(build_app({"checkpoint": ckpt, **app_args}), name="deepomni", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()  # the next module starts its own
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from serve_app(tmp_path_factory.mktemp("ckpt"), max_steps=24, max_body_bytes=MAX_BODY)
 
 
 @pytest.fixture(scope="module")
