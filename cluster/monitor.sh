@@ -81,10 +81,13 @@ case "${1:-}" in
     nohup "$prometheus" --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
       --storage.tsdb.retention.time="$retention" --web.listen-address="127.0.0.1:$port" \
       >"$dir/prometheus.log" 2>&1 </dev/null &
-    echo $! >"$pid_file"
+    started=$!
+    echo "$started" >"$pid_file"
     for _ in $(seq 1 60); do
       curl -sf "$url/-/ready" >/dev/null 2>&1 && break
-      if ! running_pid >/dev/null; then
+      # By pid alone: for a moment after the fork the child is still this shell (not yet exec'd into
+      # Prometheus), so running_pid's command-line check would call a starting Prometheus exited.
+      if ! kill -0 "$started" 2>/dev/null; then
         echo "Prometheus exited; the end of $dir/prometheus.log:" >&2
         tail -n 20 "$dir/prometheus.log" >&2
         rm -f "$pid_file"
