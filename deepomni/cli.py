@@ -77,9 +77,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.path.insert(0, repo)
         # the embedded Ray's workers inherit this process's environment, not its sys.path
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    _check_port_free(args.host, args.port)  # first: refused before Ray or the Serve settings are touched
     from serve_apps import ray_mode
 
-    ray_mode.apply()  # Serve's high-throughput mode, set before the embedded Ray starts (serve_apps/ray_mode.py)
+    # Serve's high-throughput mode, HAProxy's listeners on loopback and free ports, Ray's token auth: set before
+    # Ray Serve is imported and the embedded Ray starts (serve_apps/ray_mode.py, docs/security.md)
+    ray_mode.apply()
     from ray import serve
     from serve_apps.app import APP_NAME, build_app
 
@@ -90,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.config is not None:
         app_args["serve_config"] = args.config
     app = build_app(app_args)  # checks the args before Ray starts
-    _check_port_free(args.host, args.port)
+    _check_port_free(args.host, args.port)  # again: building the app took a while
     init_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=APP_NAME, route_prefix="/")

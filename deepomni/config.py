@@ -138,6 +138,10 @@ class DataConfig:
     feature_actors: int = 1  # actor pool size for log-mel extraction
     codec_actors: int = 1  # actor pool size for codec encoding
     actor_num_cpus: float = 0.5  # fractional CPUs per actor (2-core machines: leave room for the rest)
+    # stage actor fault tolerance (Ray's max_restarts / max_task_retries; -1 = unlimited): a killed actor is
+    # restarted and its unfinished batches rerun on it; past the limit the run fails (docs/data.md)
+    actor_max_restarts: int = 3
+    actor_task_retries: int = 3
     rows_per_file: int = 512
     seed: int = 0
 

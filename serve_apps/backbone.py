@@ -10,7 +10,10 @@ deltas and audio to the caller (:class:`~serve_apps.messages.AnswerChunk`), ever
 the caller last read. A caller that stops consuming (client gone) cancels its session. At most
 ``max_queued`` sessions wait for rows (:class:`deepomni.serve.engine.Overloaded`): the next is refused at once
 with an ``overloaded`` :class:`~serve_apps.messages.AnswerError` whose ``retry_after_s`` estimates when a row
-frees (``docs/serving.md`` "Overload"). Replicas and autoscaling: ``config.yaml``.
+frees (``docs/serving.md`` "Overload"). Faults (``serve_apps/faults.py``): a stream sends a keepalive chunk
+every ``KEEPALIVE_S`` while its answer waits, so the ingress can bound its wait for the next chunk; a Vocoder
+call that fails because its replica died ends the answers in it with an ``unavailable`` error at once, and
+every Vocoder call is bounded (:meth:`Backbone._vocoder_result`). Replicas and autoscaling: ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ray import serve
 
 from deepomni.model.generate import Event, GenerationConfig
 
+from .faults import KEEPALIVE_S, START_TIMEOUT_S, VOCODER_LOSS_WAIT_S, cause_of, unavailable
 from .loading import AppConfig, load_serving_model
 from .messages import (AnswerChunk, AnswerEnd, AnswerError, BackboneInfo, CodecInfo, Conversation, GenerateOptions,
                        VocodedAudio, VocodeFailed, VocodeItem)
@@ -109,6 +113,7 @@ class Backbone:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._vocoder_calls = 0  # in flight
+        self._vocoder_lost_at: float | None = None  # when a Vocoder call last failed because its replica died
         self._step_s = 0.02  # a decoding step's wall time (moving average): Retry-After estimates
         self._overloaded = 0  # sessions refused because max_queued already waited
         self._codec_info: CodecInfo | None = None
@@ -170,7 +175,11 @@ class Backbone:
         steps, text_tokens, queue_ms = 0, 0, None
         try:
             while not done:
-                items = [await sess.queue.get()]
+                try:  # a keepalive while nothing comes (queued for rows, waiting for audio): the caller bounds its wait
+                    items = [await asyncio.wait_for(sess.queue.get(), KEEPALIVE_S)]
+                except asyncio.TimeoutError:
+                    yield AnswerChunk(keepalive=True)
+                    continue
                 while not sess.queue.empty():
                     items.append(sess.queue.get_nowait())
                 ids, pcm, error = [], [], None
@@ -378,16 +387,31 @@ class Backbone:
             asyncio.get_running_loop().create_task(self._vocode(batch, items))
 
     async def _vocode(self, batch: list[_Session], items: list[VocodeItem]) -> None:
+        failed: AnswerError | None = None  # the whole call's failure
+        response = self.vocoder.decode.remote(items)
         try:
-            results: list[VocodedAudio | VocodeFailed] = await self.vocoder.decode.remote(items)
+            results: list[VocodedAudio | VocodeFailed] = await self._vocoder_result(response)
         except Exception as e:  # the vocoder failed or went away: these answers fail, the others go on
-            log.exception("Vocoder call failed")
-            results = [VocodeFailed(f"the vocoder failed: {e}")] * len(batch)
+            cause = cause_of(e)
+            if cause is None:
+                log.exception("Vocoder call failed")
+                failed = AnswerError("internal_error", f"the vocoder failed: {e}")
+            else:  # its replica died or stalled: Serve replaces it; the next calls go to the new one
+                if cause == "replica_died":
+                    self._vocoder_lost_at = time.monotonic()
+                log.warning("Vocoder call failed (%s): %s; %d answers end", cause, type(e).__name__, len(batch))
+                response.cancel()
+                r = unavailable("Vocoder", cause, e)
+                failed = AnswerError(r.reason, r.message, r.retry_after_s)
+            results = [None] * len(batch)
         finally:
             self._vocoder_calls -= 1
         for sess, item, res in zip(batch, items, results):
             sess.vocoding = False
             if sess.cancelled or self._sessions.get(sess.sid) is not sess:
+                continue
+            if failed is not None:
+                self._fail(sess, failed)
                 continue
             if isinstance(res, VocodeFailed):
                 self._fail(sess, AnswerError("internal_error", res.message))
@@ -397,6 +421,30 @@ class Backbone:
             if item.final:
                 self._end(sess)
         self._send_to_vocoder()
+
+    async def _vocoder_result(self, response) -> list[VocodedAudio | VocodeFailed]:
+        """A Vocoder call's result, bounded: a replica that dies fails its calls at once (Ray raises), but a call
+        sent while the deployment has no live replica waits in Serve's router for the replacement. So a call
+        waits at most ``START_TIMEOUT_S`` (a slow Vocoder under overload is slow, not gone), and only
+        ``VOCODER_LOSS_WAIT_S`` (from its start, or from the loss) once this replica has seen a Vocoder replica
+        die within ``START_TIMEOUT_S``: the answers end with an error instead of waiting for the new replica."""
+        task = asyncio.ensure_future(response)
+        start = time.monotonic()
+        try:
+            while True:
+                deadline = start + START_TIMEOUT_S
+                lost = self._vocoder_lost_at
+                if lost is not None and lost > start - START_TIMEOUT_S:
+                    deadline = min(deadline, max(start, lost) + VOCODER_LOSS_WAIT_S)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                done, _ = await asyncio.wait({task}, timeout=min(left, 0.25))
+                if done:
+                    return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
 
     def _flush_metrics(self, force: bool = False) -> None:
         now = time.perf_counter()

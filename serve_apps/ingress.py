@@ -12,11 +12,15 @@ refusal is a :class:`~serve_apps.protocol.Rejection` (HTTP status + reason), cou
 ``deepomni_rejected_requests`` by reason. With an API key, :class:`~serve_apps.auth.ApiKeyMiddleware` in front
 of the whole app refuses what comes without it (``serve_apps/auth.py``); a Backbone too busy to queue another
 session refuses it as ``overloaded`` (503 + ``Retry-After``), as does Serve's backpressure on its handles.
+An answer that loses a deployment mid-way (its replica died, or stopped answering: every wait is bounded,
+``serve_apps/faults.py``) ends with an ``unavailable`` error in its surface's format (an SSE ``error`` event
+once the stream has started) and the ingress goes on serving.
 """
 
 
 import asyncio
 import base64
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +34,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from . import auth, openai_routes
+from .faults import START_TIMEOUT_S, cause_of, unavailable
 from .loading import AppConfig
 from .messages import (AnswerChunk, AudioRejected, BackboneInfo, Conversation, ConversationTurn, EncodedSpeech,
                        EncoderInfo, GenerateOptions)
@@ -38,6 +43,7 @@ from .protocol import (AUDIO_FORMAT, WS_INPUT_FORMATS, WS_INVALID_PAYLOAD, WS_ME
                        parse_json_object, reject, sse)
 from .realtime import RealtimeSession
 
+log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "pcm-recorder.js": "text/javascript"}
 MAX_TEXT_CHARS = 4000
@@ -207,7 +213,13 @@ class Ingress:
         if self._info is None:
             enc: EncoderInfo
             bb: BackboneInfo
-            enc, bb = await asyncio.gather(self.encoder.info.remote(), self.backbone.info.remote())
+            try:  # bounded, as every wait on another deployment (faults.py)
+                enc, bb = await asyncio.wait_for(asyncio.gather(self.encoder.info.remote(),
+                                                                self.backbone.info.remote()), START_TIMEOUT_S)
+            except Exception as e:
+                if cause_of(e) is None:
+                    raise
+                raise unavailable("Backbone", cause_of(e), e) from e
             self._info = {"sample_rate": bb.codec.sample_rate, "format": AUDIO_FORMAT, "codec": bb.codec.codec,
                           "frame_rate": bb.codec.frame_rate, "codec_channels": bb.num_codec_channels,
                           "max_seconds": enc.max_seconds, "max_body_bytes": self.cfg.max_body_bytes,
@@ -219,9 +231,16 @@ class Ingress:
 
     # ------------------------------------------------------------------------------------ plain routes
     @app.get("/healthz")
-    async def healthz(self) -> dict:
-        info, stats = await asyncio.gather(self.info(), self.backbone.stats.remote())
-        return {"status": "ok", **info, "backbone": stats}
+    async def healthz(self) -> Response:
+        try:  # bounded: while a replica is being replaced the probe says so instead of hanging
+            info, stats = await asyncio.wait_for(asyncio.gather(self.info(), self.backbone.stats.remote()),
+                                                 self.cfg.stall_timeout_s)
+        except Exception as e:
+            if not isinstance(e, Rejection) and cause_of(e) is None:
+                raise
+            why = e if isinstance(e, Rejection) else unavailable("Backbone", cause_of(e), e)
+            return JSONResponse({"status": "unavailable", "error": why.message}, 503, headers=why.headers())
+        return JSONResponse({"status": "ok", **info, "backbone": stats})
 
     @app.get("/")
     async def index(self) -> FileResponse:
@@ -253,6 +272,9 @@ class Ingress:
                     if ev["type"] == "audio":
                         ev = _native(ev) | {"pcm_b64": base64.b64encode(pcm_s16le(ev["wav"])).decode()}
                     yield sse(ev["type"], _native(ev))
+            except Rejection as e:  # after the 200 (a deployment failed mid-answer): an error event ends the stream
+                self._rejected(e, "dialogue")
+                yield sse("error", e.body()["error"])
             finally:  # the client went away: close the answer, which cancels the backbone session
                 await events.aclose()
 
@@ -306,10 +328,17 @@ class Ingress:
 
     # ------------------------------------------------------------------------------------ one answer
     async def _encode_speech(self, audio: bytes, pcm_rate: int | None) -> EncodedSpeech:
+        response = self.encoder.encode.remote(audio, pcm_rate)
         try:
-            out: EncodedSpeech | AudioRejected = await self.encoder.encode.remote(audio, pcm_rate)
+            out: EncodedSpeech | AudioRejected = await asyncio.wait_for(response, START_TIMEOUT_S)
         except BackPressureError as e:
             raise _overloaded(e) from e
+        except Exception as e:
+            cause = cause_of(e)
+            if cause is None:
+                raise
+            response.cancel()
+            raise unavailable("SpeechEncoder", cause, e) from e
         if isinstance(out, AudioRejected):
             raise reject(out.reason, out.message)
         return out
@@ -328,8 +357,25 @@ class Ingress:
         seq, samples, finished = 0, 0, False
         first_audio = last_audio = None
         try:
-            started = False
-            async for item in stream:  # AnswerChunk
+            started = got_any = False
+            while True:
+                try:  # bounded: the Backbone sends a keepalive every second while the answer waits (faults.py)
+                    wait = self.cfg.stall_timeout_s if got_any else START_TIMEOUT_S  # the first may wait for a replica
+                    item: AnswerChunk = await asyncio.wait_for(stream.__anext__(), wait)
+                    got_any = True
+                except StopAsyncIteration:
+                    break
+                except BackPressureError:
+                    raise
+                except Exception as e:  # the Backbone replica died or stalled: the answer ends with an error
+                    cause = cause_of(e)
+                    if cause is None:  # a bug: logged, and still a clean error for the client
+                        log.exception("Backbone stream failed")
+                        raise reject("internal_error", f"generation failed: {type(e).__name__}") from e
+                    log.warning("Backbone stream failed (%s): %s", cause, type(e).__name__)
+                    raise unavailable("Backbone", cause, e) from e
+                if item.keepalive:
+                    continue
                 if item.error is not None:
                     reason = item.error.reason
                     raise reject(reason if reason in REASONS else "internal_error", item.error.message,

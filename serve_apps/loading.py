@@ -56,6 +56,10 @@ class AppConfig:
     # the answer's max_steps must fit too), and conversations whose context a Backbone replica keeps cached
     max_context: int = 2048
     kept_contexts: int = 64
+    # faults (docs/serving.md "Faults"): the longest the ingress waits for the next piece of a Backbone stream
+    # (which sends a keepalive every second while an answer waits): beyond it the answer ends with an
+    # `unavailable` error instead of hanging (a Backbone that died fails its streams at once)
+    stall_timeout_s: float = 10.0
     # the API key every endpoint but /healthz, / and /static/* asks for (docs/serving.md "Authentication");
     # None: the environment's DEEPOMNI_API_KEY, read by each Ingress replica; neither: no key. Several keys
     # (rotation): comma-separated. Kept out of repr(): a config that is printed does not show it.
@@ -76,6 +80,8 @@ class AppConfig:
             elif k in ("torch_threads", "encoder_threads", "seed", "max_rows", "max_steps", "max_steps_limit", "max_body_bytes",
                        "max_context", "kept_contexts", "max_queued"):
                 out[k] = int(v)
+            elif k == "stall_timeout_s":
+                out[k] = float(v)
             else:
                 out[k] = str(v)
         cfg = cls(**out)
@@ -84,6 +90,8 @@ class AppConfig:
                                     f"(no config.json)")
         if not 1 <= cfg.max_steps <= cfg.max_steps_limit:
             raise ValueError(f"max_steps must be in [1, max_steps_limit={cfg.max_steps_limit}], got {cfg.max_steps}")
+        if not cfg.stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {cfg.stall_timeout_s}")
         if cfg.max_queued is not None and cfg.max_queued < 0:
             raise ValueError(f"max_queued must be >= 0 (or null: max_rows), got {cfg.max_queued}")
         return cfg

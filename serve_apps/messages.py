@@ -91,9 +91,9 @@ class AnswerEnd:
 
 @dataclass(frozen=True)
 class AnswerError:
-    reason: str  # prompt_too_long | overloaded | internal_error
+    reason: str  # prompt_too_long | overloaded | internal_error | unavailable
     message: str
-    retry_after_s: int | None = None  # overloaded: when a row should be free again (estimated)
+    retry_after_s: int | None = None  # overloaded / unavailable: when to try again (estimated)
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,9 @@ class AnswerChunk:
     pcm: np.ndarray | None = None  # float32 audio at the codec's sample rate
     end: AnswerEnd | None = None  # set on the last chunk of an answer that ended normally
     error: AnswerError | None = None  # set on the last chunk of an answer that failed
+    # nothing new, sent every KEEPALIVE_S while the answer waits (for rows, for the vocoder): the ingress
+    # waits at most stall_timeout_s for the next chunk, so a Backbone that stops answering fails the answer
+    keepalive: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- vocoder

@@ -38,7 +38,8 @@ IGNORED_CHAT_FIELDS = ("top_p", "presence_penalty", "frequency_penalty", "logit_
 REFUSED_CHAT_FIELDS = ("tools", "functions", "tool_choice", "function_call")
 
 # our rejection reasons whose OpenAI error code is another word (the rest are their own code)
-OPENAI_CODES = {"unauthorized": "invalid_api_key", "overloaded": "server_overloaded"}
+OPENAI_CODES = {"unauthorized": "invalid_api_key", "overloaded": "server_overloaded",
+                "unavailable": "service_unavailable"}
 
 
 class OpenAIError(Exception):

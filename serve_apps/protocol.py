@@ -78,6 +78,9 @@ REASONS = {
     "unauthorized": 401,  # an API key is set (docs/serving.md "Authentication") and the request lacks it
     "overloaded": 503,  # max_queued sessions already wait for the model's rows: try again after Retry-After
     "internal_error": 500,  # generation failed (a bug): the server logs it and keeps serving
+    # a deployment the answer needed died or stalled mid-answer (docs/serving.md "Faults"): Serve replaces the
+    # replica; the server stays up and a new request is answered once it is back (Retry-After)
+    "unavailable": 503,
 }
 RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 30  # the Retry-After an overloaded server suggests, clamped
 

@@ -1,4 +1,5 @@
 import json
+import os
 
 from deepomni.cli import main
 
@@ -23,6 +24,8 @@ def test_serve_on_a_port_in_use_says_so_before_starting_ray(capsys, monkeypatch)
     import ray
 
     monkeypatch.setattr("deepomni.cli.demo_model", lambda repo: None)
+    for var in ("RAY_AUTH_MODE", "RAY_SERVE_HAPROXY_BINARY_PATH"):
+        monkeypatch.delenv(var, raising=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -31,3 +34,5 @@ def test_serve_on_a_port_in_use_says_so_before_starting_ray(capsys, monkeypatch)
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}" in err and "--port" in err
     assert not ray.is_initialized()
+    # refused before the Serve settings (serve_apps/ray_mode.py) reach this process's environment
+    assert "RAY_AUTH_MODE" not in os.environ and "RAY_SERVE_HAPROXY_BINARY_PATH" not in os.environ

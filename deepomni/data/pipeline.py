@@ -10,12 +10,21 @@ Actors hold the expensive state (the feature extractor, the codec weights) and a
 A row whose audio is bad is not dropped silently and does not stop the run: it carries its error to the
 end and is written under ``status=rejected`` with the reason. Runs on whatever Ray the process is connected
 to: the embedded local one when no address is set, a cluster under ``ray job submit``.
+
+Faults: a stage actor that dies (killed, OOM, lost node) is restarted by Ray and the batches it had not
+finished are run again on it (``DataConfig.actor_max_restarts`` / ``actor_task_retries``, Ray Data's
+``max_restarts`` / ``max_task_retries``). The output is written to a staging directory, checked to hold
+every input id exactly once, and only then moved to ``tokenized/``; see docs/data.md.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,11 +48,47 @@ CODEC_FIELDS = [("answer_codes", pa.list_(pa.int32())), ("answer_frames", pa.int
 FEATURED_SCHEMA = pa.schema(list(RAW_SCHEMA) + [pa.field(n, t) for n, t in FEATURE_FIELDS])
 CODED_SCHEMA = pa.schema(list(FEATURED_SCHEMA) + [pa.field(n, t) for n, t in CODEC_FIELDS])
 
+# Opt-in debugging of the stage actors (the fault-injection test, tests/test_data_faults.py): with
+# DEEPOMNI_DATA_TRACE_DIR set in the driver, every stage actor appends `<event> <stage> <pid> <first id> <rows>
+# <unix time>` lines (events: start, begin, end) to <dir>/trace.log, and sleeps DEEPOMNI_DATA_BATCH_DELAY_S
+# after each `begin`. Unset (the default), nothing is written and nothing waits.
+TRACE_DIR_ENV, BATCH_DELAY_ENV = "DEEPOMNI_DATA_TRACE_DIR", "DEEPOMNI_DATA_BATCH_DELAY_S"
+
+
+def _trace_from_env() -> dict | None:
+    trace_dir = os.environ.get(TRACE_DIR_ENV)
+    if not trace_dir:
+        return None
+    return {"dir": trace_dir, "delay_s": float(os.environ.get(BATCH_DELAY_ENV) or 0.0)}
+
+
+class _StageTrace:
+    def __init__(self, stage: str, spec: dict | None):
+        self.stage, self.spec = stage, spec
+        self._log("start", None)
+
+    def _log(self, event: str, batch: pa.Table | None) -> None:
+        if not self.spec:
+            return
+        first = batch.column("id")[0].as_py() if batch is not None and batch.num_rows else "-"
+        rows = batch.num_rows if batch is not None else 0
+        line = f"{event} {self.stage} {os.getpid()} {first} {rows} {time.time():.6f}\n"
+        with open(Path(self.spec["dir"]) / "trace.log", "a") as f:  # one short append: whole lines
+            f.write(line)
+
+    def begin(self, batch: pa.Table) -> None:
+        self._log("begin", batch)
+        if self.spec and self.spec["delay_s"] > 0:
+            time.sleep(self.spec["delay_s"])
+
+    def end(self, batch: pa.Table) -> None:
+        self._log("end", batch)
+
 
 class FeatureStage:
     """Spoken questions -> log-mel (``LogMel``), and the number of AUDIO positions they will fill."""
 
-    def __init__(self, model_cfg: dict, data_cfg: dict):
+    def __init__(self, model_cfg: dict, data_cfg: dict, trace: dict | None = None):
         from ..audio import LogMel
 
         self.model_cfg = ModelConfig.from_dict(model_cfg)
@@ -51,10 +96,12 @@ class FeatureStage:
         self.logmel = LogMel.from_config(self.model_cfg.speech_encoder)
         self.max_seconds = min(self.data_cfg.max_audio_seconds or self.logmel.max_seconds, self.logmel.max_seconds)
         self.metrics = StageMetrics("feature")
+        self.trace = _StageTrace("feature", trace)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ..audio import load_audio
 
+        self.trace.begin(batch)
         rows = batch.to_pylist()
         wavs, idx = [], []
         for i, r in enumerate(rows):
@@ -77,22 +124,26 @@ class FeatureStage:
                 m = mel_BMT[b, :, :n].numpy().astype(np.float16)
                 rows[i].update(mel=m.reshape(-1), mel_bins=m.shape[0], mel_frames=n,
                                audio_positions=num_audio_positions(n, self.model_cfg.speech_encoder.downsample))
-        return pa.Table.from_pylist(rows, schema=FEATURED_SCHEMA)
+        out = pa.Table.from_pylist(rows, schema=FEATURED_SCHEMA)
+        self.trace.end(out)
+        return out
 
 
 class CodecStage:
     """Spoken answers -> codec codes ``[K, frames]`` (stored flat, channel-major)."""
 
-    def __init__(self, codec_spec: str, max_seconds: float | None):
+    def __init__(self, codec_spec: str, max_seconds: float | None, trace: dict | None = None):
         from ..codec import load_codec
 
         self.codec = load_codec(codec_spec)
         self.max_seconds = max_seconds
         self.metrics = StageMetrics("codec")
+        self.trace = _StageTrace("codec", trace)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ..audio import load_audio
 
+        self.trace.begin(batch)
         rows = batch.to_pylist()
         rejected, samples = 0, 0
         for r in rows:
@@ -110,13 +161,15 @@ class CodecStage:
                 r["error"] = f"answer_audio: {e}"
                 rejected += 1
         self.metrics.batch(len(rows), rejected, "answer_audio", samples / self.codec.sample_rate)
-        return pa.Table.from_pylist(rows, schema=CODED_SCHEMA)
+        out = pa.Table.from_pylist(rows, schema=CODED_SCHEMA)
+        self.trace.end(out)
+        return out
 
 
 class SequenceStage:
     """Chat template + channel packing (:func:`deepomni.data.sequences.build_sequence`)."""
 
-    def __init__(self, model_cfg: dict, tokenizer: str):
+    def __init__(self, model_cfg: dict, tokenizer: str, trace: dict | None = None):
         from ..text import load_tokenizer
 
         cfg = ModelConfig.from_dict(model_cfg)
@@ -124,8 +177,10 @@ class SequenceStage:
         self.tok = load_tokenizer(tokenizer, cfg.text_vocab_size)
         self.instructions = {t: self.tok.encode(s) for t, s in INSTRUCTIONS.items()}
         self.metrics = StageMetrics("sequence")
+        self.trace = _StageTrace("sequence", trace)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.trace.begin(batch)
         out, rejected = [], 0
         K = self.layout.num_codec_channels
         for r in batch.to_pylist():
@@ -152,7 +207,9 @@ class SequenceStage:
             row["status"] = "rejected" if row["error"] else "ok"
             out.append(row)
         self.metrics.batch(len(out), rejected, "sequence")
-        return pa.Table.from_pylist(out, schema=TOKENIZED_SCHEMA.append(pa.field("status", pa.string())))
+        table = pa.Table.from_pylist(out, schema=TOKENIZED_SCHEMA.append(pa.field("status", pa.string())))
+        self.trace.end(table)
+        return table
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -210,6 +267,19 @@ def resolve_codec(raw_dir: Path, out_dir: Path, data_cfg: DataConfig, model_cfg:
     return spec
 
 
+def check_exactly_once(input_ids: list, output_ids: list, where: Path | str) -> None:
+    """Raise unless ``output_ids`` holds every input id exactly as often as the input does."""
+    want, got = Counter(input_ids), Counter(output_ids)
+    if want == got:
+        return
+    missing = sorted(map(str, (want - got).elements()))
+    extra = sorted(map(str, (got - want).elements()))
+    raise RuntimeError(
+        f"{where}: {len(output_ids)} rows written for {len(input_ids)} input rows; "
+        f"{len(missing)} missing (e.g. {missing[:3]}), {len(extra)} duplicated or unknown (e.g. {extra[:3]})"
+    )
+
+
 def prepare(raw_dir: str | Path, out_dir: str | Path, data_cfg: DataConfig | None = None) -> PrepareSummary:
     """Run the pipeline on the connected (or an embedded local) Ray and write ``out_dir/tokenized``."""
     import ray
@@ -228,22 +298,47 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, data_cfg: DataConfig | Non
     if not files:
         raise FileNotFoundError(f"no Parquet shards under {raw_dir}")
     pool = lambda n: ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, n))  # noqa: E731
+    trace = _trace_from_env()
+    stage = dict(batch_size=data_cfg.batch_size, batch_format="pyarrow", num_cpus=data_cfg.actor_num_cpus,
+                 fn_constructor_kwargs={"trace": trace} if trace else None,
+                 # Ray Data's actor fault tolerance, bounded rather than left to its defaults (unlimited): a dead
+                 # actor is restarted and the tasks it had not finished are resubmitted to it
+                 max_restarts=data_cfg.actor_max_restarts, max_task_retries=data_cfg.actor_task_retries)
     ds = ray.data.read_parquet(files)
-    ds = ds.map_batches(FeatureStage, fn_constructor_args=(model_cfg.to_dict(), asdict(data_cfg)),
-                        batch_size=data_cfg.batch_size, batch_format="pyarrow",
-                        compute=pool(data_cfg.feature_actors), num_cpus=data_cfg.actor_num_cpus)
-    ds = ds.map_batches(CodecStage, fn_constructor_args=(codec_spec, data_cfg.max_audio_seconds),
-                        batch_size=data_cfg.batch_size, batch_format="pyarrow",
-                        compute=pool(data_cfg.codec_actors), num_cpus=data_cfg.actor_num_cpus)
-    ds = ds.map_batches(SequenceStage, fn_constructor_args=(model_cfg.to_dict(), data_cfg.tokenizer),
-                        batch_size=data_cfg.batch_size, batch_format="pyarrow", compute=pool(1),
-                        num_cpus=data_cfg.actor_num_cpus)
-    tok_dir = out_dir / "tokenized"
-    ds.write_parquet(str(tok_dir), partition_cols=["split", "status"], min_rows_per_file=data_cfg.rows_per_file,
-                     mode="overwrite")
+    with warnings.catch_warnings():
+        # Ray 2.60's map_batches has no named parameter for max_restarts / max_task_retries: they go through
+        # its **ray_remote_args, deprecated (to be removed in Ray 2.64, where this call fails loudly)
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", category=DeprecationWarning)
+        ds = ds.map_batches(FeatureStage, fn_constructor_args=(model_cfg.to_dict(), asdict(data_cfg)),
+                            compute=pool(data_cfg.feature_actors), **stage)
+        ds = ds.map_batches(CodecStage, fn_constructor_args=(codec_spec, data_cfg.max_audio_seconds),
+                            compute=pool(data_cfg.codec_actors), **stage)
+        ds = ds.map_batches(SequenceStage, fn_constructor_args=(model_cfg.to_dict(), data_cfg.tokenizer),
+                            compute=pool(1), **stage)
+    # Written to a staging directory first: a retried write task rewrites its own files (their names are
+    # fixed by the write's uuid and the task index, existing files are overwritten), and a run that fails
+    # leaves the previous tokenized/ as it was. Moved into place only once every input id is there once.
+    tok_dir, staging = out_dir / "tokenized", out_dir / "tokenized.partial"
+    try:
+        ds.write_parquet(str(staging), partition_cols=["split", "status"], min_rows_per_file=data_cfg.rows_per_file,
+                         mode="overwrite")
+    except BaseException:  # e.g. an actor past its restarts: tokenized/ stays as it was, no half-written copy
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     wall = time.perf_counter() - t0
+    tbl = pads.dataset(str(staging), format="parquet", partitioning="hive").to_table(
+        columns=["id", "split", "task", "status"])
+    check_exactly_once(pads.dataset(files, format="parquet").to_table(columns=["id"]).column("id").to_pylist(),
+                       tbl.column("id").to_pylist(), staging)
+    if tok_dir.exists():
+        old = out_dir / "tokenized.old"
+        shutil.rmtree(old, ignore_errors=True)
+        tok_dir.rename(old)
+        staging.rename(tok_dir)
+        shutil.rmtree(old)
+    else:
+        staging.rename(tok_dir)
 
-    tbl = pads.dataset(str(tok_dir), format="parquet", partitioning="hive").to_table(columns=["split", "task", "status"])
     per: dict = {}
     for split, task, status in zip(*(tbl.column(c).to_pylist() for c in ("split", "task", "status"))):
         per.setdefault(f"{split}/{status}", {}).setdefault(task, 0)

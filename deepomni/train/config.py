@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "train"
+FAIL_MODES = ("exception", "kill", "hold")
 
 
 @dataclass
@@ -47,7 +48,16 @@ class TrainConfig:
     seed: int = 0
     max_failures: int = 0  # FailureConfig: worker failures tolerated (the run resumes from its checkpoint)
     max_items: int | None = None  # use only the first N rows of the split (tests, smoke runs)
-    fail_at_step: int | None = None  # testing: a worker raises once at this step (exercises FailureConfig)
+    # testing (exercises FailureConfig): rank 0 fails once per run (a marker file in <storage>/<run>) at step
+    # fail_at_step (that many steps done), fail_in "step" (before the next step) or "checkpoint" (half way
+    # through copying that step's checkpoint to storage); fail_mode "exception" raises, "kill" SIGKILLs its
+    # own process, "hold" writes its pid to <storage>/<run>/.held_worker and waits (300 s) to be killed
+    fail_at_step: int | None = None
+    fail_in: str = "step"
+    fail_mode: str = "exception"
+    # rank r appends {"step", "epoch", "ids", "loss", "time"} per step to <storage>/<run>/samples_rank<r>.jsonl;
+    # after a resume the re-run steps appear again (the last record of a step is the one that counts)
+    sample_log: bool = False
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-stage overrides (preset files)
 
     # ---------------------------------------------------------------------------------------- loading
@@ -86,3 +96,7 @@ class TrainConfig:
             raise ValueError(f"ep_size={self.ep_size} must divide num_workers={self.num_workers}")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError("zero_stage must be 0, 1 or 2 (ZeRO-3 would shard the stacked experts)")
+        if self.fail_mode not in FAIL_MODES:
+            raise ValueError(f"fail_mode must be one of {FAIL_MODES}, not {self.fail_mode!r}")
+        if self.fail_in not in ("step", "checkpoint"):
+            raise ValueError(f"fail_in must be 'step' or 'checkpoint', not {self.fail_in!r}")

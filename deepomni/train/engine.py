@@ -106,6 +106,9 @@ class DeepSpeedEngine:
     def __init__(self, model: nn.Module, groups: list[dict], cfg, max_steps: int, lr: float):
         import deepspeed
 
+        # DeepSpeed's CPU shared-memory all-reduce op serves inference_all_reduce only, which training never
+        # calls; left compatible, every new machine or venv JIT-compiles it on first use (60-90 s on 2 cores)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.batch_size,
             "gradient_accumulation_steps": 1,

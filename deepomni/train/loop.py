@@ -9,10 +9,14 @@ Checkpoints (every ``checkpoint_every`` steps and at the end), one Ray Train che
 
     model/          deepomni.checkpoint format (full weights, expert shards gathered), rank 0
     ds/ | optim_rank<r>.pt   optimizer state (DeepSpeed ZeRO partitions | per-rank torch AdamW)
-    train_state.json  {"step": ...}
+    train_state.json  {"step", "stage", "world_size", "batch_size", "data": [per rank {"epoch", "rows"}]}
 
 A re-run with the same ``run_name`` and ``storage_path`` resumes from the latest one (Ray Train v2 restores
 its checkpoint manager from storage); so does a restarted worker group after a failure (``max_failures``).
+The data stream resumes where the checkpoint's step left it (:class:`DataStream`): each rank skips the rows
+of the current epoch it had consumed, so with the same number of workers the batches after the resumed step
+are those an uninterrupted run sees (the dataset is read with ``preserve_order``, so that every epoch and
+every restart deals the same rows to the same rank in the same order).
 The finished model is written to ``<storage_path>/<run_name>/final`` (config.json, model.safetensors,
 experts.json when the stage has an assignment): the ``init`` of the next stage.
 
@@ -21,12 +25,17 @@ each worker writes into a private temporary directory, which Ray Train copies to
 ``checkpoint_<time>`` directory and enters in its run snapshot (``get_checkpoint`` of a resume) only after
 every worker's copy is complete; ``final`` (and every ``model/``) is written by ``save_model`` into a hidden
 sibling, fsynced and renamed into place (``deepomni.atomic``). Optimizer state loads with
-``weights_only=True`` (``deepomni.train.engine.load_plain``).
+``weights_only=True`` (``deepomni.train.engine.load_plain``). ``tests/test_train_faults.py`` SIGKILLs rank 0
+half way through that copy (``fail_in="checkpoint"``, ``fail_mode="hold"``): the half-copied directory is
+never registered and the run resumes from the one before.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -45,8 +54,118 @@ from .metrics import TrainMetrics
 from .profile import SPEECH, TEXT, modality_positions
 from .stages import Stage, get_stage, set_trainable
 
-COLUMNS = ["task", "input_modality", "length", "num_channels", "tokens", "labels", "audio_positions",
+COLUMNS = ["id", "task", "input_modality", "length", "num_channels", "tokens", "labels", "audio_positions",
            "mel", "mel_bins", "mel_frames"]
+TRAIN_STATE = "train_state.json"
+HELD_WORKER = ".held_worker"  # fail_mode "hold": the waiting worker's pid, for a test to kill
+HOLD_S = 300.0
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- data
+class DataStream:
+    """This worker's batches of rows, epoch after epoch, and its position in them: ``epoch`` and ``rows``
+    (rows of that epoch handed out so far, the current batch's included).
+
+    Started at a checkpoint's position (``epoch``, ``skip``), the first pass drops the first ``skip`` rows
+    and counts as epoch ``epoch``: every pass over the shard yields the same rows in the same order
+    (``preserve_order``; a restarted worker group gets a fresh split whose first pass is that same order),
+    so the batches that follow are the ones the interrupted stream would have yielded next. A ``skip``
+    past the end of the epoch (a different number of workers) ends there."""
+
+    def __init__(self, shard, batch_size: int, rank: int = 0, epoch: int = 0, skip: int = 0):
+        self.shard, self.batch_size, self.rank = shard, batch_size, rank
+        self.epoch, self.rows, self._skip = epoch, 0, skip
+        self._it = self._batches()
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "rows": self.rows}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict]:
+        return next(self._it)
+
+    def _batches(self):
+        while True:
+            seen = 0
+            for table in self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow"):
+                n = table.num_rows
+                seen += n
+                if self._skip >= n:  # rows the checkpointed stream had already consumed
+                    self._skip -= n
+                    self.rows += n
+                    continue
+                if self._skip:
+                    table = table.slice(self._skip)
+                    self.rows += self._skip
+                    self._skip = 0
+                self.rows += table.num_rows
+                yield table.to_pylist()
+            if seen == 0:
+                raise RuntimeError(f"rank {self.rank}: empty data shard")
+            self.epoch, self.rows, self._skip = self.epoch + 1, 0, 0
+
+
+def resume_position(state: dict | None, rank: int, world: int) -> tuple[int, int]:
+    """``(epoch, rows to skip)`` for this rank from a checkpoint's train state. Exact when the checkpoint was
+    written by as many workers (the same split); with another number of workers every rank skips the same
+    fraction of its epoch instead. A checkpoint without a data position (older ones): a fresh pass."""
+    data = (state or {}).get("data")
+    if not data:
+        return 0, 0
+    if len(data) == world:
+        return int(data[rank]["epoch"]), int(data[rank]["rows"])
+    logger.warning("checkpoint written by %d workers, resumed on %d: the data position is approximate "
+                   "(every rank skips the same fraction of its epoch)", len(data), world)
+    return int(data[0]["epoch"]), round(int(data[0]["rows"]) * len(data) / world)
+
+
+def gather_positions(position: dict, world: int) -> list[dict]:
+    """Every rank's data position, in rank order (a collective when ``world > 1``)."""
+    if world == 1 or not dist.is_initialized():
+        return [position]
+    out: list = [None] * world
+    dist.all_gather_object(out, position)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- faults
+def fail(mode: str, step: int, held_file: Path) -> None:
+    """The injected failure (``TrainConfig.fail_mode``): raise, SIGKILL this process, or announce this
+    process's pid in ``held_file`` and wait for someone to SIGKILL it ("hold")."""
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "hold":
+        tmp = held_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "step": step}))
+        tmp.replace(held_file)
+        time.sleep(HOLD_S)
+        raise RuntimeError(f"fail_mode=hold: nobody killed worker {os.getpid()} within {HOLD_S:.0f} s")
+    raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+
+
+def copy_half_then_fail(dest_root: str, then) -> object:
+    """A ``checkpoint_upload_fn`` (``fail_in="checkpoint"``): copies the checkpoint's files where Ray Train
+    would (``<experiment>/<checkpoint_dir_name>``) until half of their bytes are written, the file at the
+    half-way point partly, then ``then()`` (the failure): a worker lost in the middle of the upload."""
+
+    def upload(checkpoint, checkpoint_dir_name: str):
+        src, dst = Path(checkpoint.path), Path(dest_root) / checkpoint_dir_name
+        files = sorted(p for p in src.rglob("*") if p.is_file())
+        budget = sum(p.stat().st_size for p in files) // 2
+        for f in files:
+            out = dst / f.relative_to(src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            data = f.read_bytes()
+            out.write_bytes(data[:budget])
+            budget -= len(data)
+            if budget <= 0:
+                break
+        then()
+
+    return upload
 
 
 # ------------------------------------------------------------------------------------------- batch
@@ -188,7 +307,8 @@ def write_progress(path: Path, step: int, max_steps: int, metrics: dict) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"step": step, "max_steps": max_steps, "loss": metrics.get("loss"),
-                               "tokens_per_s": metrics.get("tokens_per_s_run")}))
+                               "tokens_per_s": metrics.get("tokens_per_s_run"),
+                               "pid": os.getpid()}))  # rank 0's Ray Train worker process
     tmp.replace(path)
 
 
@@ -245,46 +365,61 @@ def train_func(config: dict) -> None:
     else:
         engine = DeepSpeedEngine(model, param_groups(model, cfg.weight_decay), cfg, max_steps, lr)
     step = engine.load(resume_dir) if resume_dir is not None else 0
+    train_state = None
+    if resume_dir is not None and (resume_dir / TRAIN_STATE).is_file():
+        train_state = json.loads((resume_dir / TRAIN_STATE).read_text())
     if resume_ctx is not None:
         resume_ctx.__exit__(None, None, None)
 
     shard = ray.train.get_dataset_shard("train")  # Ray: this worker's rows
     layout = model.layout
-    fail_marker = Path(cfg.storage_path) / cfg.run_name / ".failed_once"
-    progress_file = Path(cfg.storage_path) / cfg.run_name / PROGRESS_FILE
+    run_dir = Path(cfg.storage_path) / cfg.run_name
+    fail_marker = run_dir / ".failed_once"
+    progress_file = run_dir / PROGRESS_FILE
+    epoch, skip = resume_position(train_state, rank, world)
+    it = DataStream(shard, cfg.batch_size, rank, epoch, skip)
+    sample_log = None
+    if cfg.sample_log:  # one JSON line a step, appended: a restarted worker adds to what the killed one wrote
+        run_dir.mkdir(parents=True, exist_ok=True)
+        sample_log = open(run_dir / f"samples_rank{rank}.jsonl", "a")
 
-    def batches():
-        while True:
-            n = 0
-            for table in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow"):
-                n += 1
-                yield table.to_pylist()
-            if n == 0:
-                raise RuntimeError(f"rank {rank}: empty data shard for stage {stage.name}")
+    def inject(where: str) -> bool:
+        """Whether the configured failure happens here (rank 0, once per run: a marker file remembers)."""
+        if (cfg.fail_at_step is None or step != cfg.fail_at_step or rank != 0 or cfg.fail_in != where
+                or fail_marker.exists()):
+            return False
+        fail_marker.parent.mkdir(parents=True, exist_ok=True)
+        fail_marker.touch()
+        return True
 
     def save_checkpoint(metrics: dict) -> None:
         state = full_state_dict(model, ep_group)
+        positions = gather_positions(it.position(), world)  # a collective: every rank
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             engine.save(d, step)  # every rank: its optimizer partition
             if rank == 0:
                 save_full_model(model.cfg, state, d / "model", assignment)
-                (d / "train_state.json").write_text(json.dumps({"step": step, "stage": stage.name}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # Ray
+                (d / TRAIN_STATE).write_text(json.dumps({"step": step, "stage": stage.name, "world_size": world,
+                                                         "batch_size": cfg.batch_size, "data": positions}))
+            upload = None
+            if inject("checkpoint"):
+                upload = copy_half_then_fail(ray.train.get_context().get_storage().experiment_fs_path,
+                                             lambda: fail(cfg.fail_mode, step, run_dir / HELD_WORKER))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),  # Ray
+                             checkpoint_upload_fn=upload)
 
-    it = batches()
     metrics: dict = {"step": step, "start_step": step}
     start_step, run_tokens, run_time = step, 0, 0.0
     prom = TrainMetrics(cfg.run_name, stage.name, rank, layout.num_codec_channels)  # Ray: Prometheus metrics
     layer_ids = sorted(moe_layers(model))
     prom.started(step)
     while step < max_steps:
-        if cfg.fail_at_step is not None and step == cfg.fail_at_step and rank == 0 and not fail_marker.exists():
-            fail_marker.parent.mkdir(parents=True, exist_ok=True)
-            fail_marker.touch()
-            raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+        if inject("step"):
+            fail(cfg.fail_mode, step, run_dir / HELD_WORKER)
         t_wait = time.perf_counter()
         rows = next(it)
+        batch_epoch = it.epoch  # the pass this batch came from (a pass may have ended inside next())
         t0 = time.perf_counter()  # tokens/s counts collate + forward + backward + step, not the data wait
         batch = to_device(collate(rows, layout, stage.text_only), device)
         out = engine.forward(batch["tokens"], audio=speech_inputs(model, batch), labels_BLC=batch["labels"])
@@ -302,6 +437,10 @@ def train_func(config: dict) -> None:
                    "routed_outside_mode": routed_outside_mode(model),
                    "expert_load": expert_load(model, batch["masks"], counts), "rank": rank}
         prom.step(metrics, batch["n_tokens"], counts, layer_ids)
+        if sample_log is not None:
+            sample_log.write(json.dumps({"step": step, "epoch": batch_epoch, "ids": [r.get("id") for r in rows],
+                                         "loss": metrics["loss"], "time": time.time()}) + "\n")
+            sample_log.flush()
         if rank == 0 and (step % cfg.log_every == 0 or step == max_steps):
             write_progress(progress_file, step, max_steps, metrics)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < max_steps:
@@ -309,6 +448,8 @@ def train_func(config: dict) -> None:
         elif step % cfg.log_every == 0 and step < max_steps:
             ray.train.report(metrics)  # Ray
     prom.close()
+    if sample_log is not None:
+        sample_log.close()
     if step > start_step:  # final checkpoint (skipped when resuming an already finished run)
         save_checkpoint(metrics)
     state = full_state_dict(model, ep_group)
@@ -348,10 +489,26 @@ def read_dataset(cfg: TrainConfig, stage: Stage):
     return ds
 
 
+def ingest_options():
+    """Ray Data options of the workers' shards: Train's defaults (``DataConfig.default_ingest_options``)
+    with ``preserve_order``, so that the split (``streaming_split(equal=True)``, which then ignores locality
+    hints) deals the same rows to the same rank in the same order every epoch and after every restart: what
+    :class:`DataStream` resumes on. Costs little here: the driver-read path has no parallel operators."""
+    from ray.train import DataConfig
+
+    import warnings
+
+    with warnings.catch_warnings():  # Ray 2.60's defaults set the deprecated exclude_resources; Train does too
+        warnings.simplefilter("ignore", DeprecationWarning)
+        opts = DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return opts
+
+
 def fit(cfg: TrainConfig, dataset=None, progress: bool = True):
     """Run the stage on Ray Train; returns the ``ray.train.Result``. ``dataset`` replaces the stage's
     rows (tests); ``progress`` shows a bar (steps, loss, tokens/s) fed by rank 0."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg.validate()
@@ -367,6 +524,7 @@ def fit(cfg: TrainConfig, dataset=None, progress: bool = True):
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets={"train": ds},
+        dataset_config=DataConfig(execution_options=ingest_options()),
     )
     if not progress:
         return trainer.fit()

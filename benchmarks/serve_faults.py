@@ -1,0 +1,479 @@
+"""Serve faults: SIGKILL one replica of each deployment while answers stream, on 127.0.0.1.
+
+    python benchmarks/serve_faults.py                         # 16 answers, Backbone, Vocoder, SpeechEncoder, Ingress
+    python benchmarks/serve_faults.py --answers 4 --kill Backbone,Vocoder    # a quick check
+    python benchmarks/serve_faults.py --spare 2                 # min_replicas 2 everywhere: a spare answers
+
+Starts the Serve app in this process as ``benchmarks/soak.py`` does (``serve_apps/config.yaml``'s deployments,
+Ray Serve's high-throughput mode, an embedded local Ray on 127.0.0.1, the tiny preset's random weights with
+a printable-text head as the tests make them, the app's cached built-in codec). Then, for each deployment
+of ``--kill`` in turn:
+
+1. ``--answers`` concurrent streaming answers to a spoken question (``--answer-steps`` decoding steps, long
+   enough to be in flight at the kill), spread over the surfaces: ``POST /v1/dialogue`` (SSE),
+   ``WS /v1/dialogue/ws``, streamed ``POST /v1/chat/completions`` (audio out) and ``WS /v1/realtime``;
+2. once every answer has streamed something and ``--kill-after`` seconds more have passed, SIGKILL the
+   process of one replica of the deployment (found by its Ray process title ``ray::ServeReplica:deepomni:
+   <Deployment>`` among this script's own descendants: only processes this script started);
+3. each in-flight answer's outcome: ``error`` (the surface's clean error: an SSE ``error`` event, a WebSocket
+   ``error`` message, an OpenAI error chunk, a Realtime ``error`` + ``response.done`` failed), ``finished``
+   (its normal end), ``dropped`` (the connection broke without either: all that is possible when the
+   Ingress itself dies) or ``hung`` (nothing by ``--bound`` seconds after the kill); and the time from the
+   kill to its end;
+4. from the kill on, a new short answer (the spoken question on ``POST /v1/dialogue``: every deployment,
+   ``PROBE_STEPS`` decoding steps) is tried again and again (``--poll`` seconds apart, each waiting up to
+   ``--bound``): the time from the kill to the first that succeeds (its end; and its first chunk); and when
+   a new replica process of the deployment appeared. The app gets ``max_rows`` for the answers and the
+   probe (``2 * --answers + 4``: a speech answer takes 2 rows), so that a probe does not wait for rows
+   behind answers that go on (the SpeechEncoder's kill);
+5. ``ray_deepomni_rejected_requests_total{reason="unavailable"}`` (the failures the ingress counted, every
+   endpoint) before and after, from Ray's metrics endpoint.
+
+Prints a table and saves ``benchmarks/results/serve_faults[_spare<N>].json`` (the command, the machine, every answer's
+outcome and time); the last line is ``faults_hung=<n> recover_max_s=<x>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+DEPLOYMENTS = ("Backbone", "Vocoder", "SpeechEncoder", "Ingress")
+SURFACES = ("dialogue", "dialogue_ws", "chat", "realtime")  # the answers cycle through them
+PROBE_STEPS = 8  # decoding steps of a recovery probe's answer (a few audio chunks)
+APP = "deepomni"
+
+
+# -------------------------------------------------------------------------------------------- answers
+@dataclass
+class Answer:
+    """One in-flight answer as its client saw it; times are ``time.monotonic()``."""
+
+    surface: str
+    started: float = 0.0
+    first: float | None = None  # first answer content (text or audio) received
+    ended: float | None = None
+    outcome: str = "running"  # finished | error | dropped | hung
+    detail: str = ""  # the error's reason / message, or what broke
+    chunks: int = 0
+
+    def got(self) -> None:
+        self.chunks += 1
+        if self.first is None:
+            self.first = time.monotonic()
+
+    def end(self, outcome: str, detail: str = "") -> None:
+        if self.ended is None:
+            self.ended, self.outcome, self.detail = time.monotonic(), outcome, detail[:200]
+
+
+class Clients:
+    """Streaming clients of each surface; each runs one answer into an :class:`Answer` and never raises."""
+
+    def __init__(self, url: str, wav: bytes, pcm24: bytes, steps: int):
+        import httpx
+
+        self.url, self.ws_url = url, url.replace("http://", "ws://")
+        self.wav, self.pcm24, self.steps = wav, pcm24, steps
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10),
+                                      limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def run(self, a: Answer) -> Answer:
+        a.started = time.monotonic()
+        try:
+            await getattr(self, a.surface)(a)
+            if a.ended is None:
+                a.end("dropped", "the stream ended without an end or an error")
+        except asyncio.CancelledError:
+            a.end("hung", "no end within the bound")
+        except Exception as e:  # noqa: BLE001 - a broken connection (the Ingress died) is an outcome here
+            a.end("dropped", f"{type(e).__name__}: {e}")
+        return a
+
+    async def dialogue(self, a: Answer, steps: int | None = None) -> None:
+        kw = {"content": self.wav, "params": {"max_steps": steps or self.steps}, "headers": {"content-type": "audio/wav"}}
+        async with self.http.stream("POST", f"{self.url}/v1/dialogue", **kw) as r:
+            if r.status_code != 200:
+                body = (await r.aread()).decode(errors="replace")
+                return a.end("error" if _clean_json_error(body) else "dropped", f"{r.status_code} {body}")
+            event = None
+            async for line in r.aiter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line[5:])
+                    if event in ("text", "audio"):
+                        a.got()
+                    elif event == "error":
+                        return a.end("error", f"{data.get('reason')}: {data.get('message')}")
+                    elif event == "end":
+                        return a.end("finished")
+
+    async def dialogue_ws(self, a: Answer) -> None:
+        from websockets.asyncio.client import connect
+
+        async with connect(f"{self.ws_url}/v1/dialogue/ws", open_timeout=30, max_size=2 ** 24) as ws:
+            json.loads(await ws.recv())  # ready
+            await ws.send(json.dumps({"type": "start_turn", "format": "file", "max_steps": self.steps}))
+            await ws.send(self.wav)
+            await ws.send(json.dumps({"type": "end_of_turn"}))
+            async for msg in ws:
+                if isinstance(msg, bytes):
+                    a.got()
+                    continue
+                m = json.loads(msg)
+                if m["type"] == "text":
+                    a.got()
+                elif m["type"] == "error":
+                    return a.end("error", f"{m.get('reason')}: {m.get('message')}")
+                elif m["type"] == "end":
+                    return a.end("dropped" if m.get("cancelled") else "finished", "cancelled" if m.get("cancelled")
+                                 else "")
+
+    async def chat(self, a: Answer) -> None:
+        body = {"model": "deepomni", "stream": True, "modalities": ["text", "audio"], "max_tokens": self.steps,
+                "audio": {"voice": "alloy", "format": "pcm16"},
+                "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+                    "data": base64.b64encode(self.wav).decode(), "format": "wav"}}]}]}
+        finish = None
+        async with self.http.stream("POST", f"{self.url}/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                body = (await r.aread()).decode(errors="replace")
+                return a.end("error" if _clean_json_error(body) else "dropped", f"{r.status_code} {body}")
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    return a.end("finished") if finish else None
+                if line.startswith("data: {"):
+                    msg = json.loads(line[6:])
+                    if "error" in msg:
+                        e = msg["error"]
+                        return a.end("error", f"{e.get('code')}: {e.get('message')}")
+                    for choice in msg.get("choices", []):
+                        if choice["delta"].get("audio") or choice["delta"].get("content"):
+                            a.got()
+                        finish = finish or choice.get("finish_reason")
+
+    async def realtime(self, a: Answer) -> None:
+        from websockets.asyncio.client import connect
+
+        async with connect(f"{self.ws_url}/v1/realtime?model=deepomni", open_timeout=30, max_size=2 ** 24) as ws:
+            await ws.send(json.dumps({"type": "session.update", "session": {
+                "type": "realtime", "max_output_tokens": self.steps, "audio": {"input": {"turn_detection": None}}}}))
+            step = 24000 * 2 // 5  # 200 ms chunks
+            for i in range(0, len(self.pcm24), step):
+                await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                          "audio": base64.b64encode(self.pcm24[i:i + step]).decode()}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            await ws.send(json.dumps({"type": "response.create"}))
+            error = None
+            async for msg in ws:
+                ev = json.loads(msg)
+                kind = ev["type"]
+                if kind in ("response.output_audio.delta", "response.output_audio_transcript.delta"):
+                    a.got()
+                elif kind == "error":
+                    error = ev["error"]
+                    if not a.chunks:  # refused before the response began (e.g. the encoder failed)
+                        return a.end("error", f"{error.get('code')}: {error.get('message')}")
+                elif kind == "response.done":
+                    status = ev["response"]["status"]
+                    if status == "failed" and error is not None:
+                        return a.end("error", f"{error.get('code')}: {error.get('message')}")
+                    return a.end("finished" if status in ("completed", "incomplete") else "dropped", status)
+
+
+def _clean_json_error(body: str) -> bool:
+    """A refusal in our JSON or OpenAI's (not a proxy's plain-text page)."""
+    try:
+        return isinstance(json.loads(body).get("error"), dict)
+    except (ValueError, AttributeError):
+        return False
+
+
+# -------------------------------------------------------------------------------------------- processes
+def replica_pids(deployment: str) -> list[int]:
+    """Pids of the replicas of ``deployment`` among this process's descendants (the embedded Ray it started),
+    by Ray's process title ``ray::ServeReplica:<app>:<Deployment>[.<method>]``."""
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            title = p.cmdline()
+        except psutil.Error:
+            continue
+        if title and title[0].startswith("ray::"):
+            cls = " ".join(title).split()[0].removeprefix("ray::").split(".")[0]
+            if cls == f"ServeReplica:{APP}:{deployment}":
+                out.append(p.pid)
+    return sorted(out)
+
+
+def unavailable_count(port: int) -> float:
+    """``ray_deepomni_rejected_requests_total{reason="unavailable"}``, summed over endpoints and replicas."""
+    import requests
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("ray_deepomni_rejected_requests_total{") and 'reason="unavailable"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# -------------------------------------------------------------------------------------------- one kill
+async def until_recovered(clients: Clients, t_kill: float, poll: float, bound: float) -> dict:
+    """New short answers, one after another (``poll`` s apart), until one succeeds: when, and the failures before."""
+    tries, failures = [], {}
+    while time.monotonic() - t_kill < bound:
+        a = Answer("dialogue")
+        try:
+            await asyncio.wait_for(clients.run_probe(a), max(1.0, bound - (time.monotonic() - t_kill)))
+        except asyncio.TimeoutError:
+            a.end("hung", "no end within the bound")
+        tries.append((round(a.started - t_kill, 3), round(a.ended - t_kill, 3), a.outcome))
+        if a.outcome == "finished":
+            return {"recovered_s": round(a.ended - t_kill, 3), "recovered_first_chunk_s": round(a.first - t_kill, 3),
+                    "tries": tries, "failed_tries": failures}
+        key = f"{a.outcome}: {re.sub(r'[0-9]+', 'N', a.detail)[:100]}"
+        failures[key] = failures.get(key, 0) + 1
+        await asyncio.sleep(poll)
+    return {"recovered_s": None, "recovered_first_chunk_s": None, "tries": tries, "failed_tries": failures}
+
+
+async def watch_replacement(deployment: str, before: list[int], t_kill: float, bound: float) -> float | None:
+    """Seconds from the kill until a new replica process of the deployment (not one of ``before``) is there."""
+    while time.monotonic() - t_kill < bound:
+        pids = await asyncio.to_thread(replica_pids, deployment)
+        if any(p not in before for p in pids):
+            return round(time.monotonic() - t_kill, 3)
+        await asyncio.sleep(0.1)
+    return None
+
+
+async def one_kill(clients: Clients, deployment: str, args, metrics_port: int) -> dict:
+    before = await asyncio.to_thread(unavailable_count, metrics_port)
+    answers = [Answer(SURFACES[i % len(SURFACES)]) for i in range(args.answers)]
+    tasks = [asyncio.create_task(clients.run(a)) for a in answers]
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < args.bound and not all(a.first is not None or a.ended is not None for a in answers):
+        await asyncio.sleep(0.05)
+    streaming = sum(a.first is not None and a.ended is None for a in answers)
+    await asyncio.sleep(args.kill_after)
+    pids = await asyncio.to_thread(replica_pids, deployment)
+    if not pids:
+        raise RuntimeError(f"no replica process of {deployment} found")
+    victim = pids[0]
+    in_flight = [a for a in answers if a.ended is None]
+    os.kill(victim, signal.SIGKILL)
+    t_kill = time.monotonic()
+    print(f"[faults] {deployment}: SIGKILL pid {victim} with {len(in_flight)} of {len(answers)} answers in flight "
+          f"({streaming} streamed before)", flush=True)
+    replaced = asyncio.create_task(watch_replacement(deployment, pids, t_kill, args.bound))
+    recovery = await until_recovered(clients, t_kill, args.poll, args.bound)
+    done, pending = await asyncio.wait(tasks, timeout=max(0.0, args.bound - (time.monotonic() - t_kill)))
+    for t in pending:  # a hang: bounded here, counted as such
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    replaced_s = await replaced
+    # the counter reaches /metrics within RAY_metrics_report_interval_ms (1 s here): wait for it to settle
+    after, deadline = before, time.monotonic() + 6
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1.5)
+        now = await asyncio.to_thread(unavailable_count, metrics_port)
+        if now == after and now != before:
+            break
+        after = now
+    ends = {o: [round(a.ended - t_kill, 3) for a in in_flight if a.outcome == o]
+            for o in ("error", "finished", "dropped", "hung")}
+    details = {}
+    for a in in_flight:
+        if a.outcome != "finished":
+            key = f"{a.surface} {a.outcome}: {re.sub(r'(pid|id|_)[0-9a-f]{6,}|[0-9]+', 'N', a.detail)[:110]}"
+            details[key] = details.get(key, 0) + 1
+    return {"deployment": deployment, "pid": victim, "answers": len(answers), "in_flight": len(in_flight),
+            **{o: len(v) for o, v in ends.items()},
+            "end_max_s": {o: max(v) if v else None for o, v in ends.items()},
+            "end_s": ends, "by_surface": {s: {o: sum(a.outcome == o for a in in_flight if a.surface == s)
+                                              for o in ("error", "finished", "dropped", "hung")} for s in SURFACES},
+            "details": details, **recovery, "replica_replaced_s": replaced_s,
+            "unavailable_metric_before": before, "unavailable_metric_after": after}
+
+
+async def run_all(url: str, args, wav: bytes, pcm24: bytes, metrics_port: int) -> list[dict]:
+    clients = Clients(url, wav, pcm24, args.answer_steps)
+    try:
+        warm = [await clients.run(Answer(s)) for s in SURFACES]  # every surface once: code paths warm
+        bad = [(a.surface, a.outcome, a.detail) for a in warm if a.outcome != "finished"]
+        print(f"[faults] one answer per surface: {'all finished' if not bad else bad}", flush=True)
+        out = []
+        for dep in args.kill:
+            out.append(await one_kill(clients, dep, args, metrics_port))
+            r = out[-1]
+            print(f"[faults] {dep}: {r['error']} error, {r['finished']} finished, {r['dropped']} dropped, "
+                  f"{r['hung']} hung; recovered in {r['recovered_s']} s", flush=True)
+            await asyncio.sleep(args.settle)  # the new replica settles (its first calls) before the next round
+        return out
+    finally:
+        await clients.close()
+
+
+async def _run_probe(self: Clients, a: Answer) -> Answer:
+    """The recovery probe: the spoken question on ``POST /v1/dialogue`` (encoder, backbone, vocoder), a short
+    spoken answer (``PROBE_STEPS``)."""
+    a.started = time.monotonic()
+    try:
+        await self.dialogue(a, steps=PROBE_STEPS)
+        if a.ended is None:
+            a.end("dropped", "the stream ended without an end or an error")
+    except Exception as e:  # noqa: BLE001 - a refused connection while the Ingress is replaced
+        a.end("dropped", f"{type(e).__name__}: {e}")
+    return a
+
+
+Clients.run_probe = _run_probe
+
+
+# -------------------------------------------------------------------------------------------- main
+def spare_config(directory: Path, n: int) -> Path:
+    """``serve_apps/config.yaml`` with every deployment's ``min_replicas`` at least ``n``."""
+    import yaml
+
+    from serve_apps.app import CONFIG_YAML
+
+    doc = yaml.safe_load(CONFIG_YAML.read_text())
+    for d in doc["applications"][0]["deployments"]:
+        a = d["autoscaling_config"]
+        a["min_replicas"] = max(n, a["min_replicas"])
+        a["max_replicas"] = max(a["min_replicas"], a["max_replicas"])
+    path = directory / "serve_spare.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def start(checkpoint: str, args, serve_config: Path | None) -> tuple[str, dict, dict]:
+    """The Serve app on an embedded local Ray, as ``benchmarks/soak.py`` starts it, with room for the answers
+    and the probe (``max_rows``) and, with ``--spare``, ``serve_config``."""
+    from soak import start_serve
+
+    import serve_apps.app as app_module
+
+    ns = argparse.Namespace(checkpoint_dir=checkpoint, answer_steps=args.answer_steps,
+                            steps_limit=max(64, args.answer_steps), threads=None)
+    extra = {"max_rows": max(32, 2 * args.answers + 4)}
+    if serve_config is not None:
+        extra["serve_config"] = str(serve_config)
+    build = app_module.build_app
+    app_module.build_app = lambda a: build({**a, **extra})  # soak's start, with these args
+    try:
+        url, mode, app_args = start_serve(ns)
+    finally:
+        app_module.build_app = build
+    return url, mode, {**app_args, **extra}
+
+
+def table(rows: list[dict]) -> None:
+    f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    print(f"\n{'killed':14s} {'in flight':>9s} {'error':>6s} {'done':>5s} {'drop':>5s} {'hung':>5s} "
+          f"{'err end max':>11s} {'end max':>8s} {'replaced':>8s} {'new 1st':>7s} {'new ok':>7s} {'metric +':>8s}"
+          "   (s after the kill)")
+    for r in rows:
+        ends = [v for v in r["end_max_s"].values() if v is not None]
+        print(f"{r['deployment']:14s} {r['in_flight']:9d} {r['error']:6d} {r['finished']:5d} {r['dropped']:5d} "
+              f"{r['hung']:5d} {f(r['end_max_s']['error']):>11s} {f(max(ends) if ends else None):>8s} "
+              f"{f(r['replica_replaced_s']):>8s} {f(r['recovered_first_chunk_s']):>7s} {f(r['recovered_s']):>7s} "
+              f"{r['unavailable_metric_after'] - r['unavailable_metric_before']:8.0f}")
+    for r in rows:
+        for k, n in r["details"].items():
+            print(f"  {r['deployment']}: {n}x {k}")
+        if r["failed_tries"]:
+            print(f"  {r['deployment']}: new answers before the first success: {r['failed_tries']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--answers", type=int, default=16, help="concurrent streaming answers at each kill")
+    ap.add_argument("--answer-steps", type=int, default=160, help="their decoding steps (long enough to be in flight)")
+    ap.add_argument("--kill", default=",".join(DEPLOYMENTS), help="deployments, in order, one replica each")
+    ap.add_argument("--kill-after", type=float, default=1.0, help="seconds after every answer streamed")
+    ap.add_argument("--bound", type=float, default=30.0, help="longest wait for an answer's end / a recovery")
+    ap.add_argument("--poll", type=float, default=0.25, help="seconds between new-answer tries after a kill")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds between rounds")
+    ap.add_argument("--spare", type=int, default=1,
+                    help="min_replicas of every deployment (config.yaml's is 1; 2: a spare replica answers while the "
+                         "killed one is replaced)")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/serve_faults[_spare<N>].json")
+    args = ap.parse_args()
+    args.kill = [d.strip() for d in args.kill.split(",") if d.strip()]
+    if not set(args.kill) <= set(DEPLOYMENTS) or not 1 <= args.answers <= 64 or args.bound <= 0:
+        ap.error(f"--kill from {DEPLOYMENTS}, --answers 1-64, positive --bound")
+    os.environ.pop("DEEPOMNI_API_KEY", None)  # no key on this private app
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # the counter reaches /metrics within 1 s
+
+    import numpy as np
+    import soxr
+    from serve_latency import question_wav
+    from soak import machine, readable_checkpoint
+
+    wav, samples16 = question_wav()
+    pcm24 = (np.clip(soxr.resample(samples16, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
+    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "args": vars(args), **machine(),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_start": os.getloadavg()}
+    tmp = tempfile.TemporaryDirectory(prefix="deepomni-faults-")
+    t0 = time.perf_counter()
+    try:
+        # the app as the soak starts it; its answers run --answer-steps (max_steps_limit just above)
+        serve_config = spare_config(Path(tmp.name), args.spare) if args.spare > 1 else None
+        url, out["ray_serve_env"], out["app_args"] = start(readable_checkpoint(Path(tmp.name)), args, serve_config)
+        import ray
+        from ray import serve
+
+        from serve_apps.app import CONFIG_YAML, deployment_options
+
+        out["deployment_options"] = deployment_options(serve_config or CONFIG_YAML)
+        metrics_port = ray._private.worker.global_worker.node.metrics_export_port
+        print(f"[faults] app up at {url} in {time.perf_counter() - t0:.0f} s", flush=True)
+        rows = asyncio.run(run_all(url, args, wav, pcm24, metrics_port))
+        out["serve_status_end"] = {name: str(d.status) for name, d in
+                                   serve.status().applications[APP].deployments.items()}
+    finally:  # only what this script started: its Serve app and its embedded Ray
+        import ray
+
+        if ray.is_initialized():
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+        tmp.cleanup()
+    out["kills"] = rows
+    out["loadavg_end"] = os.getloadavg()
+    table(rows)
+    path = Path(args.out or RESULTS / f"serve_faults{f'_spare{args.spare}' if args.spare > 1 else ''}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"saved {path}")
+    rec = [r["recovered_s"] for r in rows]
+    hung = sum(r["hung"] for r in rows)
+    print(f"faults_hung={hung} recover_max_s={'nan' if None in rec else f'{max(rec):.2f}'}")
+
+
+if __name__ == "__main__":
+    main()
