@@ -6,8 +6,8 @@ lists, saved as a JSON artifact next to the checkpoint, and the routing modes th
                     experts (plus shared experts and the other non-expert parts) get gradient  (S2.1)
     mode "text"   : the same with the text experts                                            (S2.2)
 
-Freezing with stacked expert weights: a gradient mask (hooks in :class:`~deepomni.model.moe.MoE`) zeroes
-the gradient rows of the other experts. Adam's update of a row whose gradient has always been zero is
+Freezing with stacked expert weights: a gradient mask (:func:`~deepomni.model.moe.mask_grad_rows`, applied in
+:class:`~deepomni.model.moe.MoE`'s forward) zeroes the gradient rows of the other experts. Adam's update of a row whose gradient has always been zero is
 exactly zero, but decoupled weight decay would still shrink it, so :func:`param_groups` puts the stacked
 expert tensors and router weights in a group without weight decay whenever a mode other than "all" is set.
 The profiler that measures modality load and chooses the lists lives with training (issue: staged training);
