@@ -130,8 +130,24 @@ def _check_port_free(host: str, port: int) -> None:
                              f"`deepomni serve`?) holds it; pass --port") from e
 
 
+DESCRIPTION = ("DeepOmni: native speech-text Mixture-of-Experts models on Ray. Training, profiling, evaluation "
+               "and the whole recipe run as `python -m jobs.<name>` (docs/train.md).")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    try:
+        return version("deepomni")
+    except PackageNotFoundError:  # a checkout on sys.path without an install
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="deepomni", description=__doc__)
+    p = argparse.ArgumentParser(prog="deepomni", description=DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     info = sub.add_parser("info", help="print a preset's sizes and parameter counts")
     info.add_argument("--preset", default="tiny", help=f"one of {list_presets()} or a JSON config path")

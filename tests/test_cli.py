@@ -1,6 +1,8 @@
 import json
 import os
 
+import pytest
+
 from deepomni.cli import main
 
 
@@ -36,3 +38,15 @@ def test_serve_on_a_port_in_use_says_so_before_starting_ray(capsys, monkeypatch)
     assert not ray.is_initialized()
     # refused before the Serve settings (serve_apps/ray_mode.py) reach this process's environment
     assert "RAY_AUTH_MODE" not in os.environ and "RAY_SERVE_HAPROXY_BINARY_PATH" not in os.environ
+
+
+def test_version_and_plain_help(capsys):
+    from deepomni import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"deepomni {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "info" in out and "serve" in out  # no reST markup
