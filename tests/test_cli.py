@@ -50,3 +50,20 @@ def test_version_and_plain_help(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "``" not in out and "info" in out and "serve" in out  # no reST markup
+
+
+def test_data_prepare_flags_take_their_config_types(capsys):
+    """Flags derived from DataConfig convert from its type hints (`float | None` -> float): a bad value is an
+    argparse error naming the flag, not a TypeError deep in the pipeline."""
+    import argparse
+
+    from deepomni.data.cli import _add_prepare_args
+
+    p = argparse.ArgumentParser()
+    _add_prepare_args(p)
+    a = p.parse_args(["--out", "x", "--max-audio-seconds", "20", "--feature-actors", "2"])
+    assert a.max_audio_seconds == 20.0 and isinstance(a.max_audio_seconds, float) and a.feature_actors == 2
+    assert p.parse_args(["--out", "x"]).max_audio_seconds is None  # the default stays None
+    with pytest.raises(SystemExit):
+        p.parse_args(["--out", "x", "--max-audio-seconds", "twenty"])
+    assert "--max-audio-seconds: invalid float value" in capsys.readouterr().err
