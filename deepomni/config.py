@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+import argparse
+import typing
 from typing import Any, Literal
 
 RoutingMode = Literal["all", "speech", "text"]
@@ -165,3 +167,23 @@ def load_preset(name_or_path: str) -> ModelConfig:
             raise ValueError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets())}")
         text = res.read_text()
     return ModelConfig.from_dict(json.loads(text))
+
+
+# ------------------------------------------------------------------------------------ command-line flags
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def flag_type(hint):
+    """The argparse ``type`` of a flag derived from a config field's type hint: ``float | None`` -> float,
+    bool -> true/false, other composite types (tuples, dicts) -> JSON. A wrong value is then an argparse error
+    naming the flag, not a TypeError deep in a job."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if typing.get_args(hint) and len(args) == 1 else hint
+    if base is bool:
+        return parse_bool
+    return base if base in (int, float, str) else json.loads

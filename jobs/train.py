@@ -15,19 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 
+from deepomni.config import flag_type
 from deepomni.train.config import TrainConfig
-
-
-def _flag_type(tp):
-    if tp in ("bool", bool):
-        return lambda s: s.lower() in ("1", "true", "yes")
-    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_args(tp) else []
-    base = args[0] if args else tp
-    return base if base in (int, float, str) else json.loads
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
@@ -36,7 +28,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name != "stages":
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_flag_type(hints[f.name]),
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=flag_type(hints[f.name]),
                            default=None)
     a = vars(p.parse_args(argv))
     config = a.pop("config")

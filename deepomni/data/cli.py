@@ -80,33 +80,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _arg_type(hint):
-    """The flag's parser from a config field's type hint (``float | None`` -> float): a wrong value is an
-    argparse error naming the flag, not a TypeError deep in the pipeline."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if len(args) == 1 else hint
-    return {bool: _bool, int: int, float: float}.get(base, str)
-
-
 def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     from dataclasses import MISSING, fields
 
-    from ..config import DataConfig
+    from ..config import DataConfig, flag_type
 
     p.add_argument("--out", required=True, help="output directory (tokenized/, codec/, prepare_summary.json)")
     p.add_argument("--raw", help="raw-item shards (default: <out>/raw)")
     hints = typing.get_type_hints(DataConfig)
     for f in fields(DataConfig):
         default = f.default if f.default is not MISSING else None
-        typ = _arg_type(hints[f.name])
+        typ = flag_type(hints[f.name])
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=default,
                        help=f"(default {default})")
 
