@@ -34,7 +34,7 @@ MODALITIES = (SPEECH, TEXT)
 #   spoken_qa  speech or text question             -> answer_text and answer_audio (the spoken answer)
 #   text_qa    text question                       -> answer_text; no audio anywhere
 TASK_INPUTS = {ASR: (SPEECH,), TTS: (TEXT,), SPOKEN_QA: (SPEECH, TEXT), TEXT_QA: (TEXT,)}
-TASKS_WITH_ANSWER_AUDIO = (TTS, SPOKEN_QA)
+SPEECH_OUT_TASKS = (TTS, SPOKEN_QA)  # the tasks whose answer is speech too (answer_audio, codec channels)
 
 RAW_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),

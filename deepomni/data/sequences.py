@@ -25,9 +25,8 @@ import torch
 
 from ..model.channels import IGNORE, CodecSpecial, TextSpecial, VocabLayout, delay_codes
 from ..model.prompt import user_turn
+from .schema import SPEECH_OUT_TASKS, TASKS
 
-TASKS = ("asr", "tts", "spoken_qa", "text_qa")
-SPEECH_OUT_TASKS = ("tts", "spoken_qa")
 # the instruction on the SYSTEM slot tells the model which task it is doing
 INSTRUCTIONS = {
     "asr": "Transcribe the speech.",

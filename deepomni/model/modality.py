@@ -17,6 +17,7 @@ The profiler that measures modality load and chooses the lists lives with traini
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,10 @@ import torch
 from torch import nn
 
 from ..atomic import write_atomic
+from ..config import RoutingMode
 from .moe import MoE
 
-MODES = ("all", "speech", "text")
+MODES: tuple[str, ...] = typing.get_args(RoutingMode)  # ("all", "speech", "text")
 
 
 @dataclass
@@ -107,7 +109,7 @@ def moe_layers(model: nn.Module) -> dict[int, MoE]:
     return out
 
 
-def set_routing_mode(model: nn.Module, mode: str, assignment: ExpertAssignment | None = None) -> None:
+def set_routing_mode(model: nn.Module, mode: RoutingMode, assignment: ExpertAssignment | None = None) -> None:
     """Mask routing and gradients of every MoE layer to the experts of ``mode``."""
     if mode not in MODES:
         raise ValueError(f"unknown routing mode {mode!r}; expected one of {MODES}")

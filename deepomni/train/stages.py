@@ -33,13 +33,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..config import RoutingMode
+
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     tasks: tuple[str, ...]  # tokenized rows whose ``task`` is one of these
     trainable: Callable[[str, "object"], bool]  # (parameter name, ModelConfig) -> requires_grad
-    mode: str  # routing mode (deepomni.model.modality.MODES)
+    mode: RoutingMode  # which experts route and learn (deepomni.model.modality.set_routing_mode)
     lr: float  # paper default; overridden by TrainConfig.lr / the preset's per-stage lr
     steps: int  # default number of optimizer steps
     text_only: bool = False  # text-input rows only, codec channels blanked (see module doc)
