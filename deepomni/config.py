@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -182,8 +183,10 @@ def flag_type(hint):
     """The argparse ``type`` of a flag derived from a config field's type hint: ``float | None`` -> float,
     bool -> true/false, other composite types (tuples, dicts) -> JSON. A wrong value is then an argparse error
     naming the flag, not a TypeError deep in a job."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if typing.get_args(hint) and len(args) == 1 else hint
+    base = hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None -> X
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if len(args) == 1 else hint
     if base is bool:
         return parse_bool
     return base if base in (int, float, str) else json.loads

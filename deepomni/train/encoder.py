@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..audio import WHISPER_SAMPLE_RATE, LogMel, load_audio
-from ..config import SpeechEncoderConfig
+from ..config import SpeechEncoderConfig, flag_type
 from ..data.content import transcript
 from ..model.speech import MEL_FRAMES_PER_ENCODER_FRAME, whisper_config
 
@@ -456,19 +457,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data", required=True, help="dataset dir holding raw/<split>/part-*.parquet")
     p.add_argument("--out", required=True, help="output Whisper encoder directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    defaults = EncoderPretrainConfig()
+    defaults, hints = EncoderPretrainConfig(), typing.get_type_hints(EncoderPretrainConfig)
     for f in dataclasses.fields(EncoderPretrainConfig):
-        value = getattr(defaults, f.name)
-        if isinstance(value, tuple):
+        if typing.get_origin(hints[f.name]) is tuple:  # --betas 0.9 0.98, --eval-tasks asr tts
             p.add_argument(f"--{f.name.replace('_', '-')}", nargs="+", default=None)
-        elif isinstance(value, bool):
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"),
-                           default=None)
         else:
-            kind = float if isinstance(value, float) else int if isinstance(value, int) else str
-            if f.name in ("max_items", "eval_max_items"):
-                kind = int
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=flag_type(hints[f.name]), default=None)
     args = vars(p.parse_args(argv))
     data, out, quiet = args.pop("data"), args.pop("out"), args.pop("quiet")
     overrides = {k: v for k, v in args.items() if v is not None}
