@@ -30,7 +30,7 @@ setup: sysdeps $(STAMP)
 # benchmarks/recipe_table.py
 DEMO_ARGS ?= --baselines full_finetune --steps-scale 0.5 --encoder-steps 600 --eval-items 20
 demo: setup
-	$(PY) -m jobs.pipeline --out runs/demo $(DEMO_ARGS)
+	$(VENV)/bin/deepomni pipeline --out runs/demo $(DEMO_ARGS)
 
 clean-demo:
 	rm -rf runs/demo

@@ -1,4 +1,14 @@
-"""``deepomni`` command line: ``deepomni info --preset tiny``."""
+"""``deepomni``: the command line of the whole system (``deepomni --help``; each command's ``--help``).
+
+    data (synth | import | prepare)   datasets                   deepomni/data/cli.py
+    train | profile | evaluate        one step of the recipe     deepomni/train/cli.py
+    pipeline                          the whole recipe (`make demo`)
+    export-hf                         a checkpoint as a transformers model directory
+    serve                             the Ray Serve app
+    info | smoke                      a preset's sizes; one spoken turn on random weights
+
+The ``jobs/`` modules run the same commands under ``ray job submit --working-dir . -- python -m jobs.<name>``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +16,12 @@ import argparse
 import json
 import sys
 
-from .config import list_presets, load_preset
+from .config import add_flags, flag_values, list_presets, load_preset
 from .data.cli import add_data_commands
+from .model.hf.cli import add_export_hf_command
+from .serve.config import AppConfig
+from .smoke import add_smoke_args, cmd_smoke
+from .train.cli import add_train_commands
 
 
 def _human(n: int) -> str:
@@ -39,7 +53,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_OUT = "runs/demo"  # where `make demo` (jobs.pipeline --out runs/demo) writes
+DEMO_OUT = "runs/demo"  # where `make demo` (deepomni pipeline --out runs/demo) writes
 
 
 def demo_model(repo: str) -> tuple[str, str] | None:
@@ -88,8 +102,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .ray_env import init_ray
 
-    app_args = {k: v for k, v in (("checkpoint", args.checkpoint), ("codec", args.codec),
-                                  ("tokenizer", args.tokenizer), ("device", args.device)) if v is not None}
+    app_args = flag_values(args, AppConfig, exclude=("api_key",))
+    if args.app_config is not None:
+        app_args["config"] = args.app_config
     if args.config is not None:
         app_args["serve_config"] = args.config
     app = build_app(app_args)  # checks the args before Ray starts
@@ -130,8 +145,8 @@ def _check_port_free(host: str, port: int) -> None:
                              f"`deepomni serve`?) holds it; pass --port") from e
 
 
-DESCRIPTION = ("DeepOmni: native speech-text Mixture-of-Experts models on Ray. Training, profiling, evaluation "
-               "and the whole recipe run as `python -m jobs.<name>` (docs/train.md).")
+DESCRIPTION = ("DeepOmni: native speech-text Mixture-of-Experts models on Ray. Every command's --help lists its "
+               "flags; configs load from the presets in deepomni/presets/ or JSON/YAML files (docs/config.md).")
 
 
 def _version() -> str:
@@ -154,17 +169,23 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--with-encoder", action="store_true", help="include the Whisper encoder in the counts")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(fn=cmd_info)
+    smoke = sub.add_parser("smoke", help="one spoken turn through a random model (10 s on the tiny preset)")
+    add_smoke_args(smoke)
+    smoke.set_defaults(fn=cmd_smoke)
     add_data_commands(sub)
+    add_train_commands(sub)
+    add_export_hf_command(sub)
     srv = sub.add_parser("serve", help="run the Ray Serve app (docs/serving.md) on the embedded local Ray")
-    srv.add_argument("--checkpoint", help="checkpoint directory (deepomni.checkpoint); default: the recipe model "
-                                          f"`make demo` wrote under {DEMO_OUT}/, else a random tiny model")
-    srv.add_argument("--codec", help="builtin:<dir> or snac:<dir>; default: a cached built-in codec")
-    srv.add_argument("--tokenizer", help="bytes (default) or hf:<dir>")
-    srv.add_argument("--device", help="cpu | cuda | auto (default)")
+    srv.add_argument("--app-config", help="the app's settings: a serve preset "
+                                          f"({', '.join(list_presets('serve'))}) or a JSON/YAML file; the flags "
+                                          "below override it")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--config", help="Serve config whose deployments section sets replicas and autoscaling "
                                       "(default serve_apps/config.yaml, the only place that sets them)")
+    add_flags(srv, AppConfig, exclude=("api_key",),  # a key on the command line would show in `ps`
+              title=f"app settings (AppConfig; --checkpoint default: the recipe model `make demo` wrote under "
+                    f"{DEMO_OUT}/, else a random tiny model)")
     srv.set_defaults(fn=cmd_serve)
     args = p.parse_args(argv)
     try:

@@ -1,25 +1,242 @@
-"""Typed configuration for DeepOmni models, with presets shipped in the package.
+"""One typed configuration system: every config is a dataclass, loaded by :func:`load_config`.
 
-One dataclass per concern; every field that is not obvious carries a comment. Presets are JSON files in
-``deepomni/presets/`` (``tiny``, ``deepseek-v2-lite``) and load with :func:`load_preset`.
+    load_config(TrainConfig, "tiny", {"lr": "1e-3"})      # a preset name, a JSON/YAML file or a dict,
+                                                           # then overrides (None values skipped)
+
+:func:`load_config` refuses unknown keys and converts and checks every value from the type hints
+(pydantic validates the dataclass: ``"20"`` becomes ``20.0`` for a ``float``, ``"abc"`` is refused with a
+message naming the field); a config's own checks run in its ``__post_init__``. Presets ship in the
+package, one folder per kind: ``deepomni/presets/{model,train,data,eval,serve}/<name>.json``
+(:func:`list_presets`). Command-line flags are derived from the same dataclasses by :func:`add_flags`
+(one flag per field, its help taken from the field's comment) and read back by :func:`flag_values`.
+
+The model's own configs (:class:`ModelConfig`, :class:`SpeechEncoderConfig`) and :class:`DataConfig` live
+here; the others beside the code they configure (``deepomni.train.config.TrainConfig``,
+``deepomni.train.evaluate.EvalConfig``, ``deepomni.train.profile.ProfileConfig``,
+``deepomni.train.recipe.PipelineConfig``, ``deepomni.serve.config.AppConfig``).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
+import inspect
 import json
+import re
 import types
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Mapping
+from dataclasses import field
 from importlib import resources
 from pathlib import Path
-import argparse
-import typing
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+import pydantic
 
 RoutingMode = Literal["all", "speech", "text"]
+T = TypeVar("T")
+PRESETS_DIR = "presets"
 
 
-@dataclass
+class ConfigError(ValueError):
+    """A config that cannot be loaded: unknown keys, wrong types or values; the message names the fields."""
+
+
+def configclass(kind: str | None = None):
+    """Class decorator: a dataclass that :func:`load_config` validates strictly (unknown keys refused);
+    ``kind`` names its preset folder under ``deepomni/presets/`` (None: no presets)."""
+
+    def wrap(cls: type[T]) -> type[T]:
+        cls = dataclasses.dataclass(cls)
+        cls.__pydantic_config__ = pydantic.ConfigDict(extra="forbid")
+        cls.preset_kind = kind  # a plain class attribute (no annotation): not a field
+        return cls
+
+    return wrap
+
+
+@functools.cache
+def _adapter(cls: type) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(cls)
+
+
+def _describe(err: dict, cls: type) -> str:
+    loc = ".".join(str(x) for x in err["loc"])
+    where = f"{loc}: " if loc else ""
+    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"{where}unknown field"
+    if err["type"] == "value_error":  # raised by __post_init__
+        return where + err["msg"].removeprefix("Value error, ")
+    return f"{where}{err['msg']} (got {err['input']!r})"
+
+
+def parse_config(cls: type[T], values: Mapping[str, Any]) -> T:
+    """``cls`` from a mapping, every value converted and checked from the type hints."""
+    try:
+        return _adapter(cls).validate_python(dict(values))
+    except pydantic.ValidationError as e:
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        errors = "; ".join(_describe(err, cls) for err in e.errors())
+        hint = f" (fields: {known})" if "unknown field" in errors else ""
+        raise ConfigError(f"{cls.__name__}: {errors}{hint}") from None
+
+
+def list_presets(kind: str = "model") -> list[str]:
+    folder = resources.files("deepomni").joinpath(PRESETS_DIR).joinpath(kind)
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json")) if folder.is_dir() else []
+
+
+def read_config_source(source: str | Path | Mapping[str, Any] | None, kind: str | None) -> dict[str, Any]:
+    """The raw mapping of a preset name, a ``.json`` / ``.yaml`` file, or a mapping (None: empty)."""
+    if source is None:
+        return {}
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if path.suffix in (".json", ".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(path.read_text())
+        else:
+            d = json.loads(path.read_text())
+    else:
+        res = resources.files("deepomni").joinpath(PRESETS_DIR).joinpath(kind or "-").joinpath(f"{source}.json")
+        if kind is None or not res.is_file():
+            raise ConfigError(f"unknown {kind or ''} preset {str(source)!r}; available: "
+                              f"{', '.join(list_presets(kind)) if kind else 'none'} (or a .json/.yaml file)")
+        d = json.loads(res.read_text())
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: a config file holds one mapping of field names to values")
+    return d
+
+
+def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> T:
+    """``cls`` from a preset name (``deepomni/presets/<kind>/``), a JSON/YAML file or a mapping, then
+    ``overrides`` (keys with None values are skipped: "not given")."""
+    d = read_config_source(source, getattr(cls, "preset_kind", None))
+    d.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return parse_config(cls, d)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# ------------------------------------------------------------------------------------ command-line flags
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_mapping(text: str) -> dict[str, Any]:
+    """A mapping flag: JSON (``{"asr": 0.3}``) or ``name=value[,name=value...]`` (values checked by the config)."""
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    try:
+        return {k.strip(): v.strip() for k, v in (part.split("=") for part in text.split(",") if part.strip())}
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected name=value[,name=value...] or JSON, got {text!r}") from e
+
+
+def _unwrap_optional(hint):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None -> X
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def flag_type(hint):
+    """The argparse ``type`` of a flag derived from a config field's type hint: ``float | None`` -> float,
+    bool -> true/false, dicts -> ``a=1,b=2`` or JSON, other composite types -> JSON. A wrong value is then an argparse
+    error naming the flag, not a TypeError deep in a job."""
+    base = _unwrap_optional(hint)
+    if base is bool:
+        return parse_bool
+    if typing.get_origin(base) is Literal:
+        return str
+    if typing.get_origin(base) is dict:
+        return parse_mapping
+    return base if base in (int, float, str) else json.loads
+
+
+def _flag_kwargs(hint) -> dict[str, Any]:
+    """argparse keywords for one field: a bool flag alone means true; tuples take several values; literals
+    list their choices."""
+    base = _unwrap_optional(hint)
+    if base is bool:
+        return {"type": parse_bool, "nargs": "?", "const": True, "metavar": "BOOL"}
+    if typing.get_origin(base) is Literal:
+        return {"type": str, "choices": [str(a) for a in typing.get_args(base)]}
+    if typing.get_origin(base) is tuple:
+        args = typing.get_args(base)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return {"type": flag_type(args[0]), "nargs": "+"}
+        if args and len(set(args)) == 1:
+            return {"type": flag_type(args[0]), "nargs": len(args)}
+    return {"type": flag_type(hint)}
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the class source (the ``# ...`` after it, or the comment lines above it)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").strip())
+            continue
+        m = re.match(r"\s+(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
+        if m and not stripped.startswith(("def ", "@")):
+            text = " ".join(x for x in ([m.group(2)] if m.group(2) else []) + above if x)
+            if text and m.group(1) not in out:
+                out[m.group(1)] = text
+        above = []
+    return out
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = (),
+              title: str | None = None) -> None:
+    """One ``--field-name`` flag per field of ``cls`` (default None: "not given", the config's own value
+    applies); the help text is the field's comment and its default."""
+    group = parser.add_argument_group(title or f"{cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude or not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        shown = "<hidden>" if not f.repr else default
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                           help=f"{comments.get(f.name, '')} (default {shown})".strip().replace("%", "%%"),
+                           **_flag_kwargs(hints[f.name]))
+
+
+def flag_values(args: argparse.Namespace, cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of ``cls`` given on the command line (what :func:`add_flags` registered)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if f.name not in exclude and v is not None:
+            out[f.name] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+@configclass()
 class SpeechEncoderConfig:
     """The frozen Whisper-style encoder that reads input speech (16 kHz, 80 mel, 50 Hz after conv stride)."""
 
@@ -36,7 +253,7 @@ class SpeechEncoderConfig:
     downsample: int = 1
 
 
-@dataclass
+@configclass("model")
 class ModelConfig:
     """A DeepSeek-V2-family MoE backbone extended to K+1 token channels and speech input."""
 
@@ -95,22 +312,14 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        if "speech_encoder" in d and isinstance(d["speech_encoder"], dict):
-            d["speech_encoder"] = SpeechEncoderConfig(**d["speech_encoder"])
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        return parse_config(cls, d)
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        cfg = dataclasses.replace(self, **changes)
-        cfg.validate()
-        return cfg
+        return dataclasses.replace(self, **changes)  # __post_init__ checks the result
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
@@ -126,7 +335,7 @@ class ModelConfig:
             raise ValueError("num_codec_channels must be >= 0")
 
 
-@dataclass
+@configclass("data")
 class DataConfig:
     """Preprocessing: raw items (audio bytes) -> tokenized sequences (``deepomni data prepare``)."""
 
@@ -149,44 +358,6 @@ class DataConfig:
     seed: int = 0
 
 
-PRESETS_DIR = "presets"
-
-
-def list_presets() -> list[str]:
-    files = resources.files("deepomni").joinpath(PRESETS_DIR).iterdir()
-    return sorted(p.name[:-5] for p in files if p.name.endswith(".json"))
-
-
-def load_preset(name_or_path: str) -> ModelConfig:
-    """Load a preset by name (``tiny``, ``deepseek-v2-lite``) or from a JSON file path."""
-    path = Path(name_or_path)
-    if path.suffix == ".json" and path.exists():
-        text = path.read_text()
-    else:
-        res = resources.files("deepomni").joinpath(PRESETS_DIR).joinpath(f"{name_or_path}.json")
-        if not res.is_file():
-            raise ValueError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets())}")
-        text = res.read_text()
-    return ModelConfig.from_dict(json.loads(text))
-
-
-# ------------------------------------------------------------------------------------ command-line flags
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def flag_type(hint):
-    """The argparse ``type`` of a flag derived from a config field's type hint: ``float | None`` -> float,
-    bool -> true/false, other composite types (tuples, dicts) -> JSON. A wrong value is then an argparse error
-    naming the flag, not a TypeError deep in a job."""
-    base = hint
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None -> X
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        base = args[0] if len(args) == 1 else hint
-    if base is bool:
-        return parse_bool
-    return base if base in (int, float, str) else json.loads
+def load_preset(name_or_path: str | Path) -> ModelConfig:
+    """A model preset by name (``tiny``, ``deepseek-v2-lite``) or a ModelConfig JSON file."""
+    return load_config(ModelConfig, name_or_path)

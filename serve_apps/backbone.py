@@ -1,5 +1,9 @@
 """The Backbone deployment: the MoE LLM under a :class:`deepomni.serve.engine.BatchEngine`.
 
+One file over 400 lines on purpose: it is one deployment class whose engine loop, session routing and
+batched vocoder calls share one replica's state on one event loop; the batching itself is
+``deepomni/serve/engine.py``, the messages ``messages.py``, the fault rules ``faults.py``.
+
 One background task per replica runs ``engine.step()`` in a worker thread while any session is live (the
 replica's event loop stays free to take new sessions); sessions join and leave the running batch between
 steps. The codec frames the steps release go to the Vocoder deployment as they come: one call carries every

@@ -1,5 +1,9 @@
 """The HTTP / WebSocket front (FastAPI under ``@serve.ingress``); the protocol is ``docs/serving.md``.
 
+One file over 400 lines on purpose: the routes must be methods of the one ``@serve.ingress`` class, and they
+share one answer path (:meth:`Ingress._answer`) and its helpers; the surfaces with state of their own live
+apart (``realtime.py``, ``openai_routes.py``, ``auth.py``).
+
 One answer, whichever endpoint asked for it (:meth:`Ingress._answer`):
 
     audio --SpeechEncoder.encode--> speech [n, D] --Backbone.generate (stream)--> text deltas + PCM chunks

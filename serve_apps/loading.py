@@ -1,4 +1,4 @@
-"""What the app serves: its settings (:class:`AppConfig`, from the builder's ``args``), the model, the codec.
+"""What the app serves: the model and the codec, from its settings (:class:`deepomni.serve.config.AppConfig`).
 
 With a ``checkpoint`` (a directory written by :func:`deepomni.checkpoint.save_model`, e.g.
 ``runs/pipeline/runs/s3_joint/final``) every replica loads it. Without one, every replica builds the same
@@ -14,12 +14,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from deepomni.config import ModelConfig, load_preset
+from deepomni.config import ModelConfig
+from deepomni.serve.config import AppConfig
 
 CODEC_PHRASES = (
     "What is the capital of France?",
@@ -32,87 +32,6 @@ CODEC_PHRASES = (
     "My favourite colour is a deep shade of blue.",
 )
 CODEC_VOICES = ("en-us", "en+f3", "en-gb")
-
-
-@dataclass
-class AppConfig:
-    checkpoint: str | None = None  # deepomni.checkpoint directory; None: random weights of `preset`
-    preset: str = "tiny"  # model preset when there is no checkpoint
-    codec: str | None = None  # "builtin:<dir>" | "snac:<dir>"; None: the cached default built-in codec
-    tokenizer: str = "bytes"  # "bytes" | "hf:<dir>" (the tokenizer the checkpoint was trained with)
-    device: str = "auto"  # "cpu" | "cuda" | "auto" (cuda when available)
-    torch_threads: int = 1  # intra-op threads per CPU replica (several replicas share few cores)
-    encoder_threads: int = 2  # the SpeechEncoder's (bursty, on the way to the first audio: 25 -> 13 ms a turn)
-    seed: int = 0  # random init when there is no checkpoint
-    max_rows: int = 32  # BatchEngine rows per Backbone replica (a speech answer takes 2, then 1)
-    # sessions that may wait for rows per Backbone replica; one more is refused at once (503 overloaded,
-    # Retry-After). None: max_rows (with Backbone's max_ongoing_requests 64 in config.yaml: 32 rows' worth
-    # of answers + 32 waiting); 0: refuse whatever cannot start at once
-    max_queued: int | None = None
-    max_steps: int = 256  # default decoding steps per answer
-    max_steps_limit: int = 1024  # the most a request may ask for
-    max_body_bytes: int = 8 * 1024 * 1024  # request body / one WebSocket turn's audio
-    # conversation memory: prompt positions a conversation may fill (the oldest turns go first beyond it;
-    # the answer's max_steps must fit too), and conversations whose context a Backbone replica keeps cached
-    max_context: int = 2048
-    kept_contexts: int = 64
-    # faults (docs/serving.md "Faults"): the longest the ingress waits for the next piece of a Backbone stream
-    # (which sends a keepalive every second while an answer waits): beyond it the answer ends with an
-    # `unavailable` error instead of hanging (a Backbone that died fails its streams at once)
-    stall_timeout_s: float = 10.0
-    # the API key every endpoint but /healthz, / and /static/* asks for (docs/serving.md "Authentication");
-    # None: the environment's DEEPOMNI_API_KEY, read by each Ingress replica; neither: no key. Several keys
-    # (rotation): comma-separated. Kept out of repr(): a config that is printed does not show it.
-    api_key: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_args(cls, args: dict | None) -> AppConfig:
-        """From the builder's ``args`` (YAML values, or strings from ``serve run ... key=value``)."""
-        args = dict(args or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(args) - set(known))
-        if unknown:
-            raise ValueError(f"unknown app args {unknown}; expected some of {sorted(known)}")
-        out = {}
-        for k, v in args.items():
-            if v is None or v == "":
-                out[k] = None if k in ("checkpoint", "codec", "max_queued", "api_key") else known[k].default
-            elif k in ("torch_threads", "encoder_threads", "seed", "max_rows", "max_steps", "max_steps_limit", "max_body_bytes",
-                       "max_context", "kept_contexts", "max_queued"):
-                out[k] = int(v)
-            elif k == "stall_timeout_s":
-                out[k] = float(v)
-            else:
-                out[k] = str(v)
-        cfg = cls(**out)
-        if cfg.checkpoint and not (Path(cfg.checkpoint) / "config.json").is_file():
-            raise FileNotFoundError(f"checkpoint {cfg.checkpoint!r} is not a DeepOmni checkpoint directory "
-                                    f"(no config.json)")
-        if not 1 <= cfg.max_steps <= cfg.max_steps_limit:
-            raise ValueError(f"max_steps must be in [1, max_steps_limit={cfg.max_steps_limit}], got {cfg.max_steps}")
-        if not cfg.stall_timeout_s > 0:
-            raise ValueError(f"stall_timeout_s must be > 0, got {cfg.stall_timeout_s}")
-        if cfg.max_queued is not None and cfg.max_queued < 0:
-            raise ValueError(f"max_queued must be >= 0 (or null: max_rows), got {cfg.max_queued}")
-        return cfg
-
-    def queue_limit(self) -> int:
-        """Sessions that may wait for rows in one Backbone replica (``max_queued``, default ``max_rows``)."""
-        return self.max_rows if self.max_queued is None else self.max_queued
-
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def setup_torch(self, threads: int | None = None) -> None:
-        if self.torch_device().type == "cpu":
-            torch.set_num_threads(threads or self.torch_threads)
-
-    def model_config(self) -> ModelConfig:
-        if self.checkpoint:
-            return ModelConfig.from_dict(json.loads((Path(self.checkpoint) / "config.json").read_text()))
-        return load_preset(self.preset)
 
 
 def load_serving_model(cfg: AppConfig):

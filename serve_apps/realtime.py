@@ -1,7 +1,13 @@
 """``WS /v1/realtime``: OpenAI's Realtime API (GA event names), as the official ``openai`` client speaks it
-(``client.realtime.connect(model="deepomni")``). One connection is one conversation: every response reads
-the earlier items (an interrupted answer counts as the text it had sent), and the Backbone's kept context
-means a next turn prefills only itself. Errors are ``error`` events; the connection stays open.
+(``client.realtime.connect(model="deepomni")``).
+
+One file over 400 lines on purpose: it is one protocol, the event checks, the session / item / response state
+and the :class:`RealtimeSession` state machine that changes it; about 60 of its lines are this docstring,
+the contract of what it supports.
+
+One connection is one conversation: every response reads the earlier items (an interrupted answer counts as
+the text it had sent), and the Backbone's kept context means a next turn prefills only itself. Errors are
+``error`` events; the connection stays open.
 
 Client events: ``session.update``, ``input_audio_buffer.append | commit | clear``, ``conversation.item.create
 | delete | truncate``, ``response.create``, ``response.cancel``. Server events: ``session.created | updated``,

@@ -17,7 +17,7 @@ def test_info_json_and_bad_preset(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["config"]["hidden_size"] == 128 and 1e6 < d["parameters"]["total"] < 1e7
     assert main(["info", "--preset", "nope"]) == 2
-    assert "unknown preset" in capsys.readouterr().err
+    assert "unknown model preset" in capsys.readouterr().err
 
 
 def test_serve_on_a_port_in_use_says_so_before_starting_ray(capsys, monkeypatch):

@@ -11,7 +11,7 @@ import torch
 from deepomni.config import SpeechEncoderConfig
 from deepomni.model.speech import build_whisper_encoder, speech_encoder_config
 from deepomni.train.encoder import (VOCAB, CTCEncoder, EncoderPretrainConfig, ctc_greedy_decode, encode_text,
-                                    error_rates, evaluate, load_utterances, main, train_ctc)
+                                    error_rates, evaluate, load_utterances, train_ctc)
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
@@ -36,7 +36,10 @@ def run(corpus, tmp_path_factory):
     args = ["--data", str(corpus), "--out", str(out), "--quiet"]
     for k, v in TINY.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
-    summary = main(args)
+    from deepomni.cli import main
+
+    assert main(["train-encoder", *args]) == 0
+    summary = json.loads((out / "pretrain.json").read_text())
     return EncoderPretrainConfig(**TINY), out, summary
 
 

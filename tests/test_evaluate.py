@@ -64,10 +64,10 @@ def test_prompt_is_the_training_prompt(corpus, tiny_cfg):
 
 # -------------------------------------------------------------------------------------------- the job
 def test_job_on_random_checkpoint(tmp_path, corpus, checkpoint, tiny_cfg):
-    from jobs.evaluate import main
+    from deepomni.cli import main
 
     out = tmp_path / "eval"
-    assert main(["--checkpoint", str(checkpoint), "--base", str(checkpoint), "--data", str(corpus),
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--base", str(checkpoint), "--data", str(corpus),
                  "--out", str(out), "--split", "test", "--margin", "2"]) == 0
     result = json.loads((out / "eval.json").read_text())
     m = result["metrics"]

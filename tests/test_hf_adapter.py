@@ -18,7 +18,7 @@ from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 from deepomni.config import ModelConfig, load_preset
 from deepomni.model.channels import ChannelEmbedding, CodecSpecial, TextSpecial, VocabLayout
-from deepomni.model.hf_adapter import config_from_hf, export_hf, hf_config_dict, import_hf
+from deepomni.model.hf import config_from_hf, export_hf, hf_config_dict, import_hf
 from deepomni.model.model import DeepOmniModel
 
 VOCAB = 512

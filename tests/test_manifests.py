@@ -8,6 +8,8 @@
   ``serve_apps/config.yaml`` with only the changes values.yaml names; every job's command line parses with
   the job's own argument parser.
 * ``cluster/launcher.yaml`` passes Ray's own cluster-launcher validation (``ray/autoscaler/ray-schema.json``).
+* ``manifests/generated/kustomization.yaml`` lists exactly the generated files with their image and namespace,
+  and (where ``kubectl`` is installed) an overlay retargets both with ``kubectl kustomize``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import os
 import re
 import runpy
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,6 +55,8 @@ gen = _load_generator()
 def _docs() -> list[tuple[str, dict]]:
     out = []
     for p in sorted(GENERATED.rglob("*.yaml")):
+        if p.name == gen.KUSTOMIZATION:  # not a resource (tests of its own below)
+            continue
         for d in yaml.load_all(p.read_text(), Loader=Loader):
             if d is not None:
                 out.append((str(p.relative_to(GENERATED)), d))
@@ -376,6 +382,84 @@ def test_job_entrypoints_parse(path, doc, tmp_path, monkeypatch):
     with pytest.raises(_Parsed):
         runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
     assert seen["ns"] is not None
+
+
+# -------------------------------------------------------------------------------------------- kustomize
+KUSTOMIZATION = GENERATED / gen.KUSTOMIZATION
+
+
+def _kustomization() -> dict:
+    return yaml.load(KUSTOMIZATION.read_text(), Loader=Loader)
+
+
+def _images(node) -> list[str]:
+    """Every ``image`` of a container or init container anywhere in a resource (kustomize's images transformer
+    looks at the same fields, in any kind)."""
+    if isinstance(node, list):
+        return [i for n in node for i in _images(n)]
+    if not isinstance(node, dict):
+        return []
+    out = [c["image"] for key in ("containers", "initContainers") for c in node.get(key, []) if "image" in c]
+    return out + [i for k, v in node.items() if k not in ("containers", "initContainers") for i in _images(v)]
+
+
+def test_kustomization_lists_exactly_the_generated_manifests():
+    k = _kustomization()
+    assert (k["apiVersion"], k["kind"]) == ("kustomize.config.k8s.io/v1beta1", "Kustomization")
+    present = sorted(str(p.relative_to(GENERATED)) for p in GENERATED.rglob("*.yaml") if p != KUSTOMIZATION)
+    assert k["resources"] == present
+    assert sorted({p for p, _ in DOCS}) == present  # each listed file holds resources (none empty)
+    values = gen.load_values()
+    assert k["namespace"] == values["namespace"]
+    assert {d["metadata"].get("namespace", d["metadata"]["name"]) for _, d in DOCS} == {k["namespace"]}
+
+
+def test_kustomization_image_is_the_image_of_every_container():
+    (entry,) = _kustomization()["images"]
+    used = {i for _, d in DOCS for i in _images(d)}
+    assert len(used) == 1 and sum(len(_images(d)) for _, d in _of_kind(*CRD_FILES)) >= 3 * len(KUBERAY)
+    (image,) = used
+    assert image == gen.load_values()["image"]
+    rebuilt = entry["name"] + (f":{entry['newTag']}" if "newTag" in entry else "") + (
+        f"@{entry['digest']}" if "digest" in entry else "")
+    assert rebuilt == image and "newName" not in entry  # the base changes nothing; an overlay does
+
+
+@pytest.mark.parametrize("image,parts", [
+    ("ghcr.io/your-org/deepomni:0.1.0", ("ghcr.io/your-org/deepomni", "0.1.0", None)),
+    ("registry:5000/deepomni", ("registry:5000/deepomni", None, None)),
+    ("registry:5000/deepomni:1.2", ("registry:5000/deepomni", "1.2", None)),
+    ("deepomni@sha256:" + "a" * 64, ("deepomni", None, "sha256:" + "a" * 64)),
+])
+def test_split_image(image, parts):
+    assert gen.split_image(image) == parts
+
+
+def test_every_resource_is_labelled_with_its_file():
+    stems = [d["metadata"]["labels"][gen.MANIFEST_LABEL] for _, d in DOCS]
+    assert stems == [Path(p).stem for p, _ in DOCS] and len(set(stems)) == len(stems)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
+def test_kustomize_overlay_changes_image_and_namespace(tmp_path):
+    def build(d: Path) -> list[dict]:
+        out = subprocess.run(["kubectl", "kustomize", str(d)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return [x for x in yaml.load_all(out.stdout, Loader=Loader) if x]
+
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(build(GENERATED), key=key) == sorted((d for _, d in DOCS), key=key)  # the base as generated
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (entry,) = _kustomization()["images"]
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(GENERATED, overlay)], "namespace": "ml-prod",
+        "images": [{"name": entry["name"], "newName": "registry.example.com/deepomni", "newTag": "1.2"}]}))
+    docs = build(overlay)
+    assert len(docs) == len(DOCS)
+    assert {i for d in docs for i in _images(d)} == {"registry.example.com/deepomni:1.2"}
+    assert {d["metadata"].get("namespace", d["metadata"]["name"]) for d in docs} == {"ml-prod"}
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"] == ["ml-prod"]
 
 
 # --------------------------------------------------------------------------------- cluster/ directory

@@ -22,9 +22,9 @@ def test_presets_roundtrip_and_validation(tmp_path):
     p = tmp_path / "c.json"
     p.write_text(json.dumps(cfg.to_dict()))
     assert load_preset(str(p)) == cfg
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown model preset"):
         load_preset("nope")
-    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+    with pytest.raises(ValueError, match="ModelConfig: hidden: unknown field"):
         ModelConfig.from_dict({"hidden": 3})
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         cfg.replace(num_experts_per_tok=cfg.n_routed_experts + 1)

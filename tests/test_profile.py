@@ -77,9 +77,12 @@ def checkpoint(tmp_path_factory, tiny_cfg):
 def test_rho_on_hand_made_routing():
     t = LoadTable([1, 2], num_experts=4, top_k=2)
     experts = {1: torch.tensor([[0, 1], [0, 2], [3, 1]]), 2: torch.tensor([[2, 3], [2, 3], [2, 3]])}
-    t.add(SPEECH, experts, torch.tensor([True, True, False]))  # third token not counted
-    t.add(TEXT, experts, torch.tensor([False, False, True]))
-    t.add(TEXT, experts, torch.tensor([False, False, False]))  # nothing counted, not even the sequence
+
+    def counts(mask_T):
+        return torch.stack([torch.bincount(experts[l][mask_T].reshape(-1), minlength=4) for l in (1, 2)])
+
+    t.add(SPEECH, counts(torch.tensor([True, True, False])), tokens=2, sequences=1)  # third token not counted
+    t.add(TEXT, counts(torch.tensor([False, False, True])), tokens=1, sequences=1)
     assert t.tokens == {SPEECH: 2, TEXT: 1} and t.sequences == {SPEECH: 1, TEXT: 1}
     # speech, layer 1: experts 0,1,0,2 over k*tokens = 4 choices
     torch.testing.assert_close(t.rho(SPEECH), torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.0, 0.0, 0.5, 0.5]], dtype=torch.float64))
@@ -167,10 +170,10 @@ def test_random_assignment_is_seeded_and_sized():
 # ------------------------------------------------------------------------------------------- the job
 @pytest.mark.parametrize("extra", [[], ["--random", "--seed", "3"]])
 def test_job_end_to_end(tmp_path, corpus, checkpoint, tiny_cfg, extra):
-    from jobs.profile_load import main
+    from deepomni.cli import main
 
     out = tmp_path / "prof"
-    assert main(["--checkpoint", str(checkpoint), "--data", str(corpus), "--out", str(out), "--n-speech", "25%",
+    assert main(["profile", "--checkpoint", str(checkpoint), "--data", str(corpus), "--out", str(out), "--n-speech", "25%",
                  "--split", "test", *extra]) == 0
     a = ExpertAssignment.load(out / "experts.json")
     model, _ = load_model(checkpoint)

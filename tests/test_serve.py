@@ -36,7 +36,7 @@ def speech_wav(text: str = "What is the capital of France?") -> np.ndarray:
         from deepomni.data.espeak import Voice, speak
 
         return speak(text, Voice("en-us", speed=200))
-    from jobs.demo import synthetic_utterance
+    from deepomni.smoke import synthetic_utterance
 
     return synthetic_utterance(1.2)
 
@@ -380,7 +380,7 @@ def test_config_yaml_sets_autoscaling_for_every_deployment():
         a = o["autoscaling_config"]
         assert 1 <= a["min_replicas"] <= a["max_replicas"] and a["target_ongoing_requests"] > 0, name
         assert 0 < o["ray_actor_options"]["num_cpus"] < 1, name
-    with pytest.raises(ValueError, match="unknown app args"):
+    with pytest.raises(ValueError, match="AppConfig: chekpoint: unknown field"):
         AppConfig.from_args({"chekpoint": "x"})
     with pytest.raises(FileNotFoundError):
         AppConfig.from_args({"checkpoint": "/nonexistent/ckpt"})

@@ -125,9 +125,9 @@ def test_config_preset_and_overrides():
     assert cfg.max_steps == 7 and cfg.lr == 2e-3 and cfg.stage == "s1_align"
     with pytest.raises(ValueError):
         TrainConfig.from_dict({"bogus": 1})
-    from jobs.train import parse
+    from deepomni.train.cli import parse_train
 
-    cli = parse(["--config", "tiny", "--stage", "s2_text_experts", "--num-workers", "2", "--ep-size", "2",
+    cli = parse_train(["--config", "tiny", "--stage", "s2_text_experts", "--num-workers", "2", "--ep-size", "2",
                  "--lr", "5e-4", "--init", "ckpt/s1"])
     preset_steps = json.loads((PRESET_DIR / "tiny.json").read_text())["stages"]["s2_text_experts"]["max_steps"]
     assert (cli.stage, cli.num_workers, cli.ep_size, cli.lr, cli.init, cli.max_steps) == \
@@ -138,7 +138,7 @@ def test_config_preset_and_overrides():
 
 
 def test_s1_trains_only_the_codec_rows_of_the_embedding():
-    """S1 (PAPER.md: "extended embeddings"): the text LLM's rows, its specials included, stay bit-identical
+    """S1 (docs/paper.md "Training stages": "extended embeddings"): the text LLM's rows, its specials included, stay bit-identical
     through AdamW steps with weight decay (so text-only answers do not change); the codec blocks learn."""
     from deepomni.model.modality import param_groups
 

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from deepomni.train.config import TrainConfig
-from deepomni.train.loop import HELD_WORKER, DataStream, resume_position
+from deepomni.train.faults import HELD_WORKER
+from deepomni.train.loop import DataStream, resume_position
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -159,15 +160,15 @@ def test_resume_position_of_other_checkpoints():
 
 
 def test_fault_options():
-    from jobs.train import parse
+    from deepomni.train.cli import parse_train
 
-    cfg = parse(["--sample-log", "true", "--fail-mode", "kill", "--fail-at-step", "3", "--fail-in", "checkpoint"])
+    cfg = parse_train(["--sample-log", "true", "--fail-mode", "kill", "--fail-at-step", "3", "--fail-in", "checkpoint"])
     assert (cfg.sample_log, cfg.fail_mode, cfg.fail_at_step, cfg.fail_in) == (True, "kill", 3, "checkpoint")
     assert TrainConfig().sample_log is False  # off by default
     with pytest.raises(ValueError, match="fail_mode"):
-        TrainConfig(fail_mode="explode").validate()
+        TrainConfig.from_dict({"fail_mode": "explode"})
     with pytest.raises(ValueError, match="fail_in"):
-        TrainConfig(fail_in="forward").validate()
+        TrainConfig.from_dict({"fail_in": "forward"})
 
 
 # ----------------------------------------------------------------------------------- Ray Train runs

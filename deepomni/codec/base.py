@@ -1,6 +1,6 @@
 """The speech-output codec interface: audio <-> K channels of codes, decoded whole or as a stream.
 
-The model writes one text channel plus K codec channels per step (PAPER.md, "Tokens and channels"); a
+The model writes one text channel plus K codec channels per step (docs/paper.md "Tokens and channels"); a
 :class:`Codec` turns a waveform into those K channels (``[K, frames]``, channel-local ids in
 ``[0, codebook_size)``) and back. Serving hears the answer while it is generated, so every codec also
 decodes incrementally: :meth:`Codec.stream_decoder` returns a :class:`StreamDecoder` that takes codes as

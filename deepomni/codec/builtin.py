@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..config import configclass, parse_config
 from .base import Codec, require_files
 from .griffin_lim import GriffinLimState, StreamingGriffinLim
 from .mel import MelFrontend
@@ -45,7 +45,7 @@ from .rvq import fit_rvq, rvq_decode, rvq_encode
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "codebooks.safetensors"
 
 
-@dataclass
+@configclass()
 class BuiltinConfig:
     sample_rate: int = 16000
     hop_length: int = 160  # 10 ms between mel frames
@@ -167,7 +167,7 @@ class BuiltinCodec(Codec):
         if not directory.is_dir():
             raise FileNotFoundError(f"built-in codec directory not found: {directory}")
         require_files(directory, [CONFIG_FILE, WEIGHTS_FILE], "built-in codec")
-        config = BuiltinConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+        config = parse_config(BuiltinConfig, json.loads((directory / CONFIG_FILE).read_text()))
         return cls(config, load_file(str(directory / WEIGHTS_FILE))["codebooks"])
 
 

@@ -6,31 +6,25 @@ from __future__ import annotations
 
 import argparse
 import time
-import typing
 from collections import Counter
 from pathlib import Path
 
+from ..config import add_flags
 from .schema import SPLITS, ShardWriter
 
 
-def _mix(text: str) -> dict[str, float]:
-    """``"asr=0.3,tts=0.1"`` -> ``{"asr": 0.3, "tts": 0.1}``."""
-    try:
-        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected name=weight[,name=weight...], got {text!r}") from e
+SYNTH_OWN_FLAGS = ("sizes", "assistant_voice", "world")  # flags of their own below (--train, --assistant-voice)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import SynthConfig, synthesize
+    from ..config import flag_values, load_config
     from .espeak import Voice
+    from .synth import SynthConfig, synthesize
 
-    overrides = {"voices": tuple(args.voices) if args.voices else None, "task_mix": args.task_mix,
-                 "family_mix": args.family_mix}
-    cfg = SynthConfig(seed=args.seed, sizes={"train": args.train, "validation": args.validation, "test": args.test},
-                      workers=args.workers, rows_per_shard=args.rows_per_shard,
-                      speech_input_prob=args.speech_input_prob, assistant_voice=Voice(args.assistant_voice, 160, 50),
-                      **{k: v for k, v in overrides.items() if v})
+    values = flag_values(args, SynthConfig, exclude=SYNTH_OWN_FLAGS)
+    values["sizes"] = {"train": args.train, "validation": args.validation, "test": args.test}
+    values["assistant_voice"] = Voice(args.assistant_voice, 160, 50)
+    cfg = load_config(SynthConfig, None, values)
     synthesize(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"[synth] wrote {Path(args.out) / 'raw'} and {Path(args.out) / 'summary.json'}")
     return 0
@@ -64,12 +58,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
-    from ..config import DataConfig
+    from ..config import DataConfig, flag_values, load_config
     from .pipeline import prepare
 
-    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
+    cfg = load_config(DataConfig, args.config, flag_values(args, DataConfig))
     raw = Path(args.raw) if args.raw else Path(args.out) / "raw"
     s = prepare(raw, args.out, cfg)
     for key, tasks in sorted(s.per_split_task.items()):
@@ -81,25 +73,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _add_prepare_args(p: argparse.ArgumentParser) -> None:
-    from dataclasses import MISSING, fields
-
-    from ..config import DataConfig, flag_type
+    from ..config import DataConfig, add_flags, list_presets
 
     p.add_argument("--out", required=True, help="output directory (tokenized/, codec/, prepare_summary.json)")
     p.add_argument("--raw", help="raw-item shards (default: <out>/raw)")
-    hints = typing.get_type_hints(DataConfig)
-    for f in fields(DataConfig):
-        default = f.default if f.default is not MISSING else None
-        typ = flag_type(hints[f.name])
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=default,
-                       help=f"(default {default})")
-
-
-def prepare_main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.prepare_data``: the same as ``deepomni data prepare``."""
-    p = argparse.ArgumentParser(prog="jobs.prepare_data", description="Tokenize raw items on Ray Data.")
-    _add_prepare_args(p)
-    return cmd_prepare(p.parse_args(argv))
+    p.add_argument("--config", default="tiny", help=f"DataConfig: a preset ({', '.join(list_presets('data'))}) "
+                                                    f"or a JSON/YAML file; the flags below override it")
+    add_flags(p, DataConfig)
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -111,18 +91,14 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
                        description="Templated ASR / TTS / spoken QA / text QA items spoken by espeak-ng; splits "
                                    "share no template and no entity. See docs/data.md.")
     s.add_argument("--out", required=True, help="output directory (raw/<split>/part-*.parquet, summary.json)")
-    s.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical shards")
     for split, n in (("train", 200), ("validation", 50), ("test", 50)):
         s.add_argument(f"--{split}", type=int, default=n, help=f"items in the {split} split (default {n})")
-    s.add_argument("--voices", nargs="+", help="espeak-ng voices for questions, e.g. en-us en-us+f2 en+f3")
     s.add_argument("--assistant-voice", default="en-us", help="espeak-ng voice of every spoken answer")
-    s.add_argument("--task-mix", type=_mix, help="task weights, e.g. asr=0.3,spoken_qa=0.3,tts=0.1,text_qa=0.3")
-    s.add_argument("--family-mix", type=_mix, help="QA family weights, e.g. arith=1,spell=1")
-    s.add_argument("--speech-input-prob", type=float, default=0.5, help="spoken_qa: share of speech questions")
-    s.add_argument("--workers", type=int, default=2, help="parallel espeak-ng processes")
-    s.add_argument("--rows-per-shard", type=int, default=500)
     s.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    from .synth import SynthConfig
+
+    add_flags(s, SynthConfig, exclude=SYNTH_OWN_FLAGS)
     s.set_defaults(fn=cmd_synth)
 
     i = sub.add_parser("import", help="import LibriSpeech or a JSONL manifest as raw-item shards")

@@ -6,7 +6,7 @@ Two kinds of question, held out in two different ways:
 * **Knowledge** (``KNOWLEDGE_FAMILIES``: where a person lives, their job and pet, arithmetic, what comes
   after a day / month / number, opposites) is closed-book recall of one fixed :class:`World`, shared by all
   splits: the base LLM learns it from text, and that is the text ability the recipe must not destroy
-  (PAPER.md measures the text drop on benchmarks the base already does well). What is held out is the
+  (docs/paper.md "Evaluation": the paper measures the drop on benchmarks the base does well). What is held out is the
   *phrasing*: every fact has its own test template and validation template, which training never pairs
   with that fact (training asks it in the remaining templates, and asks other facts in the test template).
   So a test question is a known fact in an unseen wording: "Which town is home to Tobi Droostman?" after

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
 
-from ..config import DataConfig, ModelConfig, load_preset
+from ..config import DataConfig, ModelConfig, load_preset, parse_config
 from ..model.channels import VocabLayout
 from ..ray_env import init_ray
 from ..model.speech import num_audio_positions
@@ -92,7 +92,7 @@ class FeatureStage:
         from ..audio import LogMel
 
         self.model_cfg = ModelConfig.from_dict(model_cfg)
-        self.data_cfg = DataConfig(**data_cfg)
+        self.data_cfg = parse_config(DataConfig, data_cfg)
         self.logmel = LogMel.from_config(self.model_cfg.speech_encoder)
         self.max_seconds = min(self.data_cfg.max_audio_seconds or self.logmel.max_seconds, self.logmel.max_seconds)
         self.metrics = StageMetrics("feature")

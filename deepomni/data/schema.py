@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,11 +23,14 @@ import pyarrow.parquet as pq
 
 # ------------------------------------------------------------------------------------ vocabularies
 
-ASR, TTS, SPOKEN_QA, TEXT_QA = "asr", "tts", "spoken_qa", "text_qa"
-TASKS = (ASR, TTS, SPOKEN_QA, TEXT_QA)
+# the one definition of the tasks and the modalities (types for configs, tuples for checks)
+Task = Literal["asr", "tts", "spoken_qa", "text_qa"]
+TASKS: tuple[str, ...] = typing.get_args(Task)
+ASR, TTS, SPOKEN_QA, TEXT_QA = TASKS
+Modality = Literal["speech", "text"]
+MODALITIES: tuple[str, ...] = typing.get_args(Modality)
+SPEECH, TEXT = MODALITIES
 SPLITS = ("train", "validation", "test")
-SPEECH, TEXT = "speech", "text"
-MODALITIES = (SPEECH, TEXT)
 
 # What each task reads and writes; validate_table enforces it.
 #   asr        speech question (question_audio)    -> answer_text = transcript
@@ -35,6 +39,7 @@ MODALITIES = (SPEECH, TEXT)
 #   text_qa    text question                       -> answer_text; no audio anywhere
 TASK_INPUTS = {ASR: (SPEECH,), TTS: (TEXT,), SPOKEN_QA: (SPEECH, TEXT), TEXT_QA: (TEXT,)}
 SPEECH_OUT_TASKS = (TTS, SPOKEN_QA)  # the tasks whose answer is speech too (answer_audio, codec channels)
+SPEECH_TASKS = (ASR, TTS, SPOKEN_QA)  # tasks with speech in the question or the answer
 
 RAW_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),

@@ -1,5 +1,5 @@
-"""Training sequences: one raw item -> channel tokens ``[L, C]`` and labels ``[L, C]`` (PAPER.md "Tokens and
-channels"). Shared by the preprocessing pipeline and the trainer; decoding uses the same prompt
+"""Training sequences: one raw item -> channel tokens ``[L, C]`` and labels ``[L, C]`` (docs/paper.md "Tokens
+and channels"). Shared by the preprocessing pipeline and the trainer; decoding uses the same prompt
 (:func:`deepomni.model.prompt.user_turn`).
 
     prompt   : BOS SYSTEM <task instruction> USER <question text | BOA AUDIO*n EOA> ASSISTANT

@@ -27,6 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..config import configclass
 from . import content
 from .espeak import Voice, check_voices, encode_flac, speak, SAMPLE_RATE
 from .schema import ASR, SPEECH, SPLITS, SPOKEN_QA, TASKS, TEXT, TEXT_QA, TTS, ShardWriter
@@ -42,11 +43,11 @@ DEFAULT_FAMILY_MIX = {"arith": 0.25, "fact_town": 0.15, "fact_job": 0.15, "fact_
                       "opposite": 0.15}
 
 
-@dataclass
+@configclass()
 class SynthConfig:
     """What to synthesize. Sizes are items per split; mixes are relative weights (normalised)."""
 
-    seed: int = 0
+    seed: int = 0  # same seed -> byte-identical shards
     sizes: dict[str, int] = field(default_factory=lambda: {"train": 200, "validation": 50, "test": 50})
     task_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_MIX))
     family_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FAMILY_MIX))  # for spoken_qa, text_qa
@@ -56,8 +57,8 @@ class SynthConfig:
     pitch_range: tuple[int, int] = (30, 70)  # 0..99, drawn per item
     assistant_voice: Voice = Voice("en-us", 160, 50)  # every spoken answer (tts, spoken_qa)
     speech_input_prob: float = 0.5  # spoken_qa: probability that the question is speech rather than text
-    rows_per_shard: int = 500
-    workers: int = 2
+    rows_per_shard: int = 500  # rows per Parquet shard
+    workers: int = 2  # parallel espeak-ng processes
 
     def __post_init__(self) -> None:
         mixes = (("task_mix", self.task_mix, TASKS), ("family_mix", self.family_mix, content.QA_FAMILIES))

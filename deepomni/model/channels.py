@@ -1,6 +1,6 @@
 """Multi-channel tokens: one text channel + K codec channels at every position.
 
-Vocabulary layout (PAPER.md "Tokens and channels"), in *global* ids of the one extended embedding table:
+Vocabulary layout (docs/paper.md "Tokens and channels"), in *global* ids of the one extended embedding table:
 
     [ text block (text_vocab_size) | 64 text specials | codec 0 (codebook + 64) | ... | codec K-1 (...) ]
 
@@ -103,7 +103,7 @@ class ChannelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(layout.total_size, hidden_size))
         # untied: a separate output table with the same layout (see ModelConfig.tie_word_embeddings)
         self.head_weight = None if tied else nn.Parameter(torch.empty(layout.total_size, hidden_size))
-        # rows that get gradients (None: all); S1 trains only the rows the extension added (PAPER.md table)
+        # rows that get gradients (None: all); S1 trains only the rows the extension added (docs/paper.md "Training stages")
         self.trainable_rows: torch.Tensor | None = None
         self.register_buffer("offsets_C", layout.offsets(), persistent=False)
         self.register_buffer("pad_C", layout.pads(), persistent=False)
@@ -130,7 +130,7 @@ class ChannelEmbedding(nn.Module):
 
         A channel holding its PAD token contributes nothing (where every channel is PAD, the text PAD row
         stands), so a text-only position embeds exactly as the source text LLM embeds that token: an
-        imported backbone is itself at step 0 whatever K (PAPER.md leaves this open; our choice). Where
+        imported backbone is itself at step 0 whatever K (the paper leaves this open; our choice: docs/paper.md "Tokens and channels"). Where
         ``audio_mask_BL`` is set, the projected speech feature ``audio_BLD`` takes the place of the K codec
         channels (the text channel keeps its AUDIO token): ``(e_text + K * audio) / (K + 1)``."""
         C = tokens_BLC.shape[-1]

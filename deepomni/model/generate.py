@@ -1,4 +1,4 @@
-"""Incremental, batch-parallel decoding of a spoken answer (PAPER.md "Inference").
+"""Incremental, batch-parallel decoding of a spoken answer (docs/paper.md "Inference").
 
 Two copies of the prompt decode side by side in one batch:
     item 0 (speech item) samples the K codec channels (top-k), under the delay pattern;
@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import configclass
 from .attention import KVCache
 from .channels import CodecSpecial, TextSpecial
 from .model import DeepOmniModel
 
 
-@dataclass
+@configclass()
 class GenerationConfig:
     max_steps: int = 512  # decoding steps after the prompt (text and delayed codec share the steps)
     top_k: int = 20  # codec tokens: sample among the k most likely codes

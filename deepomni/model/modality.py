@@ -1,16 +1,21 @@
-"""Modality experts (PAPER.md "Adaptive modality expert assignment"): the per-layer speech / text expert
+"""Modality experts (docs/paper.md "Adaptive modality expert assignment"): the per-layer speech / text expert
 lists, saved as a JSON artifact next to the checkpoint, and the routing modes that train them apart.
 
-    mode "all"    : router sees every expert, every expert trains           (S1, S3, DPO)
-    mode "speech" : router logits outside the speech experts are -inf before the softmax; only speech
-                    experts (plus shared experts and the other non-expert parts) get gradient  (S2.1)
+    mode "all"    : router sees every expert; no gradient mask         (text_pretrain, S1, S3, baselines)
+    mode "speech" : router logits outside the speech experts are -inf before the softmax, and of the
+                    routed experts and router rows only the speech experts' get gradient      (S2.1)
     mode "text"   : the same with the text experts                                            (S2.2)
 
-Freezing with stacked expert weights: a gradient mask (:func:`~deepomni.model.moe.mask_grad_rows`, applied in
-:class:`~deepomni.model.moe.MoE`'s forward) zeroes the gradient rows of the other experts. Adam's update of a row whose gradient has always been zero is
-exactly zero, but decoupled weight decay would still shrink it, so :func:`param_groups` puts the stacked
-expert tensors and router weights in a group without weight decay whenever a mode other than "all" is set.
-The profiler that measures modality load and chooses the lists lives with training (issue: staged training);
+Which other parameters train (shared experts, norms, embeddings, ...) is the stage's ``trainable``
+predicate (:mod:`deepomni.train.stages`), not the mode. Freezing with stacked expert weights: not
+``requires_grad`` and not a parameter hook, but a gradient mask in the forward
+(:func:`~deepomni.model.moe.mask_grad_rows`, applied to the stacked expert weights and the router weight by
+:class:`~deepomni.model.moe.MoE`'s router and experts) zeroes the gradient rows of the other experts.
+Adam's update of a row whose gradient has always been zero is exactly zero, but decoupled weight decay
+would still shrink it, so :func:`param_groups` puts the stacked expert tensors and router weights in a
+group without weight decay whenever a mode other than "all" is set (docs/paper.md "Routing masks and
+gradient masks").
+The profiler that measures modality load and chooses the lists is :mod:`deepomni.train.profile`;
 :func:`assign_from_load` is the paper's selection rule on a given load.
 """
 

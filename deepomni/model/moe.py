@@ -2,9 +2,10 @@
 
 Shape legend (used in tensor names throughout ``deepomni.model``):
     B batch, L sequence length, T tokens (= B*L), D hidden size, E routed experts, F expert FFN width,
-    k experts per token (top-k), N routed (token, expert) pairs (= T*k).
+    k experts per token (top-k), N routed (token, expert) pairs (= T*k), G token groups of the routing
+    statistics (``deepomni.model.routing_stats``).
 
-The layer, in the paper's terms (``../shared/PAPER.md``):
+The layer, in the paper's terms (``docs/paper.md`` "Backbone", "Routing masks and gradient masks"):
 1. **route**: ``scores = softmax(x W_gate^T)`` over the routed experts (fp32); when a routing mode is active
    (``speech`` / ``text`` experts only) the logits of the other experts are set to -inf *before* the
    softmax. Greedy top-k; optional renormalisation of the k weights; times ``routed_scaling_factor``.
@@ -31,6 +32,15 @@ Modality experts: stacked weights cannot be frozen per expert with ``requires_gr
 (:func:`deepomni.model.modality.param_groups` arranges it), the frozen experts' weights stay bit-identical.
 Step 2-4 over several processes (expert parallelism) live in ``deepomni.parallel.expert_parallel``; the
 math here is the single-process reference.
+
+Routing statistics: the layer keeps no routing result. While a counter
+(:class:`deepomni.model.routing_stats.ExpertCounter`) labels the forward's tokens with groups (``token_group``),
+the forward adds its routed pairs per group and expert to the no-grad buffer ``tokens_per_expert_GE``
+(:func:`deepomni.model.routing_stats.count_routed`); otherwise it does nothing.
+
+One file over ~400 lines on purpose: the four steps of the layer and the autograd Functions they are built
+from read top to bottom in the order the forward runs them (as torchtitan's ``moe.py``), and expert
+parallelism reuses the steps from here.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..config import ModelConfig
+from .routing_stats import count_routed
 
 
 class MLP(nn.Module):
@@ -421,8 +432,11 @@ class MoE(nn.Module):
         self.routing_mask_E: torch.Tensor | None = None
         self.trainable_E: torch.Tensor | None = None
         self.token_dispatcher = None  # set by deepomni.parallel.expert_parallel.apply_expert_parallel
-        # the most recent forward's routing, for the modality-load profiler and the balance loss
-        self.last_routing: Routing | None = None
+        # routing statistics (deepomni.model.routing_stats): routed pairs per token group and expert, added
+        # while ``token_group`` labels the forward's tokens; [0, E] until a counter starts
+        self.register_buffer("tokens_per_expert_GE", torch.zeros(0, self.num_experts, dtype=torch.long),
+                             persistent=False)
+        self.token_group: torch.Tensor | int | None = None
 
     def set_expert_masks(self, routing_mask_E: torch.Tensor | None, trainable_E: torch.Tensor | None) -> None:
         for name, m in (("routing_mask_E", routing_mask_E), ("trainable_E", trainable_E)):
@@ -441,7 +455,8 @@ class MoE(nn.Module):
         x_TD = x_BLD.reshape(-1, D)
         mask = None if self.routing_mask_E is None else self.routing_mask_E.to(x_TD.device)
         routing = self.gate(x_TD, mask)
-        self.last_routing = routing
+        if self.token_group is not None:
+            count_routed(self, routing.experts_TK)
         if self.token_dispatcher is not None:
             routed_TD = self.token_dispatcher(x_TD, routing, self.experts)
         else:

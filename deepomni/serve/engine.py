@@ -1,4 +1,4 @@
-"""Continuous batching of batch-parallel spoken answers (PAPER.md "Inference"), independent of Ray Serve.
+"""Continuous batching of batch-parallel spoken answers (docs/paper.md "Inference"), independent of Ray Serve.
 
 Every live session holds one or two rows of one shared :class:`~deepomni.model.attention.SlotKVCache`
 (speech item, and the text item until its EOT). :meth:`BatchEngine.step`:
@@ -22,7 +22,8 @@ already run cost nothing again.
 
 The engine also counts which experts the tokens it runs were routed to, per modality: prompt positions
 holding speech (the ``AUDIO`` placeholders) and decoding rows of speech items count as ``speech``; text
-prompt positions and text items as ``text`` (:meth:`take_expert_load`).
+prompt positions and text items as ``text`` (:meth:`take_expert_load`). The MoE layers count them
+(:mod:`deepomni.model.routing_stats`) while the engine's forwards run.
 """
 
 from __future__ import annotations
@@ -34,16 +35,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.schema import SPEECH, TEXT
 from ..model.attention import KVCache, SlotKVCache
 from ..model.channels import TextSpecial
 from ..model.generate import AnswerDecoder, Event, GenerationConfig
 from ..model.modality import moe_layers
 from ..model.model import DeepOmniModel
 from ..model.prompt import channel_tokens
+from ..model.routing_stats import ExpertCounter
 
 
 DEFAULT_MAX_LEN = 4096  # positions per row: a spoken turn of ~60 s in + ~4 min of 12.5 Hz speech out
 DEFAULT_PREFIX_ENTRIES = 64  # conversations whose context is kept (LRU)
+LOAD_GROUPS = (TEXT, SPEECH)  # token groups of the expert load: group index = 1 for speech tokens
 
 
 class Overloaded(Exception):
@@ -165,10 +169,8 @@ class BatchEngine:
         self._queue: deque[_Session] = deque()
         self._live: list[_Session] = []  # in row order: each owns decoder.n_items consecutive rows
         self._sessions: dict[int, _Session] = {}
-        moe = model.moe_layers
         self.moe_layer_ids = sorted(moe_layers(model))  # model layer index of each row of the load tables
-        E = model.cfg.n_routed_experts
-        self._load = {m: torch.zeros(len(moe), E, dtype=torch.long) for m in ("text", "speech")}
+        self._load = ExpertCounter(model, LOAD_GROUPS)
         self._audio_id = model.layout.text(TextSpecial.AUDIO)
         self.prefixes = PrefixCache(prefix_entries)
 
@@ -232,10 +234,7 @@ class BatchEngine:
 
     def take_expert_load(self) -> dict[str, torch.Tensor]:
         """Routed-token counts ``[moe layers, experts]`` per modality since the last call (then reset)."""
-        out = {m: t.clone() for m, t in self._load.items()}
-        for t in self._load.values():
-            t.zero_()
-        return out
+        return self._load.take()
 
     @torch.no_grad()
     def step(self) -> list[tuple[int, Event]]:
@@ -292,8 +291,8 @@ class BatchEngine:
             audio = None
             if req.audio_ND is not None and req.audio_ND.shape[0] > audio_start:
                 audio = [req.audio_ND[audio_start:].to(self.device)] * dec.n_items
-            logits = self.model(tokens, audio=audio, cache=cache).logits
-            self._count_prefill(tokens)
+            with self._load.count((tokens[..., 0] == self._audio_id).long()):  # AUDIO positions: speech
+                logits = self.model(tokens, audio=audio, cache=cache).logits
             events.append((sess.sid, Event("prefill", 0, prompt_tokens=req.prompt_LC.shape[0], cached_tokens=start)))
             for ev in self._advance(sess, dec, logits, list(range(dec.n_items))):
                 events.append((sess.sid, ev))
@@ -314,8 +313,8 @@ class BatchEngine:
     def _decode(self, events: list[tuple[int, Event]]) -> None:
         rows = self._rows()
         tokens = torch.cat([s.decoder.next_tokens_N1C for s in self._live]).to(self.device)
-        logits = self.model(tokens, cache=self.cache).logits
-        self._count_decode(rows)
+        with self._load.count(self._decode_groups(rows)):
+            logits = self.model(tokens, cache=self.cache).logits
         keep, dropped = [], set()
         for s, r in zip(self._live, rows):
             had_text_row = not s.decoder.speech or len(r) == 2
@@ -347,24 +346,11 @@ class BatchEngine:
         self.prefixes.put(tokens, req.audio_ND, cache)
 
     # ---------------------------------------------------------------------------------- expert load
-    def _routed(self) -> list[torch.Tensor]:
-        return [m.last_routing.experts_TK for m in self.model.moe_layers]
-
-    def _add_load(self, modality_T: torch.Tensor) -> None:
-        """``modality_T``: True where the token (flattened batch x positions) is speech."""
-        E = self.model.cfg.n_routed_experts
-        for li, experts_TK in enumerate(self._routed()):
-            m = modality_T.to(experts_TK.device)
-            for name, sel in (("speech", m), ("text", ~m)):
-                if bool(sel.any()):
-                    self._load[name][li] += torch.bincount(experts_TK[sel].flatten(), minlength=E).cpu()
-
-    def _count_prefill(self, tokens_NLC: torch.Tensor) -> None:
-        self._add_load((tokens_NLC[..., 0] == self._audio_id).flatten())
-
-    def _count_decode(self, rows: list[list[int]]) -> None:
-        speech = torch.zeros(sum(len(r) for r in rows), dtype=torch.bool)
+    def _decode_groups(self, rows: list[list[int]]) -> torch.Tensor:
+        """Load group of every decoding row: the speech item of a speech session is speech (1), the text
+        item of any session text (0)."""
+        group_N = torch.zeros(sum(len(r) for r in rows), dtype=torch.long)
         for s, r in zip(self._live, rows):
             if s.decoder.speech:
-                speech[r[0]] = True  # the speech item; a text item (r[1]) stays text
-        self._add_load(speech)
+                group_N[r[0]] = LOAD_GROUPS.index(SPEECH)  # a text item (r[1]) stays text
+        return group_N

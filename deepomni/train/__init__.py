@@ -1,4 +1,4 @@
-"""Staged training (PAPER.md "Training stages"): stage table (``stages``), run config (``config``), the Ray
+"""Staged training (docs/paper.md "Training stages"): stage table (``stages``), run config (``config``), the Ray
 Train loop (``loop``), optimizer engines (``engine``: DeepSpeed ZeRO-2 / expert parallel).
 Modality load profiling and expert assignment (``profile``), held-out evaluation (``evaluate``)."""
 

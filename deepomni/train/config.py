@@ -1,4 +1,9 @@
-"""``TrainConfig``: one typed config for a training run, from a JSON file (``--config``) plus CLI overrides.
+"""The training side's configs (all loaded by :func:`deepomni.config.load_config`, flags derived from them):
+
+    TrainConfig             one training stage on Ray Train      deepomni train      presets/train/
+    ProfileConfig           modality load and expert choice      deepomni profile
+    EvalConfig              held-out evaluation                  deepomni evaluate   presets/eval/
+    EncoderPretrainConfig   CTC pretraining of the encoder       deepomni train-encoder
 
 A training preset file holds the shared fields and an optional ``stages`` table of per-stage overrides
 (``{"stages": {"s1_align": {"lr": 1e-3, "max_steps": 40}}}``); the stage's own values apply last, then
@@ -8,16 +13,20 @@ explicit command-line overrides.
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from ..config import SpeechEncoderConfig, configclass, parse_config, read_config_source
+from ..data.schema import ASR, SPOKEN_QA, TEXT_QA, TTS, Task
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "train"
+FailMode = Literal["exception", "kill", "hold"]
 FAIL_MODES = ("exception", "kill", "hold")
 
 
-@dataclass
+@configclass("train")
 class TrainConfig:
     run_name: str = "run"  # Ray Train run name; re-running the same name resumes from its latest checkpoint
     storage_path: str = "/tmp/deepomni-runs"  # Ray Train storage; final model at <storage>/<run>/final
@@ -53,8 +62,8 @@ class TrainConfig:
     # through copying that step's checkpoint to storage); fail_mode "exception" raises, "kill" SIGKILLs its
     # own process, "hold" writes its pid to <storage>/<run>/.held_worker and waits (300 s) to be killed
     fail_at_step: int | None = None
-    fail_in: str = "step"
-    fail_mode: str = "exception"
+    fail_in: Literal["step", "checkpoint"] = "step"
+    fail_mode: FailMode = "exception"
     # rank r appends {"step", "epoch", "ids", "loss", "time"} per step to <storage>/<run>/samples_rank<r>.jsonl;
     # after a resume the re-run steps appear again (the last record of a step is the one that counts)
     sample_log: bool = False
@@ -62,36 +71,37 @@ class TrainConfig:
 
     # ---------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        return parse_config(cls, d)
 
     @classmethod
-    def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> "TrainConfig":
-        """File (a path, or a preset name under ``deepomni/presets/train``), then the stage's table, then
-        ``overrides`` (None values are skipped)."""
-        d: dict[str, Any] = {}
-        if path is not None:
-            p = Path(path)
-            if not p.is_file() and (PRESET_DIR / f"{path}.json").is_file():
-                p = PRESET_DIR / f"{path}.json"
-            d = json.loads(p.read_text())
+    def load(cls, source: str | Path | Mapping[str, Any] | None,
+             overrides: Mapping[str, Any] | None = None) -> "TrainConfig":
+        """A preset name (``deepomni/presets/train``), a JSON/YAML file or a mapping, then the stage's table,
+        then ``overrides`` (None values are skipped)."""
+        d = read_config_source(source, cls.preset_kind)
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         stage = overrides.get("stage", d.get("stage", cls.stage))
-        d.update(d.get("stages", {}).get(stage, {}))
+        stages = d.get("stages", {})
+        d.update(stages.get(stage, {}) if isinstance(stages, Mapping) else {})
         d.update(overrides)
-        return cls.from_dict(d)
+        return parse_config(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        from .stages import STAGES
+
+        if self.stage not in STAGES:
+            raise ValueError(f"stage: unknown stage {self.stage!r}; expected one of {sorted(STAGES)}")
+        known = {f.name for f in dataclasses.fields(self)} - {"stages"}
+        for name, table in self.stages.items():
+            if name not in STAGES or set(table) - known:
+                raise ValueError(f"stages.{name}: an unknown stage or fields {sorted(set(table) - known)}")
         if self.num_workers % self.ep_size:
             raise ValueError(f"ep_size={self.ep_size} must divide num_workers={self.num_workers}")
         if self.zero_stage not in (0, 1, 2):
@@ -100,3 +110,105 @@ class TrainConfig:
             raise ValueError(f"fail_mode must be one of {FAIL_MODES}, not {self.fail_mode!r}")
         if self.fail_in not in ("step", "checkpoint"):
             raise ValueError(f"fail_in must be 'step' or 'checkpoint', not {self.fail_in!r}")
+
+
+@configclass()
+class ProfileConfig:
+    """``deepomni profile``: measure modality load and choose the speech experts (deepomni.train.profile)."""
+
+    n_speech: str = "20%"  # speech experts per layer: a count or a percentage of the routed experts
+    split: str = "train"  # the split of the data directory to profile on
+    max_items: int | None = None  # profile only the first N rows of the split
+    random: bool = False  # draw the speech experts at random (the ablation); the load is still measured
+    seed: int = 0  # seed of random
+
+
+@configclass("eval")
+class EvalConfig:
+    """``deepomni evaluate``: what to evaluate and how to decode (deepomni.train.evaluate)."""
+
+    tokenizer: str = "bytes"  # the tokenizer the data was prepared with ("bytes" | "hf:<dir>")
+    max_items: int | None = None  # per task (so every metric gets items), in file order
+    margin: int = 8  # decoding steps allowed beyond 1.5 x the reference answer
+    speech: bool = True  # decode and judge the speech of tts / spoken_qa answers (needs the data's codec)
+    tasks: tuple[Task, ...] = (TEXT_QA, SPOKEN_QA, ASR, TTS)  # the tasks to evaluate, in this order
+    seed: int = 0  # codec sampling
+
+
+@configclass()
+class EncoderPretrainConfig:
+    """Architecture, optimisation and data of one encoder pretraining run.
+
+    The defaults were measured for a ~100 s training budget on a 2-core CPU with the built-in corpus
+    (1200 items: ~950 utterances, 0.66 h): a small encoder taking many small steps beat wider or deeper
+    ones taking fewer, larger steps (at a fixed time budget the number of updates is what CTC needs most).
+    Twice the steps or twice the data left held-out CER where it was (~0.29): the bound is the corpus's
+    vocabulary (test sentences use unseen templates and invented names), not compute."""
+
+    # ---- architecture (transformers WhisperConfig encoder fields)
+    num_mel_bins: int = 80
+    d_model: int = 128
+    encoder_layers: int = 3
+    encoder_attention_heads: int = 4
+    encoder_ffn_dim: int = 512
+    # encoder window in 20 ms frames: WhisperEncoder only takes exactly 2 * this many mel frames, and every
+    # speech item is padded to it in every training step of the whole project, so keep it just above the
+    # longest utterance (the built-in corpus's longest question is ~6.2 s): 400 -> 8 s
+    max_source_positions: int = 400
+    # WhisperConfig.dropout (residual dropout), training only: the frozen encoder runs in eval mode.
+    # 0.1 did not help within the budget
+    dropout: float = 0.0
+
+    # ---- optimisation
+    steps: int = 1200  # ~100 s on one core of the 2-core reference machine (~0.086 s per step)
+    batch_size: int = 4  # small batches: more updates per second; 8 and 16 learnt slower per second
+    lr: float = 5e-3  # AdamW peak (3e-3 measured the same)
+    warmup_steps: int = 30  # linear warmup, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    seed: int = 0
+    # torch intra-op threads. 1, though the machine has 2 cores: with batches this small 2 threads gain
+    # little, and when anything else runs on the machine 2 threads stall on each other (measured up to
+    # 7x slower per step), while 1 thread degrades gracefully
+    threads: int = 1
+    # SpecAugment-style masking of the training log-mel (within each item's valid frames), filled with the
+    # item's silence level. Off by default: within ~100 s it slowed learning (held-out CER 0.29 -> 0.38)
+    # and at twice the steps it did not beat the unmasked run; worth trying for much longer runs
+    time_masks: int = 0
+    time_mask_frames: int = 10  # max width of one time mask in 10 ms mel frames
+    freq_masks: int = 0
+    freq_mask_bins: int = 8  # max width of one frequency mask in mel bins
+    # speed (steps measured 3.6x faster): run each training batch on a window cut to its longest item
+    # instead of the full encoder window. The weights are the same either way (the position table is
+    # absolute, so the first T positions are the same rows); held-out evaluation and every later use run
+    # the stock WhisperEncoder on the full, silence-padded window, and score the same as on cut windows
+    # (CER within 0.01 in every run measured), so the extra silence attended to does not hurt
+    crop_to_batch: bool = True
+    # length bucketing: draw bucket * batch_size items at random, sort them by length and cut them into
+    # batches (1: no bucketing), so a cut window holds little padding
+    bucket: int = 8
+
+    # ---- data (raw shards <data>/raw/<split>/part-*.parquet)
+    train_split: str = "train"
+    eval_split: str = "test"
+    # (audio, text) pairs taken from each row: the question audio (asr and speech-input spoken_qa rows:
+    # many voices) and the spoken answer (tts / spoken_qa rows: the one assistant voice)
+    use_question_audio: bool = True
+    use_answer_audio: bool = True
+    max_items: int | None = None  # use only the first N rows of the train split (None: all)
+    eval_tasks: tuple[Task, ...] = (ASR,)  # held-out rows scored: their question audio vs question text
+    eval_max_items: int | None = None
+    eval_batch_size: int = 32
+
+    def speech_encoder(self) -> SpeechEncoderConfig:
+        return SpeechEncoderConfig(num_mel_bins=self.num_mel_bins, d_model=self.d_model,
+                                   encoder_layers=self.encoder_layers,
+                                   encoder_attention_heads=self.encoder_attention_heads,
+                                   encoder_ffn_dim=self.encoder_ffn_dim,
+                                   max_source_positions=self.max_source_positions)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EncoderPretrainConfig:
+        return parse_config(cls, d)

@@ -12,18 +12,16 @@ loads unchanged: ``config.json`` (``WhisperConfig``) and ``model.safetensors`` (
 ``ctc_head.safetensors``, ``ctc_vocab.json`` and ``pretrain.json`` (config, loss curve, held-out CER/WER,
 wall times, utterances and audio hours).
 
-    python -m deepomni.train.encoder --data data/synth --out data/speech_encoder
+    deepomni train-encoder --data data/synth --out data/speech_encoder
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import random
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..audio import WHISPER_SAMPLE_RATE, LogMel, load_audio
-from ..config import SpeechEncoderConfig, flag_type
 from ..data.content import transcript
 from ..model.speech import MEL_FRAMES_PER_ENCODER_FRAME, whisper_config
+from .config import EncoderPretrainConfig
 
 # CTC output alphabet: index 0 is the blank; then exactly the characters ``content.transcript`` keeps
 BLANK = "<blank>"
@@ -51,92 +49,6 @@ _SKIP_ANSWER_FAMILIES = ("spell", "letter")
 # the architecture fields shared with :class:`deepomni.config.SpeechEncoderConfig` (a preset's encoder)
 ARCH_FIELDS = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
                "max_source_positions")
-
-
-@dataclass
-class EncoderPretrainConfig:
-    """Architecture, optimisation and data of one encoder pretraining run.
-
-    The defaults were measured for a ~100 s training budget on a 2-core CPU with the built-in corpus
-    (1200 items: ~950 utterances, 0.66 h): a small encoder taking many small steps beat wider or deeper
-    ones taking fewer, larger steps (at a fixed time budget the number of updates is what CTC needs most).
-    Twice the steps or twice the data left held-out CER where it was (~0.29): the bound is the corpus's
-    vocabulary (test sentences use unseen templates and invented names), not compute."""
-
-    # ---- architecture (transformers WhisperConfig encoder fields)
-    num_mel_bins: int = 80
-    d_model: int = 128
-    encoder_layers: int = 3
-    encoder_attention_heads: int = 4
-    encoder_ffn_dim: int = 512
-    # encoder window in 20 ms frames: WhisperEncoder only takes exactly 2 * this many mel frames, and every
-    # speech item is padded to it in every training step of the whole project, so keep it just above the
-    # longest utterance (the built-in corpus's longest question is ~6.2 s): 400 -> 8 s
-    max_source_positions: int = 400
-    # WhisperConfig.dropout (residual dropout), training only: the frozen encoder runs in eval mode.
-    # 0.1 did not help within the budget
-    dropout: float = 0.0
-
-    # ---- optimisation
-    steps: int = 1200  # ~100 s on one core of the 2-core reference machine (~0.086 s per step)
-    batch_size: int = 4  # small batches: more updates per second; 8 and 16 learnt slower per second
-    lr: float = 5e-3  # AdamW peak (3e-3 measured the same)
-    warmup_steps: int = 30  # linear warmup, then cosine decay to lr * min_lr_ratio
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
-    seed: int = 0
-    # torch intra-op threads. 1, though the machine has 2 cores: with batches this small 2 threads gain
-    # little, and when anything else runs on the machine 2 threads stall on each other (measured up to
-    # 7x slower per step), while 1 thread degrades gracefully
-    threads: int = 1
-    # SpecAugment-style masking of the training log-mel (within each item's valid frames), filled with the
-    # item's silence level. Off by default: within ~100 s it slowed learning (held-out CER 0.29 -> 0.38)
-    # and at twice the steps it did not beat the unmasked run; worth trying for much longer runs
-    time_masks: int = 0
-    time_mask_frames: int = 10  # max width of one time mask in 10 ms mel frames
-    freq_masks: int = 0
-    freq_mask_bins: int = 8  # max width of one frequency mask in mel bins
-    # speed (steps measured 3.6x faster): run each training batch on a window cut to its longest item
-    # instead of the full encoder window. The weights are the same either way (the position table is
-    # absolute, so the first T positions are the same rows); held-out evaluation and every later use run
-    # the stock WhisperEncoder on the full, silence-padded window, and score the same as on cut windows
-    # (CER within 0.01 in every run measured), so the extra silence attended to does not hurt
-    crop_to_batch: bool = True
-    # length bucketing: draw bucket * batch_size items at random, sort them by length and cut them into
-    # batches (1: no bucketing), so a cut window holds little padding
-    bucket: int = 8
-
-    # ---- data (raw shards <data>/raw/<split>/part-*.parquet)
-    train_split: str = "train"
-    eval_split: str = "test"
-    # (audio, text) pairs taken from each row: the question audio (asr and speech-input spoken_qa rows:
-    # many voices) and the spoken answer (tts / spoken_qa rows: the one assistant voice)
-    use_question_audio: bool = True
-    use_answer_audio: bool = True
-    max_items: int | None = None  # use only the first N rows of the train split (None: all)
-    eval_tasks: tuple[str, ...] = ("asr",)  # held-out rows scored: their question audio vs question text
-    eval_max_items: int | None = None
-    eval_batch_size: int = 32
-
-    def speech_encoder(self) -> SpeechEncoderConfig:
-        return SpeechEncoderConfig(num_mel_bins=self.num_mel_bins, d_model=self.d_model,
-                                   encoder_layers=self.encoder_layers,
-                                   encoder_attention_heads=self.encoder_attention_heads,
-                                   encoder_ffn_dim=self.encoder_ffn_dim,
-                                   max_source_positions=self.max_source_positions)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EncoderPretrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown EncoderPretrainConfig fields {sorted(set(d) - known)}")
-        d = dict(d)
-        for k in ("betas", "eval_tasks"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
 
 
 # -------------------------------------------------------------------------------------------- text
@@ -446,31 +358,3 @@ def _pretrain(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: str | P
               f"{summary['wall_seconds']['train']:.1f} s; held-out CER {result['cer']:.3f} WER {result['wer']:.3f} "
               f"({len(held)} utterances); wrote {out_dir}")
     return summary
-
-
-# --------------------------------------------------------------------------------------------- cli
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m deepomni.train.encoder --data DIR --out DIR [--steps N --d-model 128 ...]``: every
-    :class:`EncoderPretrainConfig` scalar field is an option (``--max-items``, ``--lr``, ...)."""
-    p = argparse.ArgumentParser(prog="python -m deepomni.train.encoder", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="dataset dir holding raw/<split>/part-*.parquet")
-    p.add_argument("--out", required=True, help="output Whisper encoder directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    defaults, hints = EncoderPretrainConfig(), typing.get_type_hints(EncoderPretrainConfig)
-    for f in dataclasses.fields(EncoderPretrainConfig):
-        if typing.get_origin(hints[f.name]) is tuple:  # --betas 0.9 0.98, --eval-tasks asr tts
-            p.add_argument(f"--{f.name.replace('_', '-')}", nargs="+", default=None)
-        else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=flag_type(hints[f.name]), default=None)
-    args = vars(p.parse_args(argv))
-    data, out, quiet = args.pop("data"), args.pop("out"), args.pop("quiet")
-    overrides = {k: v for k, v in args.items() if v is not None}
-    if "betas" in overrides:
-        overrides["betas"] = tuple(float(b) for b in overrides["betas"])
-    cfg = EncoderPretrainConfig.from_dict({**dataclasses.asdict(defaults), **overrides})
-    return pretrain_encoder(cfg, data, out, progress=not quiet)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Held-out evaluation of a checkpoint (PAPER.md "Evaluation"), on the tokenized split of our own corpus.
+"""Held-out evaluation of a checkpoint (docs/paper.md "Evaluation"), on the tokenized split of our own corpus.
 
     metric                     items                        definition
     text_qa_accuracy           text_qa                      exact match of the greedy text answer: on the
@@ -40,35 +40,28 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict
 from pathlib import Path
 
 import jiwer
 import torch
 
-from ..data.sequences import INSTRUCTIONS, SPEECH_OUT_TASKS
+from ..data.schema import SPEECH_OUT_TASKS, TEXT_QA
+from ..data.sequences import INSTRUCTIONS
 from ..data.tokenized import row_tensors
 from ..model.channels import IGNORE
 from ..model.generate import Generation, GenerationConfig, generate
 from ..model.model import DeepOmniModel
 from ..model.prompt import user_turn
 from ..text import TextTokenizer, load_tokenizer
+from .config import EvalConfig
 from .judge import Judge, normalize, wer
 from .profile import read_rows, speech_input
 
 METRICS = ("text_qa_accuracy", "spoken_qa_accuracy", "spoken_qa_typed_accuracy", "asr_wer",
            "tts_consistency_wer", "judge_floor_wer", "codec_accuracy", "text_qa_token_accuracy")
 LOWER_IS_BETTER = ("asr_wer", "tts_consistency_wer", "judge_floor_wer")
-
-
-@dataclass
-class EvalConfig:
-    tokenizer: str = "bytes"  # the tokenizer the data was prepared with ("bytes" | "hf:<dir>")
-    max_items: int | None = None  # per task (so every metric gets items), in file order
-    margin: int = 8  # decoding steps allowed beyond 1.5 x the reference answer
-    speech: bool = True  # decode and judge the speech of tts / spoken_qa answers (needs the data's codec)
-    tasks: tuple[str, ...] = ("text_qa", "spoken_qa", "asr", "tts")
-    seed: int = 0  # codec sampling
 
 
 # ------------------------------------------------------------------------------------- text metrics
@@ -233,7 +226,7 @@ def summarize(records: list[dict]) -> dict:
 
 
 def compare(metrics: dict, base: dict | None) -> dict:
-    """Add the base's text ability and the relative text drop (PAPER.md: drop = (base - model) / base)."""
+    """Add the base's text ability and the relative text drop (docs/paper.md "Evaluation": (base - model) / base)."""
     if base is None:
         return metrics
     return {**metrics, "base_text_qa_accuracy": base["text_qa_accuracy"],
@@ -296,7 +289,7 @@ def run(checkpoint: str | Path, data: str | Path, out: str | Path, base: str | P
     metrics, records = evaluate(model, rows, cfg, codec, judge)
     if base is not None and base_metrics is None:
         base_model, _ = load_model(base)
-        base_cfg = EvalConfig(**{**asdict(cfg), "tasks": ("text_qa",)})
+        base_cfg = dataclasses.replace(cfg, tasks=(TEXT_QA,))
         base_metrics, _ = evaluate(base_model, rows, base_cfg)
     result = {"checkpoint": str(checkpoint), "base": None if base is None else str(base), "data": str(data),
               "split": split, "config": asdict(cfg), "metrics": compare(metrics, base_metrics)}

@@ -26,8 +26,12 @@ each worker writes into a private temporary directory, which Ray Train copies to
 every worker's copy is complete; ``final`` (and every ``model/``) is written by ``save_model`` into a hidden
 sibling, fsynced and renamed into place (``deepomni.atomic``). Optimizer state loads with
 ``weights_only=True`` (``deepomni.train.engine.load_plain``). ``tests/test_train_faults.py`` SIGKILLs rank 0
-half way through that copy (``fail_in="checkpoint"``, ``fail_mode="hold"``): the half-copied directory is
-never registered and the run resumes from the one before.
+half way through that copy (``fail_in="checkpoint"``, ``fail_mode="hold"``; :mod:`deepomni.train.faults`):
+the half-copied directory is never registered and the run resumes from the one before.
+
+Over ~400 lines on purpose: the worker side and the driver side share the formats written here (data
+position, train state, progress file) and read best together; fault injection
+(:mod:`deepomni.train.faults`) and the step's metrics (:mod:`deepomni.train.metrics`) live apart.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -49,16 +52,16 @@ from ..model.channels import IGNORE, CodecSpecial, TextSpecial, VocabLayout
 from ..model.modality import ExpertAssignment, moe_layers, param_groups, set_routing_mode
 from ..model.model import DeepOmniModel
 from ..data.tokenized import row_tensors
+from ..model.routing_stats import ExpertCounter
 from .config import TrainConfig
-from .metrics import TrainMetrics
+from .faults import FaultInjector
+from .metrics import ROUTING_GROUPS, TrainMetrics, expert_load, modality_counts, routed_outside_mode, token_groups
 from .profile import SPEECH, TEXT, modality_positions
 from .stages import Stage, get_stage, set_trainable
 
 COLUMNS = ["id", "task", "input_modality", "length", "num_channels", "tokens", "labels", "audio_positions",
            "mel", "mel_bins", "mel_frames"]
 TRAIN_STATE = "train_state.json"
-HELD_WORKER = ".held_worker"  # fail_mode "hold": the waiting worker's pid, for a test to kill
-HOLD_S = 300.0
 logger = logging.getLogger(__name__)
 
 
@@ -131,43 +134,6 @@ def gather_positions(position: dict, world: int) -> list[dict]:
     return out
 
 
-# ------------------------------------------------------------------------------------------- faults
-def fail(mode: str, step: int, held_file: Path) -> None:
-    """The injected failure (``TrainConfig.fail_mode``): raise, SIGKILL this process, or announce this
-    process's pid in ``held_file`` and wait for someone to SIGKILL it ("hold")."""
-    if mode == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if mode == "hold":
-        tmp = held_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "step": step}))
-        tmp.replace(held_file)
-        time.sleep(HOLD_S)
-        raise RuntimeError(f"fail_mode=hold: nobody killed worker {os.getpid()} within {HOLD_S:.0f} s")
-    raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
-
-
-def copy_half_then_fail(dest_root: str, then) -> object:
-    """A ``checkpoint_upload_fn`` (``fail_in="checkpoint"``): copies the checkpoint's files where Ray Train
-    would (``<experiment>/<checkpoint_dir_name>``) until half of their bytes are written, the file at the
-    half-way point partly, then ``then()`` (the failure): a worker lost in the middle of the upload."""
-
-    def upload(checkpoint, checkpoint_dir_name: str):
-        src, dst = Path(checkpoint.path), Path(dest_root) / checkpoint_dir_name
-        files = sorted(p for p in src.rglob("*") if p.is_file())
-        budget = sum(p.stat().st_size for p in files) // 2
-        for f in files:
-            out = dst / f.relative_to(src)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            data = f.read_bytes()
-            out.write_bytes(data[:budget])
-            budget -= len(data)
-            if budget <= 0:
-                break
-        then()
-
-    return upload
-
-
 # ------------------------------------------------------------------------------------------- batch
 def collate(rows: list[dict], layout: VocabLayout, text_only: bool = False) -> dict:
     """Right-padded ``tokens_BLC`` / ``labels_BLC``, the question mels, and per-modality position masks.
@@ -220,39 +186,6 @@ def speech_inputs(model: DeepOmniModel, batch: dict) -> list[torch.Tensor] | Non
     for b, a in zip(batch["speech_rows"], projected):
         audio[b] = a
     return audio
-
-
-def expert_counts(model: DeepOmniModel, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per modality: routed (token, expert) pairs of the last forward per MoE layer (in layer order) and
-    expert, ``[layers, experts]``; modalities without positions in the batch are left out."""
-    out = {}
-    for mod, mask_BL in masks.items():
-        mask_T = mask_BL.reshape(-1)
-        if not mask_T.any():
-            continue
-        out[mod] = torch.stack([
-            torch.bincount(moe.last_routing.experts_TK[mask_T].reshape(-1), minlength=moe.num_experts)
-            for _, moe in sorted(moe_layers(model).items())])
-    return out
-
-
-def expert_load(model: DeepOmniModel, masks: dict[str, torch.Tensor],
-                counts: dict[str, torch.Tensor] | None = None) -> dict[str, list[list[float]]]:
-    """Per modality and MoE layer: fraction of the routed (token, expert) pairs that went to each expert."""
-    counts = expert_counts(model, masks) if counts is None else counts
-    return {mod: [(c_E.float() / c_E.sum()).tolist() for c_E in c_LE] for mod, c_LE in counts.items()}
-
-
-def routed_outside_mode(model: DeepOmniModel) -> float:
-    """Fraction of this step's routed pairs on experts the routing mode forbids (0 when the mask holds)."""
-    bad = total = 0
-    for moe in moe_layers(model).values():
-        if moe.routing_mask_E is None:
-            continue
-        chosen = moe.last_routing.experts_TK.reshape(-1)
-        bad += int((~moe.routing_mask_E[chosen]).sum())
-        total += chosen.numel()
-    return bad / total if total else 0.0
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -374,7 +307,7 @@ def train_func(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")  # Ray: this worker's rows
     layout = model.layout
     run_dir = Path(cfg.storage_path) / cfg.run_name
-    fail_marker = run_dir / ".failed_once"
+    faults = FaultInjector(cfg, rank, run_dir)
     progress_file = run_dir / PROGRESS_FILE
     epoch, skip = resume_position(train_state, rank, world)
     it = DataStream(shard, cfg.batch_size, rank, epoch, skip)
@@ -382,15 +315,6 @@ def train_func(config: dict) -> None:
     if cfg.sample_log:  # one JSON line a step, appended: a restarted worker adds to what the killed one wrote
         run_dir.mkdir(parents=True, exist_ok=True)
         sample_log = open(run_dir / f"samples_rank{rank}.jsonl", "a")
-
-    def inject(where: str) -> bool:
-        """Whether the configured failure happens here (rank 0, once per run: a marker file remembers)."""
-        if (cfg.fail_at_step is None or step != cfg.fail_at_step or rank != 0 or cfg.fail_in != where
-                or fail_marker.exists()):
-            return False
-        fail_marker.parent.mkdir(parents=True, exist_ok=True)
-        fail_marker.touch()
-        return True
 
     def save_checkpoint(metrics: dict) -> None:
         state = full_state_dict(model, ep_group)
@@ -403,9 +327,8 @@ def train_func(config: dict) -> None:
                 (d / TRAIN_STATE).write_text(json.dumps({"step": step, "stage": stage.name, "world_size": world,
                                                          "batch_size": cfg.batch_size, "data": positions}))
             upload = None
-            if inject("checkpoint"):
-                upload = copy_half_then_fail(ray.train.get_context().get_storage().experiment_fs_path,
-                                             lambda: fail(cfg.fail_mode, step, run_dir / HELD_WORKER))
+            if faults.due("checkpoint", step):
+                upload = faults.upload_then_fail(ray.train.get_context().get_storage().experiment_fs_path, step)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),  # Ray
                              checkpoint_upload_fn=upload)
 
@@ -413,29 +336,32 @@ def train_func(config: dict) -> None:
     start_step, run_tokens, run_time = step, 0, 0.0
     prom = TrainMetrics(cfg.run_name, stage.name, rank, layout.num_codec_channels)  # Ray: Prometheus metrics
     layer_ids = sorted(moe_layers(model))
+    counter = ExpertCounter(model, ROUTING_GROUPS)  # routed pairs per modality of the position, layer, expert
     prom.started(step)
     while step < max_steps:
-        if inject("step"):
-            fail(cfg.fail_mode, step, run_dir / HELD_WORKER)
+        if faults.due("step", step):
+            faults.fail(step)
         t_wait = time.perf_counter()
         rows = next(it)
         batch_epoch = it.epoch  # the pass this batch came from (a pass may have ended inside next())
         t0 = time.perf_counter()  # tokens/s counts collate + forward + backward + step, not the data wait
         batch = to_device(collate(rows, layout, stage.text_only), device)
-        out = engine.forward(batch["tokens"], audio=speech_inputs(model, batch), labels_BLC=batch["labels"])
+        with counter.count(token_groups(batch["masks"])):
+            out = engine.forward(batch["tokens"], audio=speech_inputs(model, batch), labels_BLC=batch["labels"])
         engine.backward(out.loss)
         engine.step()
         step += 1
         dt = time.perf_counter() - t0
         run_tokens, run_time = run_tokens + batch["n_tokens"], run_time + dt
-        counts = expert_counts(model, batch["masks"])
+        routed = counter.take()
+        counts = modality_counts(routed)
         metrics = {"step": step, "start_step": start_step, "loss": out.loss.item(),
                    "aux_loss": out.aux_loss.item(), "channel_losses": out.channel_losses.tolist(),
                    "lr": engine.lr, "tokens_per_s": batch["n_tokens"] / dt, "step_time_s": dt,
                    "data_wait_s": t0 - t_wait,
                    "tokens_per_s_run": run_tokens / run_time,  # this worker, since (re)start
-                   "routed_outside_mode": routed_outside_mode(model),
-                   "expert_load": expert_load(model, batch["masks"], counts), "rank": rank}
+                   "routed_outside_mode": routed_outside_mode(routed, [m.routing_mask_E for m in counter.layers]),
+                   "expert_load": expert_load(counts), "rank": rank}
         prom.step(metrics, batch["n_tokens"], counts, layer_ids)
         if sample_log is not None:
             sample_log.write(json.dumps({"step": step, "epoch": batch_epoch, "ids": [r.get("id") for r in rows],
@@ -448,6 +374,7 @@ def train_func(config: dict) -> None:
         elif step % cfg.log_every == 0 and step < max_steps:
             ray.train.report(metrics)  # Ray
     prom.close()
+    counter.close()
     if sample_log is not None:
         sample_log.close()
     if step > start_step:  # final checkpoint (skipped when resuming an already finished run)

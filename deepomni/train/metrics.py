@@ -7,6 +7,11 @@ rank). Scraped names: :func:`exported_names` (``ray_`` prefix, ``_total`` on cou
 Gauges are set every step (a handful of calls). Routed-token counts are summed locally and added to their
 counter at most every ``flush_s`` seconds (and when the step loop ends): a large model has layers x
 experts x modalities of them.
+
+The routed-token counts come from the MoE layers' own counters (:mod:`deepomni.model.routing_stats`): the
+step counts its forward with the token groups :data:`ROUTING_GROUPS` (:func:`token_groups`), and
+:func:`modality_counts`, :func:`expert_load` and :func:`routed_outside_mode` turn what it took into the
+reported values.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 
 import torch
 
+from ..data.schema import SPEECH, TEXT
 from ..metrics import MetricSpec, make_metric, scraped_names
 
 TAGS = ("run", "stage", "rank")
@@ -50,6 +56,45 @@ METRICS = (
 METRIC_NAMES = tuple(m.name for m in METRICS)
 
 
+# --------------------------------------------------------------------------------- routing statistics
+OTHER = "other"  # positions of neither modality (instructions of speech items, padding): counted, not reported
+ROUTING_GROUPS = (SPEECH, TEXT, OTHER)  # the training step's token groups (deepomni.model.routing_stats)
+
+
+def token_groups(masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Index into :data:`ROUTING_GROUPS` of every position ``[B, L]``, from the batch's per-modality position
+    masks (``collate``'s ``masks``; disjoint): every position is counted, in one group."""
+    first = next(iter(masks.values()))
+    group_BL = torch.full(first.shape, ROUTING_GROUPS.index(OTHER), dtype=torch.long, device=first.device)
+    for modality, mask_BL in masks.items():
+        group_BL[mask_BL] = ROUTING_GROUPS.index(modality)
+    return group_BL
+
+
+def modality_counts(routed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per modality: routed (token, expert) pairs per MoE layer (in layer order) and expert,
+    ``[layers, experts]``; modalities without positions in the step are left out."""
+    return {m: routed[m] for m in (SPEECH, TEXT) if bool(routed[m].any())}
+
+
+def expert_load(counts: dict[str, torch.Tensor]) -> dict[str, list[list[float]]]:
+    """Per modality and MoE layer: fraction of the routed (token, expert) pairs that went to each expert."""
+    return {mod: [(c_E.float() / c_E.sum()).tolist() for c_E in c_LE] for mod, c_LE in counts.items()}
+
+
+def routed_outside_mode(routed: dict[str, torch.Tensor], routing_masks: list[torch.Tensor | None]) -> float:
+    """Fraction of the step's routed pairs (all positions) on experts the routing mode forbids, over the MoE
+    layers with a routing mask (``routing_masks``, in layer order); 0 when the masks hold."""
+    all_LE = sum(routed.values())
+    bad = total = 0
+    for c_E, mask_E in zip(all_LE, routing_masks):
+        if mask_E is None:
+            continue
+        bad += int(c_E[~mask_E.cpu()].sum())
+        total += int(c_E.sum())
+    return bad / total if total else 0.0
+
+
 def exported_names() -> tuple[str, ...]:
     """The names Prometheus scrapes."""
     return scraped_names(METRICS)
@@ -78,7 +123,7 @@ class TrainMetrics:
 
     def step(self, metrics: dict, n_tokens: int, expert_counts: dict[str, torch.Tensor], layer_ids: list[int]) -> None:
         """``metrics``: the dict ``train_func`` reports; ``expert_counts``: modality -> ``[layers, experts]``
-        routed pairs of this step (:func:`deepomni.train.loop.expert_counts`)."""
+        routed pairs of this step (:func:`modality_counts`)."""
         m = self.m
         m["step"].set(metrics["step"])
         m["last_step_timestamp_seconds"].set(time.time())

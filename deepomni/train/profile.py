@@ -1,4 +1,4 @@
-"""Modality load profiling and expert assignment (PAPER.md "Adaptive modality expert assignment").
+"""Modality load profiling and expert assignment (docs/paper.md "Adaptive modality expert assignment").
 
     1. run the aligned model (eval, no grad, routing mode "all") over speech data and over text data;
        per MoE layer l and expert j count how often j is among a token's top-k:
@@ -35,13 +35,12 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import torch
 
+from ..data.schema import SPEECH, SPEECH_TASKS, TEXT, TEXT_QA
 from ..data.tokenized import row_tensors
 from ..model.channels import CodecSpecial, TextSpecial, VocabLayout
 from ..model.modality import ExpertAssignment, assign_from_load, moe_layers, set_routing_mode
 from ..model.model import DeepOmniModel
-
-SPEECH, TEXT = "speech", "text"
-SPEECH_TASKS = ("asr", "tts", "spoken_qa")
+from ..model.routing_stats import ExpertCounter
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -77,7 +76,7 @@ def speech_input(model: DeepOmniModel, row: dict, mel_MT: torch.Tensor | None) -
 
 def modality_positions(row: dict, tokens_LC: torch.Tensor, layout: VocabLayout) -> tuple[str, torch.Tensor] | None:
     """``(modality, mask_L)``: which positions of this row count, and for which modality (module doc)."""
-    if row["task"] == "text_qa":
+    if row["task"] == TEXT_QA:
         return TEXT, torch.ones(tokens_LC.shape[0], dtype=torch.bool)
     if row["task"] not in SPEECH_TASKS:
         return None
@@ -105,16 +104,12 @@ class LoadTable:
             self.tokens.setdefault(m, 0)
             self.sequences.setdefault(m, 0)
 
-    def add(self, modality: str, experts_by_layer: dict[int, torch.Tensor], mask_T: torch.Tensor) -> None:
-        """Count the top-k choices ``experts_TK`` of each layer at the positions in ``mask_T``."""
-        n = int(mask_T.sum())
-        if n == 0:
-            return
-        for i, l in enumerate(self.layer_ids):
-            chosen = experts_by_layer[l][mask_T.to(experts_by_layer[l].device)].reshape(-1).cpu()
-            self.counts[modality][i] += torch.bincount(chosen, minlength=self.num_experts)
-        self.tokens[modality] += n
-        self.sequences[modality] += 1
+    def add(self, modality: str, counts_LE: torch.Tensor, tokens: int, sequences: int) -> None:
+        """Add top-k counts ``[layers, E]`` (layers in ``layer_ids`` order) measured over ``tokens``
+        positions of ``sequences`` sequences."""
+        self.counts[modality] += counts_LE.to(self.counts[modality].device)
+        self.tokens[modality] += tokens
+        self.sequences[modality] += sequences
 
     def rho(self, modality: str) -> torch.Tensor:
         """``count / (k * tokens)`` as ``[layers, E]`` (each row sums to 1); zeros when no tokens were seen."""
@@ -157,17 +152,26 @@ def profile_load(model: DeepOmniModel, rows: Iterable[dict]) -> LoadTable:
     model.eval()
     set_routing_mode(model, "all")
     device = model.embed.weight.device
+    counter = ExpertCounter(model, (SPEECH, TEXT))  # MoE layers in model order = sorted layer ids
+    seen = {m: [0, 0] for m in (SPEECH, TEXT)}  # modality -> [tokens, sequences]
     try:
         for row in rows:
             tokens_LC, _, mel_MT = row_tensors(row)
             which = modality_positions(row, tokens_LC, model.layout)
-            if which is None:
+            if which is None or not which[1].any():
                 continue
             modality, mask_L = which
-            model(tokens_LC.unsqueeze(0).to(device), audio=speech_input(model, row, mel_MT))
-            table.add(modality, {l: m.last_routing.experts_TK for l, m in layers.items()}, mask_L)
+            group_1L = torch.where(mask_L, counter.groups.index(modality), -1).unsqueeze(0)  # -1: not counted
+            with counter.count(group_1L):
+                model(tokens_LC.unsqueeze(0).to(device), audio=speech_input(model, row, mel_MT))
+            seen[modality][0] += int(mask_L.sum())
+            seen[modality][1] += 1
+        counts = counter.take()
     finally:
+        counter.close()
         model.train(was_training)
+    for m, (tokens, sequences) in seen.items():
+        table.add(m, counts[m], tokens, sequences)
     return table
 
 

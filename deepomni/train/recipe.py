@@ -1,5 +1,5 @@
 """Running the recipe (``stages.RECIPE`` and ``stages.BASELINES``) end to end in one directory: the driver
-side of ``jobs.pipeline`` and ``benchmarks/recipe_table.py``.
+side of ``deepomni pipeline`` (``jobs.pipeline``) and ``benchmarks/recipe_table.py``.
 
     <out>/data/            the corpus (raw/), its tokenized shards and the built-in codec (codec/)
     <out>/encoder/         the speech encoder pretrained with CTC (a local Whisper directory), when the
@@ -17,13 +17,35 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .stages import MODELS, STAGES, Step, all_steps
+from ..config import configclass
+from .stages import BASELINES, MODELS, STAGES, Step, all_steps
 
 # the table's columns: (header, eval.json metric); definitions in deepomni/train/evaluate.py
 COLUMNS = (("text QA exact", "text_qa_accuracy"), ("relative text drop", "text_drop"),
            ("spoken QA exact", "spoken_qa_accuracy"), ("same questions typed", "spoken_qa_typed_accuracy"),
            ("ASR WER", "asr_wer"), ("TTS-consistency WER", "tts_consistency_wer"),
            ("judge floor WER", "judge_floor_wer"), ("codec acc", "codec_accuracy"))
+
+
+@configclass()
+class PipelineConfig:
+    """``deepomni pipeline``: the whole recipe and its baselines in one working directory."""
+
+    out: str = "runs/pipeline"  # working directory: data/, encoder/, runs/, profile/, eval/, summary.md
+    config: str = "tiny"  # training preset or TrainConfig file, for every stage
+    train_items: int = 1500  # items in the train split of the built-in corpus
+    eval_items: int = 40  # held-out items per task
+    steps_scale: float = 1.0  # multiply every stage's steps
+    encoder_steps: int | None = None  # CTC pretraining steps of the speech encoder (None: its default)
+    n_speech: str = "25%"  # speech experts per layer: a count or a percentage of the routed experts
+    baselines: tuple[str, ...] = tuple(BASELINES)  # baselines to run besides the recipe (names or a,b,c)
+    seed: int = 0  # seeds the corpus, the models and the random assignment
+
+    def __post_init__(self) -> None:
+        self.baselines = tuple(b.strip() for item in self.baselines for b in item.split(",") if b.strip())
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"baselines: unknown {unknown}; expected some of {list(BASELINES)}")
 
 
 class Pipeline:
@@ -154,3 +176,26 @@ class Pipeline:
             lines.append(f"| {name} | " + " | ".join("-" if m.get(k) is None else f"{m[k]:.3f}" for _, k in COLUMNS)
                          + " |")
         return "\n".join(lines)
+
+
+def run_pipeline(cfg: PipelineConfig) -> str:
+    """Every step of the recipe and the baselines (skipping those done before), then the evaluation table,
+    written with the wall times to ``<out>/summary.md``; returns the table."""
+    pipe = Pipeline(Path(cfg.out).resolve(), config=cfg.config, seed=cfg.seed, steps_scale=cfg.steps_scale,
+                    n_speech=cfg.n_speech, train_items=cfg.train_items, eval_items=cfg.eval_items,
+                    encoder_steps=cfg.encoder_steps)
+    t_start = time.perf_counter()
+    pipe.prepare_data()
+    pipe.train_all(cfg.baselines)
+    results = pipe.evaluate_all([m for m, run in MODELS.items() if run in pipe.runs(cfg.baselines)])
+    wall = time.perf_counter() - t_start
+    table = pipe.table(results)
+    seeds = (f"One seed ({cfg.seed}), {cfg.eval_items} held-out items a task: differences between rows can be "
+             "noise. The table over seeds with mean and spread, every baseline at full steps: "
+             "benchmarks/results/recipe_table.md (made by `python benchmarks/recipe_table.py`).")
+    (pipe.out / "summary.md").write_text(f"{table}\n\n{seeds}\n\nwall time {wall:.0f} s; steps: "
+                                         f"{json.dumps(pipe.times)}\n")
+    print(table)
+    print(seeds)
+    print(f"[pipeline] wall time {wall:.0f} s ({wall / 60:.1f} min); summary in {pipe.out / 'summary.md'}")
+    return table

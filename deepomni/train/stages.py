@@ -1,4 +1,4 @@
-"""The training stages as data (PAPER.md "Training stages"), one row of the paper's table per :class:`Stage`.
+"""The training stages as data (docs/paper.md "Training stages"), one row of the paper's table per :class:`Stage`.
 
 | stage            | data (tasks)                    | trainable                                             | router      |
 |------------------|---------------------------------|-------------------------------------------------------|-------------|
@@ -12,7 +12,7 @@
 
 ``text_only`` stages (text_pretrain) read only text-input rows and see the text channel alone: codec inputs
 are replaced by the codec PAD token and codec labels ignored, so the base LLM learns text, not speech.
-The recipe itself, in order, is data too (:data:`RECIPE`, :data:`BASELINES`): ``jobs.pipeline``,
+The recipe itself, in order, is data too (:data:`RECIPE`, :data:`BASELINES`): ``deepomni pipeline``,
 ``manifests/generate.py`` and the docs read it from here.
 
 **Where we depart from the paper** (S2.1, S2.2, S3): the paper also trains the shared experts, the dense
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..config import RoutingMode
+from ..data.schema import ASR, SPEECH_TASKS, SPOKEN_QA, TASKS, TEXT_QA, TTS
 
 
 @dataclass(frozen=True)
@@ -79,17 +80,14 @@ def all_but_encoder(name: str, cfg) -> bool:
     return not name.startswith("speech.encoder.")
 
 
-ALL_TASKS = ("asr", "tts", "spoken_qa", "text_qa")
-SPEECH_TASKS = ("asr", "tts", "spoken_qa")
-
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("text_pretrain", ("text_qa", "spoken_qa"), all_but_speech_input, "all", 1e-4, 1000, text_only=True),
-    Stage("s1_align", ("asr",), projector_and_embeddings, "all", 2e-5, 1000, codec_rows_only=True),
-    Stage("s2_speech_experts", ("spoken_qa", "tts"), experts_router_and_embeddings, "speech", 1e-4, 1000,
+    Stage("text_pretrain", (TEXT_QA, SPOKEN_QA), all_but_speech_input, "all", 1e-4, 1000, text_only=True),
+    Stage("s1_align", (ASR,), projector_and_embeddings, "all", 2e-5, 1000, codec_rows_only=True),
+    Stage("s2_speech_experts", (SPOKEN_QA, TTS), experts_router_and_embeddings, "speech", 1e-4, 1000,
           needs_assignment=True, codec_rows_only=True),
-    Stage("s2_text_experts", ("text_qa",), routed_experts_and_router, "text", 2e-5, 1000, needs_assignment=True),
-    Stage("s3_joint", ALL_TASKS, experts_router_and_embeddings, "all", 5e-5, 1000, codec_rows_only=True),
-    Stage("full_finetune", ALL_TASKS, all_but_encoder, "all", 5e-5, 1000),
+    Stage("s2_text_experts", (TEXT_QA,), routed_experts_and_router, "text", 2e-5, 1000, needs_assignment=True),
+    Stage("s3_joint", TASKS, experts_router_and_embeddings, "all", 5e-5, 1000, codec_rows_only=True),
+    Stage("full_finetune", TASKS, all_but_encoder, "all", 5e-5, 1000),
     Stage("speech_finetune", SPEECH_TASKS, all_but_encoder, "all", 5e-5, 1000),
 ]}
 
@@ -140,7 +138,7 @@ def _staged(prefix: str, profile: str) -> tuple[Step, ...]:
             Step(f"{prefix}s3_joint", "s3_joint", f"{prefix}s2_text_experts", profile))
 
 
-# PAPER.md: the base text LLM -> S1 alignment -> profile the *aligned* model (only after S1 do speech
+# docs/paper.md "Training stages": base LLM -> S1 alignment -> profile the *aligned* model (only after S1 do speech
 # positions carry trained inputs) -> S2.1 speech experts -> S2.2 text experts -> S3 joint
 RECIPE: tuple[Step, ...] = (
     Step("base", "text_pretrain"),

@@ -1,6 +1,6 @@
-"""The embedded default: build the tiny preset, answer one spoken turn on random weights, say what happened.
+"""``deepomni smoke``: build a preset, answer one spoken turn on random weights, say what happened.
 
-    python -m jobs.demo [--preset tiny] [--steps 48] [--seconds 2.0] [--seed 0]
+    deepomni smoke [--preset tiny] [--steps 48] [--seconds 2.0] [--seed 0]
 
 Speech in: a synthetic 2 s utterance (a gliding tone with noise) through transformers'
 WhisperFeatureExtractor (deepomni.audio.LogMel) -> the frozen Whisper encoder -> projector. Then one full forward of the spoken
@@ -13,16 +13,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-import torch
 
-from deepomni.config import load_preset
-from deepomni.model.generate import GenerationConfig, stream
-from deepomni.model.model import DeepOmniModel, count_parameters
-from deepomni.model.prompt import user_turn
+def synthetic_utterance(seconds: float, sr: int = 16000, seed: int = 0):
+    """A voice-like float32 waveform (numpy) of ``seconds``."""
+    import numpy as np
 
-
-def synthetic_utterance(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * sr)) / sr
     f = 180 + 60 * np.sin(2 * np.pi * 0.7 * t)  # a voice-like gliding pitch
@@ -30,15 +25,21 @@ def synthetic_utterance(seconds: float, sr: int = 16000, seed: int = 0) -> np.nd
     return wav.astype(np.float32)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
+def add_smoke_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--preset", default="tiny", help="model preset or ModelConfig JSON file")
     ap.add_argument("--steps", type=int, default=48, help="decoding steps")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of the synthetic spoken question")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
 
-    from deepomni.audio import LogMel
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    import torch
+
+    from .audio import LogMel
+    from .config import load_preset
+    from .model.generate import GenerationConfig, stream
+    from .model.model import DeepOmniModel, count_parameters
+    from .model.prompt import user_turn
 
     torch.manual_seed(args.seed)
     cfg = load_preset(args.preset)
@@ -85,8 +86,5 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(text)} text tokens, codec frames {tuple(codes.shape)}, first frame after "
           f"{(first_audio or float('nan')) * 1e3:.0f} ms")
     print(f"[generate] text ids: {text[:12]}{' ...' if len(text) > 12 else ''}")
-    print("demo done (random weights: train with the staged jobs to make the answers mean something)")
-
-
-if __name__ == "__main__":
-    main()
+    print("smoke run done (random weights: `make demo` trains a model whose answers mean something)")
+    return 0
