@@ -5,7 +5,8 @@
 
 One run measures, on the same model, codec and spoken question (espeak-ng speech, else a synthetic tone):
 
-* ``inprocess``: the pipeline with no Serve: log-mel -> speech encoder + projector -> continuous batching
+* ``inprocess``: the pipeline with no Serve: log-mel -> speech encoder + projector (the utterances that
+  arrive while a batch is encoded go together in the next one, as in the Serve app) -> continuous batching
   (:class:`deepomni.serve.engine.BatchEngine`, stepped by one thread) -> streaming codec decoder (a
   second thread, decoding everything pending as one batch), all in this process (the reference: what the
   split costs is the difference);
@@ -86,6 +87,7 @@ class Answer:
     ttfa_s: float | None = None
     total_s: float = 0.0
     audio_s: float = 0.0
+    submitted_s: float | None = None  # in-process: speech encoded and the session submitted to the engine
 
 
 class InProcess:
@@ -108,6 +110,9 @@ class InProcess:
         self.stop = False
         self.voc_cv = threading.Condition()
         self.voc_pending: list = []
+        from serve_apps.batching import CallBatcher
+
+        self.encode = CallBatcher(self._encode_many, max_batch=max_rows)
         self.threads = [threading.Thread(target=f, daemon=True) for f in (self._run, self._vocode)]
         for t in self.threads:
             t.start()
@@ -152,13 +157,15 @@ class InProcess:
                 self.loop.call_soon_threadsafe(self.queues[sid].put_nowait, item)
 
     @torch.no_grad()
-    def _encode(self, wav_bytes: bytes) -> torch.Tensor:
+    def _encode_many(self, wavs_bytes: list[bytes]) -> list[torch.Tensor]:
+        """The utterances that arrived together, encoded in one batch (as the SpeechEncoder deployment
+        does: ``serve_apps.batching.CallBatcher``)."""
         from deepomni.audio import load_audio
 
-        wav = load_audio(wav_bytes, max_seconds=self.logmel.max_seconds)
-        mel, frames = self.logmel([wav])
+        wavs = [load_audio(w, max_seconds=self.logmel.max_seconds) for w in wavs_bytes]
+        mel, frames = self.logmel(wavs)
         dtype = self.model.embed.weight.dtype
-        return self.model.speech(mel.to(self.device, dtype), frames)[0]
+        return self.model.speech(mel.to(self.device, dtype), frames)
 
     async def answer(self, wav_bytes: bytes) -> Answer:
         from deepomni.model.generate import GenerationConfig
@@ -167,7 +174,8 @@ class InProcess:
 
         self.loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        audio_ND = await asyncio.to_thread(self._encode, wav_bytes)
+        audio_ND = await self.encode(wav_bytes)
+        submitted_s = time.perf_counter() - t0
         prompt = user_turn(self.model.layout, audio_positions=audio_ND.shape[0])
         req = Request(prompt, audio_ND, GenerationConfig(max_steps=self.answer_steps, speech=True, seed=0))
         q: asyncio.Queue = asyncio.Queue()
@@ -176,7 +184,7 @@ class InProcess:
             self.queues[sid] = q
             self.states[sid] = self.codec.init_stream_state()
         self.wake.set()
-        ans, samples = Answer(), 0
+        ans, samples = Answer(submitted_s=submitted_s), 0
         while True:
             kind, n = await q.get()
             if n and ans.ttfa_s is None:
@@ -266,7 +274,7 @@ class OpenAIChatClient:
 
 
 def prefill_turn10(model, audio_ND: torch.Tensor, answer_steps: int, repeats: int) -> dict:
-    """First step (prefill + first token) of turn 10 of a spoken conversation, with the context kept
+    """Prefill + first token of turn 10 of a spoken conversation, with the context kept
     vs re-prefilled; the history's answers are the model's own (text answers of ``answer_steps``)."""
     from deepomni.data.sequences import INSTRUCTIONS
     from deepomni.model.generate import GenerationConfig
@@ -293,14 +301,17 @@ def prefill_turn10(model, audio_ND: torch.Tensor, answer_steps: int, repeats: in
     turns.append(Turn("user", audio_positions=n))
 
     def first_step(engine) -> tuple[float, int]:
+        """Steps until the prompt is prefilled and the first token picked (a long prompt takes several
+        steps of ``prefill_chunk`` positions)."""
         sid = engine.submit(request(False, 4))
         t0 = time.perf_counter()
-        events = engine.step()
+        prefill = None
+        while prefill is None:
+            prefill = next((ev for _, ev in engine.step() if ev.kind == "prefill"), None)
         dt = time.perf_counter() - t0
         engine.cancel(sid)
         engine.step()
-        cached = next(ev.cached_tokens for _, ev in events if ev.kind == "prefill")
-        return dt, cached
+        return dt, prefill.cached_tokens
 
     times: dict[str, list] = {"kept": [], "reprefill": []}
     cached: dict[str, int] = {}
@@ -328,10 +339,12 @@ async def sessions(target, wav_bytes: bytes, n: int, concurrent: bool) -> dict:
     ttfa = sorted(a.ttfa_s * 1e3 for a in answers if a.ttfa_s is not None)
     audio = sum(a.audio_s for a in answers)
 
-    def pct(p):
-        return ttfa[min(len(ttfa) - 1, int(round(p / 100 * (len(ttfa) - 1))))] if ttfa else None
+    def pct(p, values=ttfa):
+        return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] if values else None
 
+    submitted = sorted(a.submitted_s * 1e3 for a in answers if a.submitted_s is not None)
     return {"sessions": n, "concurrent": concurrent, "ttfa_p50_ms": pct(50), "ttfa_p99_ms": pct(99),
+            "submitted_p50_ms": pct(50, submitted), "submitted_p99_ms": pct(99, submitted),
             "rtf_mean": statistics.mean(a.total_s / a.audio_s for a in answers if a.audio_s) if audio else None,
             "audio_seconds": audio, "wall_s": wall, "throughput_audio_s_per_s": audio / wall}
 
@@ -405,8 +418,10 @@ def report(name: str, r: dict) -> None:
         return
     for k, v in r.items():
         if isinstance(v, dict) and "ttfa_p50_ms" in v:
+            enc = "" if v.get("submitted_p50_ms") is None else (
+                f"  (encoded+submitted p50 {v['submitted_p50_ms']:.0f} / p99 {v['submitted_p99_ms']:.0f} ms)")
             print(f"  {name:9s} {k:15s} ttfa p50 {v['ttfa_p50_ms']:8.1f} ms  p99 {v['ttfa_p99_ms']:8.1f} ms  "
-                  f"rtf {v['rtf_mean']:.3f}  throughput {v['throughput_audio_s_per_s']:.2f} audio s/s")
+                  f"rtf {v['rtf_mean']:.3f}  throughput {v['throughput_audio_s_per_s']:.2f} audio s/s{enc}")
     print(f"  {name:9s} concurrency gain ({[k for k in r if k.endswith('concurrent')][0]} vs sequential): "
           f"{r['concurrency_gain']:.2f}x")
 
@@ -449,7 +464,7 @@ def main() -> None:
         print(f"[inprocess] model {args.preset} on {args.device} built in {time.perf_counter() - t0:.0f} s", flush=True)
         targets["inprocess"] = InProcess(model, codec, args.answer_steps, max_rows=32)  # as the app's Backbone
         stop.append(targets["inprocess"].close)
-        out["prefill_turn10"] = prefill_turn10(model, targets["inprocess"]._encode(wav_bytes), 24, args.repeats)
+        out["prefill_turn10"] = prefill_turn10(model, targets["inprocess"]._encode_many([wav_bytes])[0], 24, args.repeats)
         p = out["prefill_turn10"]
         print(f"[inprocess] turn 10 of a spoken conversation ({p['prompt_positions']} positions, "
               f"{p['cached_positions']} kept): first step {p['kept_ms']:.1f} ms with the context kept, "

@@ -40,13 +40,16 @@ def _prompts(m, n):
     return [user_turn(m.layout, list(range(10 + i, 30 + 3 * i))) for i in range(n)]
 
 
-def _run(engine, requests, join_every=2, cancel=None):
-    """Submit one request every ``join_every`` steps; collect each session's events by request index."""
+def _run(engine, requests, join_every=2, cancel=None, together=False):
+    """Submit one request every ``join_every`` steps (``together``: all before the first step); collect each
+    session's events by request index."""
     out, sid_of, step, pending = {}, {}, 0, list(range(len(requests)))
     while pending or not engine.idle:
-        if pending and step % join_every == 0:
+        while pending and (together or step % join_every == 0):
             i = pending.pop(0)
             sid_of[engine.submit(requests[i])] = i
+            if not together:
+                break
         if cancel and step == cancel[1]:
             engine.cancel(next(s for s, i in sid_of.items() if i == cancel[0]))
         for sid, ev in engine.step():
@@ -79,6 +82,43 @@ def test_batched_sessions_decode_as_alone(model):
         assert out[i]["end"] == a.steps, i
     assert engine.stats() == {"active_sessions": 0, "queued": 0, "rows": 0, "kept_contexts": 0,
                               "prefix_hits": 0, "prefix_misses": 6}
+
+
+def test_arrivals_together_prefill_together_in_chunks_and_decode_as_alone(model):
+    """Sessions submitted at once (text and spoken prompts of different lengths) are prefilled in shared,
+    right-padded forwards of at most ``prefill_chunk`` positions a row, interleaved with the live sessions'
+    decoding steps, and still decode exactly what they decode alone."""
+    D = model.cfg.hidden_size
+    g = torch.Generator().manual_seed(5)
+    prompts = [user_turn(model.layout, list(range(10, 24))), user_turn(model.layout, audio_positions=9),
+               user_turn(model.layout, list(range(40, 77))), user_turn(model.layout, audio_positions=4)]
+    audio = [None, torch.randn(9, D, generator=g), None, torch.randn(4, D, generator=g)]
+    gens = [GenerationConfig(max_steps=25, speech=i != 2, seed=i) for i in range(4)]
+    alone = [generate(model, p, a, c) for p, a, c in zip(prompts, audio, gens)]
+    late = Request(user_turn(model.layout, list(range(60, 70))), None, GenerationConfig(max_steps=12, seed=9))
+    late_alone = generate(model, late.prompt_LC, None, late.gen)
+    engine = BatchEngine(model, max_rows=12, prefill_chunk=8)
+    forwards = []
+    hook = model.register_forward_hook(lambda m, args, kw, out: forwards.append(tuple(args[0].shape[:2])),
+                                       with_kwargs=True)
+    try:
+        out = _run(engine, [Request(p, a, c) for p, a, c in zip(prompts, audio, gens)], together=True)
+        late_out = _run(engine, [late])  # alone in the engine: one chunk, then decoding
+    finally:
+        hook.remove()
+    for i, a in enumerate(alone):
+        assert out[i]["text"] == a.text_ids, i
+        assert out[i]["frames"] == [f.tolist() for f in a.frames], i
+        assert out[i]["end"] == a.steps, i
+    assert late_out[0]["text"] == late_alone.text_ids and late_out[0]["end"] == late_alone.steps
+    # the first forward prefills every arrival's first chunk at once: 2 + 2 + 1 + 2 rows, 8 positions
+    assert forwards[0] == (7, 8)
+    # the longest prompt (5 chunks) is still prefilling while the short ones decode: one prefill forward a
+    # step, as many as the longest prompt's chunks (then the late arrival's alone)
+    chunks = -(-max(p.shape[0] for p in prompts) // 8)
+    assert sum(1 for b, l in forwards if l > 1) == chunks + -(-late.prompt_LC.shape[0] // 8)
+    assert sum(1 for b, l in forwards[: 2 * chunks] if l == 1) >= chunks - 2  # decode steps between chunks
+    assert engine.idle and engine.cache.n == 0
 
 
 def test_cancel_frees_rows_and_leaves_others_alone(model):

@@ -15,6 +15,7 @@ Frequencies (and YaRN scaling, when ``rope_scaling`` is set) come from transform
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -161,11 +162,16 @@ class KVCache:
 class SlotKVCache:
     """Preallocated latents for continuous batching: rows ``0..n-1`` are in use, each with its own length.
 
-    A forward over this cache takes exactly ``n`` rows; row ``b``'s new tokens go to positions
-    ``lens[b]...`` and attend to its own keys only. :meth:`append` adds the rows of a prefilled
-    :class:`KVCache` (a session joining the batch), :meth:`keep` drops rows and compacts the rest to
-    ``0..n'-1`` in the given order (sessions leaving). Attention reads ``[:n, :max(lens)+L]`` views, so a
-    step costs what the longest live row needs, not the capacity."""
+    A forward over this cache takes the rows of its window (:meth:`window`; by default all ``n``); row
+    ``b``'s new tokens go to positions ``lens[b]...`` and attend to its own keys only. :meth:`append` adds the
+    rows of a prefilled :class:`KVCache` (a session joining the batch), :meth:`reserve` adds empty rows (a
+    session prefilled in place, in chunks), :meth:`keep` drops rows and compacts the rest to ``0..n'-1`` in
+    the given order (sessions leaving). Attention reads ``[rows, :max(lens)+L]`` views, so a step costs what
+    the longest row of the window needs, not the capacity.
+
+    A window opened with ``ragged=True`` takes right-padded inputs (a batched prefill of prompts of different
+    lengths): positions are clamped to the capacity (a padded position past a row's end writes nothing any
+    real position reads), and :meth:`advance` leaves the lengths to :meth:`set_lengths`."""
 
     def __init__(self, num_layers: int, rows: int, max_len: int, kv_lora_rank: int, rope_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -176,6 +182,7 @@ class SlotKVCache:
         self.lens = torch.zeros(rows, dtype=torch.long, device=device)
         self.n = 0
         self._pos_BL = self._mask_B1LS = torch.zeros(0)
+        self._window: tuple[int, int, bool] | None = None  # (first row, end row, ragged); None: all n rows
 
     @classmethod
     def for_model(cls, model, rows: int, max_len: int) -> "SlotKVCache":
@@ -203,6 +210,34 @@ class SlotKVCache:
         self.n += len(src)
         return dst
 
+    def reserve(self, n: int) -> list[int]:
+        """``n`` new empty rows (length 0), to be prefilled in place; returns their row ids."""
+        if n > self.free_rows:
+            raise RuntimeError(f"{n} rows requested, {self.free_rows} free")
+        dst = list(range(self.n, self.n + n))
+        self.lens[self.n : self.n + n] = 0
+        self.n += n
+        return dst
+
+    def set_lengths(self, rows: list[int], lens: list[int]) -> None:
+        self.lens[torch.as_tensor(rows, dtype=torch.long, device=self.lens.device)] = torch.as_tensor(
+            lens, dtype=torch.long, device=self.lens.device)
+
+    @contextmanager
+    def window(self, start: int, end: int, ragged: bool = False):
+        """Forwards inside run over rows ``start..end-1`` only (a decode step over the live rows, a prefill
+        over the rows being prefilled)."""
+        if not 0 <= start <= end <= self.n:
+            raise ValueError(f"window [{start}, {end}) outside the {self.n} rows in use")
+        self._window = (start, end, ragged)
+        try:
+            yield self
+        finally:
+            self._window = None
+
+    def _rows(self) -> tuple[int, int, bool]:
+        return self._window if self._window is not None else (0, self.n, False)
+
     def row(self, r: int) -> KVCache:
         """A copy of row ``r``'s entries as a one-row :class:`KVCache`."""
         S = int(self.lens[r])
@@ -229,14 +264,18 @@ class SlotKVCache:
         self.n = m
 
     def positions(self, B: int, L: int, device: torch.device) -> torch.Tensor:
-        if B != self.n:
-            raise ValueError(f"a step over a SlotKVCache takes all {self.n} rows in use, got {B}")
-        longest = int(self.lens[:B].max()) if B else 0
-        if longest + L > self.max_len:
+        r0, r1, ragged = self._rows()
+        if B != r1 - r0:
+            raise ValueError(f"a step over a SlotKVCache takes the {r1 - r0} rows of its window, got {B}")
+        lens = self.lens[r0:r1]
+        longest = int(lens.max()) if B else 0
+        if longest + L > self.max_len and not ragged:
             raise ValueError(f"a row would exceed the cache's max_len {self.max_len}")
         # kept for this forward's layers: where each row writes, what it attends to
-        self._pos_BL = self.lens[:B, None] + torch.arange(L, device=self.lens.device)
-        S = longest + L
+        self._pos_BL = lens[:, None] + torch.arange(L, device=self.lens.device)
+        if ragged:  # padding past a row's end: clamped, it lands on a slot no real position reads yet
+            self._pos_BL = self._pos_BL.clamp(max=self.max_len - 1)
+        S = min(longest + L, self.max_len)
         self._mask_B1LS = (torch.arange(S, device=self.lens.device)[None, None, :] <= self._pos_BL[:, :, None]).unsqueeze(1)
         return self._pos_BL
 
@@ -247,14 +286,17 @@ class SlotKVCache:
         pos_BL, mask_B1LS = self._pos_BL, self._mask_B1LS  # set by positions() at the start of the forward
         if pos_BL.shape != (B, L):
             raise RuntimeError("SlotKVCache.update without positions() for this step")
-        rows_BL = torch.arange(B, device=pos_BL.device)[:, None].expand(B, L)
+        r0, r1, _ = self._rows()
+        rows_BL = torch.arange(r0, r1, device=pos_BL.device)[:, None].expand(B, L)
         self.latent[idx][rows_BL, pos_BL] = latent_BLR.to(self.latent[idx].dtype)
         self.k_pe[idx][rows_BL, pos_BL] = k_pe_BLP.to(self.k_pe[idx].dtype)
         S = mask_B1LS.shape[-1]
-        return self.latent[idx][:B, :S], self.k_pe[idx][:B, :S], mask_B1LS
+        return self.latent[idx][r0:r1, :S], self.k_pe[idx][r0:r1, :S], mask_B1LS
 
     def advance(self, L: int) -> None:
-        self.lens[: self.n] += L
+        r0, r1, ragged = self._rows()
+        if not ragged:
+            self.lens[r0:r1] += L
 
 
 # ----------------------------------------------------------------------------------------------- MLA

@@ -124,12 +124,15 @@ class DeepOmniModel(nn.Module):
         cache: KVCache | SlotKVCache | None = None,
         channels: list[int] | None = None,
         inputs_embeds_BLD: torch.Tensor | None = None,
+        logits_at_B: torch.Tensor | None = None,
     ) -> Output:
         """Full forward (``cache=None``) or one incremental step appending to ``cache``.
 
         ``channels`` limits which channels' logits are computed (e.g. ``[0]`` for text-only decoding).
         ``inputs_embeds_BLD`` replaces the channel embedding (``tokens_BLC=None``), e.g. to run the bare
-        backbone on text embeddings for parity checks against the released text model."""
+        backbone on text embeddings for parity checks against the released text model. ``logits_at_B``
+        computes the logits at one position per row only (``[B, 1, V]`` per channel: a prefill needs the
+        last prompt position's, not the whole prompt's)."""
         if (tokens_BLC is None) == (inputs_embeds_BLD is None):
             raise ValueError("pass exactly one of tokens_BLC and inputs_embeds_BLD")
         B, L = (tokens_BLC if tokens_BLC is not None else inputs_embeds_BLD).shape[:2]
@@ -149,6 +152,10 @@ class DeepOmniModel(nn.Module):
             aux = aux + a
         if cache is not None:
             cache.advance(L)
+        if logits_at_B is not None:
+            if labels_BLC is not None:
+                raise ValueError("labels need the logits of every position (logits_at_B=None)")
+            x_BLD = x_BLD[torch.arange(B, device=device), logits_at_B.to(device)].unsqueeze(1)
         h_BLD = self.norm(x_BLD)
         logits = self.embed.logits(h_BLD, channels)
         out = Output(logits, aux)

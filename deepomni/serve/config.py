@@ -38,6 +38,9 @@ class AppConfig:
     # of answers + 32 waiting); 0: refuse whatever cannot start at once
     max_queued: int | None = None
     max_steps: int = 256  # default decoding steps per answer
+    # prompt positions a row prefills per engine step: new sessions are prefilled together in one forward,
+    # a longer prompt over several steps between the others' decoding steps (deepomni.serve.engine)
+    prefill_chunk: int = 256
     max_steps_limit: int = 1024  # the most a request may ask for
     max_body_bytes: int = 8 * 1024 * 1024  # request body / one WebSocket turn's audio
     # conversation memory: prompt positions a conversation may fill (the oldest turns go first beyond it;
@@ -77,6 +80,8 @@ class AppConfig:
             raise ValueError(f"max_steps must be in [1, max_steps_limit={self.max_steps_limit}], got {self.max_steps}")
         if not self.stall_timeout_s > 0:
             raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.max_queued is not None and self.max_queued < 0:
             raise ValueError(f"max_queued must be >= 0 (or null: max_rows), got {self.max_queued}")
 

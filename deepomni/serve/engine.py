@@ -3,9 +3,14 @@
 Every live session holds one or two rows of one shared :class:`~deepomni.model.attention.SlotKVCache`
 (speech item, and the text item until its EOT). :meth:`BatchEngine.step`:
 
-1. drops cancelled sessions, then admits queued ones while rows are free: each new prompt is prefilled on
-   its own (its own length, its own speech input) and its cache rows are appended to the batch;
-2. runs ONE decoding step over every live row at once (rows of different sessions have different lengths;
+1. drops cancelled sessions, then admits queued ones while rows are free (their rows are reserved in the
+   cache, after the live rows);
+2. prefills every admitted session's next chunk of prompt (at most ``prefill_chunk`` positions a row) in
+   ONE forward over all of them, right-padded to the longest chunk (each row writes and reads its own
+   positions only); a session whose prompt is done picks its first tokens and goes live. A long prompt thus
+   takes several steps while the others go on decoding, and sessions arriving together are prefilled
+   together, not one after another;
+3. runs ONE decoding step over every live row at once (rows of different sessions have different lengths;
    each attends only to its own keys), then lets each session's
    :class:`~deepomni.model.generate.AnswerDecoder` pick its next tokens and emit its events.
 
@@ -37,7 +42,7 @@ import torch
 
 from ..data.schema import SPEECH, TEXT
 from ..model.attention import KVCache, SlotKVCache
-from ..model.channels import TextSpecial
+from ..model.channels import CodecSpecial, TextSpecial
 from ..model.generate import AnswerDecoder, Event, GenerationConfig
 from ..model.modality import moe_layers
 from ..model.model import DeepOmniModel
@@ -47,6 +52,9 @@ from ..model.routing_stats import ExpertCounter
 
 DEFAULT_MAX_LEN = 4096  # positions per row: a spoken turn of ~60 s in + ~4 min of 12.5 Hz speech out
 DEFAULT_PREFIX_ENTRIES = 64  # conversations whose context is kept (LRU)
+# prompt positions a row prefills per step: longer prompts take several steps, so they do not stall the
+# decoding of the others (a step costs about the padded chunk times the rows being prefilled)
+DEFAULT_PREFILL_CHUNK = 256
 LOAD_GROUPS = (TEXT, SPEECH)  # token groups of the expert load: group index = 1 for speech tokens
 
 
@@ -75,6 +83,9 @@ class _Session:
     decoder: AnswerDecoder | None = None
     cancelled: bool = False
     text_ids: list[int] = field(default_factory=list)  # the answer's text so far
+    prefilled: int = 0  # prompt positions in the cache (while prefilling)
+    audio_used: int = 0  # speech frames of those positions
+    cached: int = 0  # of which copied from a kept conversation prefix (not run)
 
 
 @dataclass(eq=False)  # compared by identity (the store removes and moves entries)
@@ -155,9 +166,13 @@ class BatchEngine:
     thread (a Serve replica runs :meth:`step` in a worker thread and submits between steps)."""
 
     def __init__(self, model: DeepOmniModel, max_rows: int = 32, max_len: int | None = None,
-                 prefix_entries: int = DEFAULT_PREFIX_ENTRIES, max_queued: int | None = None):
+                 prefix_entries: int = DEFAULT_PREFIX_ENTRIES, max_queued: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         if max_rows < 2:
             raise ValueError("max_rows must be at least 2 (one speech answer takes 2 rows)")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         if max_queued is not None and max_queued < 0:
             raise ValueError(f"max_queued must be >= 0 (or None: no limit), got {max_queued}")
         self.max_queued = max_queued
@@ -168,10 +183,12 @@ class BatchEngine:
         self._ids = itertools.count()
         self._queue: deque[_Session] = deque()
         self._live: list[_Session] = []  # in row order: each owns decoder.n_items consecutive rows
+        self._prefilling: list[_Session] = []  # admitted, prompt not done: their rows follow the live rows
         self._sessions: dict[int, _Session] = {}
         self.moe_layer_ids = sorted(moe_layers(model))  # model layer index of each row of the load tables
         self._load = ExpertCounter(model, LOAD_GROUPS)
         self._audio_id = model.layout.text(TextSpecial.AUDIO)
+        self._no_audio_ND = torch.zeros(0, model.cfg.hidden_size, dtype=model.embed.weight.dtype)
         self.prefixes = PrefixCache(prefix_entries)
 
     # ------------------------------------------------------------------------------------------- API
@@ -225,10 +242,11 @@ class BatchEngine:
 
     @property
     def idle(self) -> bool:
-        return not self._live and not self._queue
+        return not self._live and not self._queue and not self._prefilling
 
     def stats(self) -> dict[str, int]:
-        return {"active_sessions": len(self._live), "queued": len(self._queue), "rows": self.cache.n,
+        return {"active_sessions": len(self._live) + len(self._prefilling), "queued": len(self._queue),
+                "rows": self.cache.n,
                 "kept_contexts": len(self.prefixes), "prefix_hits": self.prefixes.hits,
                 "prefix_misses": self.prefixes.misses}
 
@@ -242,7 +260,9 @@ class BatchEngine:
         pairs in order; a session's ``"end"`` event is its last."""
         events: list[tuple[int, Event]] = []
         self._drop_cancelled()
-        self._admit(events)
+        self._admit()
+        if self._prefilling:
+            self._prefill(events)
         if self._live:
             self._decode(events)
         return events
@@ -251,29 +271,36 @@ class BatchEngine:
     def _drop_cancelled(self) -> None:
         if any(s.cancelled for s in self._queue):
             self._queue = deque(s for s in self._queue if not s.cancelled)
-        if any(s.cancelled for s in self._live):
-            self._compact(self._rows(), [s for s in self._live if not s.cancelled], dropped_text=set())
+        if any(s.cancelled for s in self._live + self._prefilling):
+            self._compact(self._rows(), [s for s in self._live if not s.cancelled], dropped_text=set(),
+                          prefilling=[s for s in self._prefilling if not s.cancelled])
         self._sessions = {k: s for k, s in self._sessions.items() if not s.cancelled}
 
-    def _rows(self) -> list[list[int]]:
-        """Each live session's rows, from the decoders' current ``n_items`` (sessions are consecutive)."""
-        rows, r = [], 0
-        for s in self._live:
-            rows.append(list(range(r, r + s.decoder.n_items)))
+    def _rows(self) -> dict[int, list[int]]:
+        """Each session's rows (live sessions first, then the ones prefilling; each holds consecutive rows)."""
+        rows, r = {}, 0
+        for s in self._live + self._prefilling:
+            rows[s.sid] = list(range(r, r + s.decoder.n_items))
             r += s.decoder.n_items
         return rows
 
-    def _compact(self, rows: list[list[int]], keep: list[_Session], dropped_text: set[int]) -> None:
-        """Keep the rows of ``keep`` (``rows``: every live session's rows before this step's changes),
-        without the text row of sessions in ``dropped_text``; they become rows ``0..n-1`` in order."""
-        old = {s.sid: r for s, r in zip(self._live, rows)}
+    def _compact(self, rows: dict[int, list[int]], keep: list[_Session], dropped_text: set[int],
+                 prefilling: list[_Session] | None = None) -> None:
+        """Keep the rows of ``keep`` (the live sessions, ``rows``: every session's rows before this step's
+        changes), without the text row of sessions in ``dropped_text``, then those of ``prefilling``; they
+        become rows ``0..n-1`` in that order."""
+        prefilling = self._prefilling if prefilling is None else prefilling
         kept: list[int] = []
         for s in keep:
-            kept.extend(old[s.sid][:1] if s.sid in dropped_text else old[s.sid])
+            kept.extend(rows[s.sid][:1] if s.sid in dropped_text else rows[s.sid])
+        for s in prefilling:
+            kept.extend(rows[s.sid])
         self.cache.keep(kept)
-        self._live = keep
+        self._live, self._prefilling = keep, prefilling
 
-    def _admit(self, events: list[tuple[int, Event]]) -> None:
+    def _admit(self) -> None:
+        """Queued sessions take rows while they fit, first come first served: a kept conversation prefix is
+        copied into them, the rest of the prompt is prefilled by :meth:`_prefill`."""
         while self._queue:
             sess = self._queue[0]
             dec = AnswerDecoder(self.model.layout, self._clamped(sess.request))
@@ -283,28 +310,65 @@ class BatchEngine:
             req = sess.request
             prefix = self.prefixes.lookup(req.prompt_LC, req.audio_ND)
             if prefix is None:
-                cache, start, audio_start = KVCache(len(self.model.layers)), 0, 0
+                self.cache.reserve(dec.n_items)
             else:
-                cache, start = prefix.cache.repeated(dec.n_items), prefix.tokens_LC.shape[0]
-                audio_start = 0 if prefix.audio_ND is None else prefix.audio_ND.shape[0]
-            tokens = dec.prompt_tokens(req.prompt_LC[start:].to(self.device))
-            audio = None
-            if req.audio_ND is not None and req.audio_ND.shape[0] > audio_start:
-                audio = [req.audio_ND[audio_start:].to(self.device)] * dec.n_items
-            with self._load.count((tokens[..., 0] == self._audio_id).long()):  # AUDIO positions: speech
-                logits = self.model(tokens, audio=audio, cache=cache).logits
-            events.append((sess.sid, Event("prefill", 0, prompt_tokens=req.prompt_LC.shape[0], cached_tokens=start)))
-            for ev in self._advance(sess, dec, logits, list(range(dec.n_items))):
-                events.append((sess.sid, ev))
-            if dec.finished:
-                if req.keep:  # the text item (the last) read the prompt only
-                    cache.select([dec.n_items - 1])
-                    self._keep(sess, cache)
-                self._sessions.pop(sess.sid, None)
-                continue
+                self.cache.append(prefix.cache.repeated(dec.n_items))
+                sess.prefilled = sess.cached = prefix.tokens_LC.shape[0]
+                sess.audio_used = 0 if prefix.audio_ND is None else prefix.audio_ND.shape[0]
             sess.decoder = dec
-            self.cache.append(cache, [0] if dec.dropped_text else None)
-            self._live.append(sess)
+            self._prefilling.append(sess)
+
+    def _prefill(self, events: list[tuple[int, Event]]) -> None:
+        """One forward over every prefilling session's next chunk (right-padded to the longest); sessions
+        whose prompt is done take their first tokens from its last position and go live."""
+        rows, lay = self._rows(), self.model.layout
+        chunks, audio, groups, lasts, new_lens = [], [], [], [], []
+        for s in self._prefilling:
+            req, dec = s.request, s.decoder
+            part_LC = req.prompt_LC[s.prefilled : s.prefilled + self.prefill_chunk]
+            n_audio = int((part_LC[:, 0] == self._audio_id).sum())
+            frames = None if req.audio_ND is None else req.audio_ND[s.audio_used : s.audio_used + n_audio]
+            chunks.append(dec.prompt_tokens(part_LC.to(self.device)))
+            audio += [frames if frames is not None else self._no_audio_ND] * dec.n_items
+            lasts += [part_LC.shape[0] - 1] * dec.n_items
+            new_lens += [s.prefilled + part_LC.shape[0]] * dec.n_items
+            s.prefilled, s.audio_used = s.prefilled + part_LC.shape[0], s.audio_used + n_audio
+        L = max(c.shape[1] for c in chunks)
+        pad_C = torch.tensor([lay.text(TextSpecial.PAD)] + [lay.codec(CodecSpecial.PAD)] * lay.num_codec_channels,
+                             device=self.device)
+        tokens = torch.cat([torch.cat([c, pad_C.expand(c.shape[0], L - c.shape[1], -1)], dim=1) for c in chunks])
+        last_B = torch.tensor(lasts)
+        group_BL = (tokens[..., 0] == self._audio_id).long()  # AUDIO positions: speech; the rest text
+        group_BL[torch.arange(L)[None, :] > last_B[:, None]] = -1  # padding: not counted
+        first = sum(s.decoder.n_items for s in self._live)  # the prefilling rows follow the live ones
+        has_audio = any(a.shape[0] for a in audio)
+        with self.cache.window(first, self.cache.n, ragged=True), self._load.count(group_BL):
+            logits = self.model(tokens, audio=[a.to(self.device) for a in audio] if has_audio else None,
+                                cache=self.cache, logits_at_B=last_B).logits
+        self.cache.set_lengths(list(range(first, self.cache.n)), new_lens)
+        done, still, dropped, b = [], [], set(), 0
+        for s in self._prefilling:
+            n = s.decoder.n_items
+            if s.prefilled < s.request.prompt_LC.shape[0]:
+                still.append(s)
+                b += n
+                continue
+            events.append((s.sid, Event("prefill", 0, prompt_tokens=s.request.prompt_LC.shape[0],
+                                        cached_tokens=s.cached)))
+            for ev in self._advance(s, s.decoder, logits, list(range(b, b + n))):
+                events.append((s.sid, ev))
+            b += n
+            dec = s.decoder
+            if dec.finished:
+                if s.request.keep:  # the text item (the last) read the prompt only
+                    self._keep(s, self.cache.row(rows[s.sid][-1]))
+                self._sessions.pop(s.sid, None)
+                continue
+            done.append(s)
+            if dec.dropped_text:
+                dropped.add(s.sid)
+        if done or len(still) != len(self._prefilling):
+            self._compact(rows, self._live + done, dropped, prefilling=still)
 
     def _clamped(self, req: Request) -> GenerationConfig:
         room = self.max_len - req.prompt_LC.shape[0]  # the answer stops where the row's cache ends
@@ -313,10 +377,11 @@ class BatchEngine:
     def _decode(self, events: list[tuple[int, Event]]) -> None:
         rows = self._rows()
         tokens = torch.cat([s.decoder.next_tokens_N1C for s in self._live]).to(self.device)
-        with self._load.count(self._decode_groups(rows)):
+        with self.cache.window(0, tokens.shape[0]), self._load.count(self._decode_groups(rows)):
             logits = self.model(tokens, cache=self.cache).logits
         keep, dropped = [], set()
-        for s, r in zip(self._live, rows):
+        for s in self._live:
+            r = rows[s.sid]
             had_text_row = not s.decoder.speech or len(r) == 2
             for ev in self._advance(s, s.decoder, logits, r):
                 events.append((s.sid, ev))
@@ -346,11 +411,12 @@ class BatchEngine:
         self.prefixes.put(tokens, req.audio_ND, cache)
 
     # ---------------------------------------------------------------------------------- expert load
-    def _decode_groups(self, rows: list[list[int]]) -> torch.Tensor:
+    def _decode_groups(self, rows: dict[int, list[int]]) -> torch.Tensor:
         """Load group of every decoding row: the speech item of a speech session is speech (1), the text
         item of any session text (0)."""
-        group_N = torch.zeros(sum(len(r) for r in rows), dtype=torch.long)
-        for s, r in zip(self._live, rows):
+        group_N = torch.zeros(sum(len(rows[s.sid]) for s in self._live), dtype=torch.long)
+        for s in self._live:
+            r = rows[s.sid]
             if s.decoder.speech:
                 group_N[r[0]] = LOAD_GROUPS.index(SPEECH)  # a text item (r[1]) stays text
         return group_N

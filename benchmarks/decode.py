@@ -1,0 +1,135 @@
+"""Decoding speed: our continuous-batching engine against transformers' ``generate`` on the same weights.
+
+    python benchmarks/decode.py                 # hidden 512, 6 layers, 16 experts top-4; batch 1 and 16
+    python benchmarks/decode.py --device cuda --dtype bfloat16 --batches 1 16 64
+
+Text-only greedy decoding of ``--new-tokens`` tokens after ``--prompt-len``-token prompts, batch 1 and 16:
+``transformers.DeepseekV2ForCausalLM.generate`` (greedy, no early stop) on our model exported with
+``deepomni.model.hf.export_hf``, against :class:`deepomni.serve.engine.BatchEngine` (sessions submitted
+together, stepped until idle; each step also computes the codec channels' logits, as it does serving) on the
+model itself. Both run in this process on the same weights, alternating ``--repeats`` times; the figures
+are medians. Also the engine's mean step time per batch size. Saves
+``benchmarks/results/decode[_<device>].json``; the last line is the speed ratio (ours / transformers) at
+each batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+from deepomni.config import load_preset  # noqa: E402
+from deepomni.model.generate import GenerationConfig  # noqa: E402
+from deepomni.model.model import DeepOmniModel  # noqa: E402
+from deepomni.model.prompt import user_turn  # noqa: E402
+from deepomni.serve.engine import BatchEngine, Request  # noqa: E402
+
+SIZES = dict(hidden_size=512, num_hidden_layers=6, n_routed_experts=16, num_experts_per_tok=4,
+             moe_intermediate_size=256, intermediate_size=1024, num_attention_heads=8, kv_lora_rank=128,
+             qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ours(model: DeepOmniModel, prompts: list[torch.Tensor], new_tokens: int, device: torch.device) -> dict:
+    engine = BatchEngine(model, max_rows=max(2, len(prompts)), max_len=prompts[0].shape[0] + new_tokens + 2)
+    gen = GenerationConfig(max_steps=new_tokens, speech=False)
+    for p in prompts:
+        engine.submit(Request(p, None, gen))
+    tokens, steps = 0, []
+    sync(device)
+    t0 = time.perf_counter()
+    while not engine.idle:
+        ts = time.perf_counter()
+        tokens += sum(ev.kind == "text" for _, ev in engine.step())
+        sync(device)
+        steps.append(time.perf_counter() - ts)
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "decode_step_ms": 1e3 * statistics.median(steps[1:] or steps)}
+
+
+def theirs(hf, prompts_BL: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
+    sync(device)
+    t0 = time.perf_counter()
+    out = hf.generate(prompts_BL, attention_mask=torch.ones_like(prompts_BL), max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=0)
+    sync(device)
+    wall = time.perf_counter() - t0
+    tokens = (out.shape[1] - prompts_BL.shape[1]) * out.shape[0]
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode[_<device>].json)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import DeepseekV2ForCausalLM
+
+    from deepomni.model.hf import export_hf
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    cfg = load_preset("tiny").replace(**SIZES, max_position_embeddings=args.prompt_len + args.new_tokens + 8)
+    model = DeepOmniModel(cfg, with_speech_input=False).init_weights(seed=0).to(device, dtype).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, tmp)
+        hf = DeepseekV2ForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    results = {}
+    for B in args.batches:
+        ids_BL = torch.randint(0, cfg.text_vocab_size, (B, args.prompt_len - 6), generator=g)
+        prompts = [user_turn(model.layout, row.tolist()) for row in ids_BL]
+        # the same prompt length; text ids only (the export's vocabulary has no turn markers)
+        hf_BL = torch.randint(0, cfg.text_vocab_size, (B, prompts[0].shape[0]), generator=g).to(device)
+        runs = {"ours": [], "transformers": []}
+        with torch.inference_mode():
+            ours(model, prompts, 4, device), theirs(hf, hf_BL, 4, device)  # warm-up
+            for _ in range(args.repeats):
+                runs["ours"].append(ours(model, prompts, args.new_tokens, device))
+                runs["transformers"].append(theirs(hf, hf_BL, args.new_tokens, device))
+        med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+        results[B] = {"tokens_per_s": med, "ratio": med["ours"] / med["transformers"],
+                      "ours_decode_step_ms": statistics.median(r["decode_step_ms"] for r in runs["ours"]),
+                      "runs": runs}
+        print(f"batch {B:>3}: ours {med['ours']:8.1f} tokens/s (step {results[B]['ours_decode_step_ms']:.1f} ms), "
+              f"transformers {med['transformers']:8.1f} tokens/s", flush=True)
+    import transformers
+
+    out = {"command": "python benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+           "threads": torch.get_num_threads(), "dtype": args.dtype, "sizes": SIZES,
+           "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "torch": torch.__version__,
+           "transformers": transformers.__version__, "batches": results}
+    path = Path(args.out) if args.out else RESULTS / f"decode{'' if device.type == 'cpu' else '_' + device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print("ratio ours/transformers: " + ", ".join(f"batch {B} {r['ratio']:.2f}x" for B, r in results.items()))
+    return out
+
+
+if __name__ == "__main__":
+    main()
