@@ -18,8 +18,8 @@ A session joins or leaves between two steps; leaving rows are compacted away. Th
 same object :func:`deepomni.model.generate.stream` uses, so a session decodes the same tokens whether it
 runs alone or in a batch (up to floating-point differences of batched matmuls).
 
-**Conversation memory** (:class:`PrefixCache`): a request with ``keep=True`` leaves, when its answer
-ends, the cache of its text item (the prompt plus the answer's text, exactly what
+**Conversation memory** (:class:`~deepomni.serve.prefix_cache.PrefixCache`): a request with ``keep=True``
+leaves, when its answer ends, the cache of its text item (the prompt plus the answer's text, exactly what
 :func:`deepomni.model.prompt.conversation` writes for an earlier answer) in an LRU store; a later prompt
 that starts with a stored prefix (same tokens, same speech frames) copies that cache and prefills only
 the rest. Every surface that holds a conversation sends its whole history as the prompt; the turns
@@ -48,10 +48,10 @@ from ..model.modality import moe_layers
 from ..model.model import DeepOmniModel
 from ..model.prompt import channel_tokens
 from ..model.routing_stats import ExpertCounter
+from .prefix_cache import DEFAULT_PREFIX_ENTRIES, PrefixCache
 
 
 DEFAULT_MAX_LEN = 4096  # positions per row: a spoken turn of ~60 s in + ~4 min of 12.5 Hz speech out
-DEFAULT_PREFIX_ENTRIES = 64  # conversations whose context is kept (LRU)
 # prompt positions a row prefills per step: longer prompts take several steps, so they do not stall the
 # decoding of the others (a step costs about the padded chunk times the rows being prefilled)
 DEFAULT_PREFILL_CHUNK = 256
@@ -86,73 +86,6 @@ class _Session:
     prefilled: int = 0  # prompt positions in the cache (while prefilling)
     audio_used: int = 0  # speech frames of those positions
     cached: int = 0  # of which copied from a kept conversation prefix (not run)
-
-
-@dataclass(eq=False)  # compared by identity (the store removes and moves entries)
-class _Prefix:
-    tokens_LC: torch.Tensor  # on the CPU
-    audio_ND: torch.Tensor | None  # the speech of its AUDIO positions (CPU), None if it has none
-    cache: KVCache  # one row, on the model's device
-
-
-class PrefixCache:
-    """Caches of conversation prefixes, least recently used dropped first (``max_entries``).
-
-    :meth:`lookup` finds the longest stored prefix of a prompt (tokens equal, and the speech frames of its
-    AUDIO positions equal), shorter than the prompt (the last position must run to give logits).
-    :meth:`put` drops stored prefixes the new one extends (a conversation keeps its newest state)."""
-
-    def __init__(self, max_entries: int = DEFAULT_PREFIX_ENTRIES):
-        self.max_entries = max_entries
-        self._entries: list[_Prefix] = []  # least recently used first
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @staticmethod
-    def _extends(tokens_LC: torch.Tensor, audio_ND: torch.Tensor | None, e: _Prefix, strict: bool) -> bool:
-        n = e.tokens_LC.shape[0]
-        if n > tokens_LC.shape[0] or (strict and n == tokens_LC.shape[0]):
-            return False
-        if not torch.equal(tokens_LC[:n], e.tokens_LC):
-            return False
-        if e.audio_ND is None:
-            return True
-        return audio_ND is not None and audio_ND.shape[0] >= e.audio_ND.shape[0] and torch.equal(
-            audio_ND[: e.audio_ND.shape[0]], e.audio_ND)
-
-    def lookup(self, prompt_LC: torch.Tensor, audio_ND: torch.Tensor | None) -> _Prefix | None:
-        prompt_LC = prompt_LC.cpu()
-        audio_ND = None if audio_ND is None else audio_ND.cpu()
-        best = None
-        for e in self._entries:
-            if (best is None or e.tokens_LC.shape[0] > best.tokens_LC.shape[0]) and self._extends(
-                    prompt_LC, audio_ND, e, strict=True):
-                best = e
-        if best is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.remove(best)
-        self._entries.append(best)
-        return best
-
-    def peek(self, prompt_LC: torch.Tensor, audio_ND: torch.Tensor | None) -> int:
-        """Length of the longest kept prefix of a prompt (0: none), changing nothing; safe to call from
-        another thread than the one stepping the engine (it reads a snapshot of the entries)."""
-        prompt_LC = prompt_LC.cpu()
-        audio_ND = None if audio_ND is None else audio_ND.cpu()
-        return max((e.tokens_LC.shape[0] for e in list(self._entries)
-                    if self._extends(prompt_LC, audio_ND, e, strict=True)), default=0)
-
-    def put(self, tokens_LC: torch.Tensor, audio_ND: torch.Tensor | None, cache: KVCache) -> None:
-        if self.max_entries <= 0:
-            return
-        new = _Prefix(tokens_LC.cpu(), None if audio_ND is None or not audio_ND.shape[0] else audio_ND.cpu(), cache)
-        self._entries = [e for e in self._entries if not self._extends(new.tokens_LC, new.audio_ND, e, strict=False)]
-        self._entries.append(new)
-        del self._entries[: max(0, len(self._entries) - self.max_entries)]
 
 
 class BatchEngine:
