@@ -1,7 +1,7 @@
 """Text tokenizers for the text channel.
 
 ``bytes`` (UTF-8 bytes, ids 0..255) is the embedded default: it needs no trained vocabulary and fits any
-text vocabulary of 256 or more (the tiny preset has 4096). With real weights, point ``hf:<dir>`` at the
+text vocabulary of 256 or more (the tiny preset has 256). With real weights, point ``hf:<dir>`` at the
 backbone's tokenizer directory (e.g. DeepSeek-V2-Lite's); it is read locally, never downloaded.
 """
 
