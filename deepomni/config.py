@@ -11,9 +11,9 @@ package, one folder per kind: ``deepomni/presets/{model,train,data,eval,serve}/<
 (one flag per field, its help taken from the field's comment) and read back by :func:`flag_values`.
 
 The model's own configs (:class:`ModelConfig`, :class:`SpeechEncoderConfig`) and :class:`DataConfig` live
-here; the others beside the code they configure (``deepomni.train.config.TrainConfig``,
-``deepomni.train.evaluate.EvalConfig``, ``deepomni.train.profile.ProfileConfig``,
-``deepomni.train.recipe.PipelineConfig``, ``deepomni.serve.config.AppConfig``).
+here; the others beside the code they configure (``deepomni.train.config``: TrainConfig, ProfileConfig,
+EvalConfig, EncoderPretrainConfig; ``deepomni.train.recipe.PipelineConfig``,
+``deepomni.serve.config.AppConfig``, ``deepomni.data.synth.SynthConfig``, ...; docs/config.md lists them).
 """
 
 from __future__ import annotations
@@ -121,10 +121,6 @@ def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | None = No
     d = read_config_source(source, getattr(cls, "preset_kind", None))
     d.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return parse_config(cls, d)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
 # ------------------------------------------------------------------------------------ command-line flags

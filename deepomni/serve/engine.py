@@ -255,7 +255,7 @@ class BatchEngine:
         """One forward over every prefilling session's next chunk (right-padded to the longest); sessions
         whose prompt is done take their first tokens from its last position and go live."""
         rows, lay = self._rows(), self.model.layout
-        chunks, audio, groups, lasts, new_lens = [], [], [], [], []
+        chunks, audio, lasts, new_lens = [], [], [], []
         for s in self._prefilling:
             req, dec = s.request, s.decoder
             part_LC = req.prompt_LC[s.prefilled : s.prefilled + self.prefill_chunk]
@@ -279,18 +279,16 @@ class BatchEngine:
             logits = self.model(tokens, audio=[a.to(self.device) for a in audio] if has_audio else None,
                                 cache=self.cache, logits_at_B=last_B).logits
         self.cache.set_lengths(list(range(first, self.cache.n)), new_lens)
-        done, still, dropped, b = [], [], set(), 0
+        done, still, dropped = [], [], set()
         for s in self._prefilling:
-            n = s.decoder.n_items
             if s.prefilled < s.request.prompt_LC.shape[0]:
                 still.append(s)
-                b += n
                 continue
             events.append((s.sid, Event("prefill", 0, prompt_tokens=s.request.prompt_LC.shape[0],
                                         cached_tokens=s.cached)))
-            for ev in self._advance(s, s.decoder, logits, list(range(b, b + n))):
+            logit_rows = [r - first for r in rows[s.sid]]  # this forward's batch holds the rows from `first` on
+            for ev in self._advance(s, s.decoder, logits, logit_rows):
                 events.append((s.sid, ev))
-            b += n
             dec = s.decoder
             if dec.finished:
                 if s.request.keep:  # the text item (the last) read the prompt only
@@ -300,7 +298,7 @@ class BatchEngine:
             done.append(s)
             if dec.dropped_text:
                 dropped.add(s.sid)
-        if done or len(still) != len(self._prefilling):
+        if len(still) != len(self._prefilling):  # a session went live or ended
             self._compact(rows, self._live + done, dropped, prefilling=still)
 
     def _clamped(self, req: Request) -> GenerationConfig:

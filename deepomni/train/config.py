@@ -13,6 +13,7 @@ explicit command-line overrides.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import field
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..data.schema import ASR, SPOKEN_QA, TEXT_QA, TTS, Task
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "train"
 FailMode = Literal["exception", "kill", "hold"]
-FAIL_MODES = ("exception", "kill", "hold")
+FAIL_MODES: tuple[str, ...] = typing.get_args(FailMode)
 
 
 @configclass("train")
