@@ -8,9 +8,16 @@ Text-only greedy decoding of ``--new-tokens`` tokens after ``--prompt-len``-toke
 ``deepomni.model.hf.export_hf``, against :class:`deepomni.serve.engine.BatchEngine` (sessions submitted
 together, stepped until idle; each step also computes the codec channels' logits, as it does serving) on the
 model itself. Both run in this process on the same weights, alternating ``--repeats`` times; the figures
-are medians. Also the engine's mean step time per batch size. Saves
-``benchmarks/results/decode[_<device>].json``; the last line is the speed ratio (ours / transformers) at
-each batch size.
+are medians. Also the engine's median step time per batch size, and, from one more run of each under
+``torch.profiler``, the time per generated token spent inside matmul kernels (``aten::mm``, ``bmm``,
+``_grouped_mm``, fused attention, ...). Both read the same weights, so ours can at best run at the speed of
+its matmuls alone. The profiler slows a run (its many small ops more than its matmuls), so the matmul time
+is taken as the profiled run's matmul *share* of its wall times the unprofiled time per token: a lower
+estimate of the matmul time, hence an upper one of ``ceiling_ratio`` = transformers' time per token / our
+matmul time per token, the most that removing all per-step overhead could reach with these kernels (at
+these sizes a step is bound by reading cold weights from memory, about 1 MB per matmul). Saves
+``benchmarks/results/decode[_<device>].json``; the last line is the speed ratio (ours / transformers) and
+its ceiling at each batch size.
 """
 
 from __future__ import annotations
@@ -75,6 +82,27 @@ def theirs(hf, prompts_BL: torch.Tensor, new_tokens: int, device: torch.device) 
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
+# the kernels that do the arithmetic; everything else in a step is overhead (dispatch, small ops, Python)
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::mv",
+              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_flash_attention_forward",
+              "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention")
+
+
+def matmul_ms_per_token(run, device: torch.device) -> dict:
+    """Run ``run()`` (returns a result with ``tokens``) under the profiler: the self time of the matmul
+    kernels per generated token (device time on CUDA, CPU time otherwise) and their share of the wall."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        res = run()
+        wall = time.perf_counter() - t0
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    us = sum(getattr(e, attr) for e in prof.key_averages() if e.key in MATMUL_OPS)
+    return {"matmul_ms_per_token": us / 1e3 / res["tokens"], "matmul_share_of_profiled_wall": us / 1e6 / wall}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -111,12 +139,20 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(args.repeats):
                 runs["ours"].append(ours(model, prompts, args.new_tokens, device))
                 runs["transformers"].append(theirs(hf, hf_BL, args.new_tokens, device))
+            mm = {"ours": matmul_ms_per_token(lambda: ours(model, prompts, args.new_tokens, device), device),
+                  "transformers": matmul_ms_per_token(lambda: theirs(hf, hf_BL, args.new_tokens, device), device)}
         med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+        for k in mm:  # the matmul share of the profiled run, applied to the unprofiled time per token
+            mm[k]["matmul_ms_per_token_unprofiled"] = mm[k]["matmul_share_of_profiled_wall"] * 1e3 / med[k]
+        ceiling = 1e3 / med["transformers"] / mm["ours"]["matmul_ms_per_token_unprofiled"]
         results[B] = {"tokens_per_s": med, "ratio": med["ours"] / med["transformers"],
                       "ours_decode_step_ms": statistics.median(r["decode_step_ms"] for r in runs["ours"]),
-                      "runs": runs}
+                      "matmul": mm, "ceiling_ratio": ceiling, "runs": runs}
         print(f"batch {B:>3}: ours {med['ours']:8.1f} tokens/s (step {results[B]['ours_decode_step_ms']:.1f} ms), "
-              f"transformers {med['transformers']:8.1f} tokens/s", flush=True)
+              f"transformers {med['transformers']:8.1f} tokens/s; per token in matmuls: ours "
+              f"{mm['ours']['matmul_ms_per_token_unprofiled']:.2f} ms, transformers "
+              f"{mm['transformers']['matmul_ms_per_token_unprofiled']:.2f} ms "
+              f"(ceiling ratio {ceiling:.2f}x)", flush=True)
     import transformers
 
     out = {"command": "python benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -127,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     path = Path(args.out) if args.out else RESULTS / f"decode{'' if device.type == 'cpu' else '_' + device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
-    print("ratio ours/transformers: " + ", ".join(f"batch {B} {r['ratio']:.2f}x" for B, r in results.items()))
+    print("ratio ours/transformers: " + ", ".join(f"batch {B} {r['ratio']:.2f}x (ceiling {r['ceiling_ratio']:.2f}x)"
+                                                   for B, r in results.items()))
     return out
 
 

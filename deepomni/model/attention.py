@@ -368,7 +368,9 @@ class MLAttention(nn.Module):
         B, H, L, _ = q_nope_BHLN.shape
         S, R = latent_BSR.shape[1], self.R
         W_HXR = self.kv_b_proj.weight.view(H, self.N + self.V, R)
-        q_BHLR = torch.matmul(q_nope_BHLN, W_HXR[:, : self.N])  # W_UK absorbed into the queries
+        # W_UK absorbed into the queries; einsum runs it as one bmm over heads with the batch folded into
+        # its rows (a broadcasting matmul would copy the weight once per batch row)
+        q_BHLR = torch.einsum("bhln,hnr->bhlr", q_nope_BHLN, W_HXR[:, : self.N])
         scores = torch.bmm(q_BHLR.reshape(B, H * L, R), latent_BSR.transpose(1, 2))
         scores = scores + torch.bmm(q_pe_BHLP.reshape(B, H * L, self.P), k_pe_BSP.transpose(1, 2))
         scores_BHLS = scores.view(B, H, L, S).float() * scale
@@ -376,4 +378,4 @@ class MLAttention(nn.Module):
             mask = torch.arange(S, device=scores.device)[None, :] <= torch.arange(S - L, S, device=scores.device)[:, None]
         p_BHLS = scores_BHLS.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(latent_BSR.dtype)
         o_BHLR = torch.bmm(p_BHLS.view(B, H * L, S), latent_BSR).view(B, H, L, R)
-        return torch.matmul(o_BHLR, W_HXR[:, self.N :].transpose(1, 2))  # W_UV absorbed into the output
+        return torch.einsum("bhlr,hvr->bhlv", o_BHLR, W_HXR[:, self.N :])  # W_UV absorbed into the output
