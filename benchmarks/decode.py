@@ -7,8 +7,9 @@ Text-only greedy decoding of ``--new-tokens`` tokens after ``--prompt-len``-toke
 ``transformers.DeepseekV2ForCausalLM.generate`` (greedy, no early stop) on our model exported with
 ``deepomni.model.hf.export_hf``, against :class:`deepomni.serve.engine.BatchEngine` (sessions submitted
 together, stepped until idle; each step also computes the codec channels' logits, as it does serving) on the
-model itself. Both run in this process on the same weights, alternating ``--repeats`` times; the figures
-are medians. Also the engine's median step time per batch size, and, from one more run of each under
+model itself, with its CPU weights prepacked (:mod:`deepomni.model.prepack`, as it serves) and, on a CPU,
+also without (``ours_unpacked``). All run in this process on the same weights, alternating ``--repeats``
+times; the figures are medians. Also the engine's median step time per batch size, and, from one more run of each under
 ``torch.profiler``, the time per generated token spent inside matmul kernels (``aten::mm``, ``bmm``,
 ``_grouped_mm``, fused attention, ...). Both read the same weights, so ours can at best run at the speed of
 its matmuls alone. The profiler slows a run (its many small ops more than its matmuls), so the matmul time
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from deepomni.config import load_preset  # noqa: E402
 from deepomni.model.generate import GenerationConfig  # noqa: E402
 from deepomni.model.model import DeepOmniModel  # noqa: E402
+from deepomni.model.prepack import Prepacked  # noqa: E402
 from deepomni.model.prompt import user_turn  # noqa: E402
 from deepomni.serve.engine import BatchEngine, Request  # noqa: E402
 
@@ -53,8 +55,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def ours(model: DeepOmniModel, prompts: list[torch.Tensor], new_tokens: int, device: torch.device) -> dict:
-    engine = BatchEngine(model, max_rows=max(2, len(prompts)), max_len=prompts[0].shape[0] + new_tokens + 2)
+PACKED = Prepacked()  # the engine's packed CPU weights, made once (a serving replica packs once as well)
+
+
+def ours(model: DeepOmniModel, prompts: list[torch.Tensor], new_tokens: int, device: torch.device,
+         prepack: bool = True) -> dict:
+    engine = BatchEngine(model, max_rows=max(2, len(prompts)), max_len=prompts[0].shape[0] + new_tokens + 2,
+                         prepack=PACKED if prepack and device.type == "cpu" else False)
     gen = GenerationConfig(max_steps=new_tokens, speech=False)
     for p in prompts:
         engine.submit(Request(p, None, gen))
@@ -84,7 +91,8 @@ def theirs(hf, prompts_BL: torch.Tensor, new_tokens: int, device: torch.device) 
 
 # the kernels that do the arithmetic; everything else in a step is overhead (dispatch, small ops, Python)
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::mv",
-              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_flash_attention_forward",
+              "mkldnn::_linear_pointwise", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_flash_attention_forward",
               "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention")
 
 
@@ -133,22 +141,27 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = [user_turn(model.layout, row.tolist()) for row in ids_BL]
         # the same prompt length; text ids only (the export's vocabulary has no turn markers)
         hf_BL = torch.randint(0, cfg.text_vocab_size, (B, prompts[0].shape[0]), generator=g).to(device)
-        runs = {"ours": [], "transformers": []}
+        runs = {"ours": [], "transformers": []} | ({"ours_unpacked": []} if device.type == "cpu" else {})
         with torch.inference_mode():
             ours(model, prompts, 4, device), theirs(hf, hf_BL, 4, device)  # warm-up
             for _ in range(args.repeats):
                 runs["ours"].append(ours(model, prompts, args.new_tokens, device))
                 runs["transformers"].append(theirs(hf, hf_BL, args.new_tokens, device))
+                if "ours_unpacked" in runs:  # the engine without prepacked weights (deepomni.model.prepack)
+                    runs["ours_unpacked"].append(ours(model, prompts, args.new_tokens, device, prepack=False))
             mm = {"ours": matmul_ms_per_token(lambda: ours(model, prompts, args.new_tokens, device), device),
                   "transformers": matmul_ms_per_token(lambda: theirs(hf, hf_BL, args.new_tokens, device), device)}
         med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
         for k in mm:  # the matmul share of the profiled run, applied to the unprofiled time per token
             mm[k]["matmul_ms_per_token_unprofiled"] = mm[k]["matmul_share_of_profiled_wall"] * 1e3 / med[k]
         ceiling = 1e3 / med["transformers"] / mm["ours"]["matmul_ms_per_token_unprofiled"]
+        step_ms = {k: statistics.median(r["decode_step_ms"] for r in runs[k]) for k in runs if k != "transformers"}
         results[B] = {"tokens_per_s": med, "ratio": med["ours"] / med["transformers"],
-                      "ours_decode_step_ms": statistics.median(r["decode_step_ms"] for r in runs["ours"]),
+                      "ours_decode_step_ms": step_ms["ours"], "decode_step_ms": step_ms,
                       "matmul": mm, "ceiling_ratio": ceiling, "runs": runs}
-        print(f"batch {B:>3}: ours {med['ours']:8.1f} tokens/s (step {results[B]['ours_decode_step_ms']:.1f} ms), "
+        unpacked = (f" [without prepacked weights {med['ours_unpacked']:.1f} tokens/s, step "
+                    f"{step_ms['ours_unpacked']:.1f} ms]" if "ours_unpacked" in med else "")
+        print(f"batch {B:>3}: ours {med['ours']:8.1f} tokens/s (step {step_ms['ours']:.1f} ms){unpacked}, "
               f"transformers {med['transformers']:8.1f} tokens/s; per token in matmuls: ours "
               f"{mm['ours']['matmul_ms_per_token_unprofiled']:.2f} ms, transformers "
               f"{mm['transformers']['matmul_ms_per_token_unprofiled']:.2f} ms "

@@ -110,7 +110,8 @@ class Backbone:
         self.cfg, self.vocoder = cfg, vocoder
         self.model = load_serving_model(cfg)
         self.tok = load_tokenizer(cfg.tokenizer, self.model.cfg.text_vocab_size)
-        self.engine = _make_engine(self.model, cfg.max_rows, cfg.kept_contexts, cfg.queue_limit(), cfg.prefill_chunk)
+        self.engine = _make_engine(self.model, cfg.max_rows, cfg.kept_contexts, cfg.queue_limit(), cfg.prefill_chunk,
+                                   cfg.prepack_weights)
         self._inbox: list[_Session] = []  # submitted by generate(), handed to the engine between steps
         self._to_cancel: list[_Session] = []
         self._sessions: dict[int, _Session] = {}  # admitted and not yet ended (decoding, or audio on the way)
@@ -470,9 +471,9 @@ class Backbone:
 
 
 def _make_engine(model, max_rows: int, kept_contexts: int, max_queued: int | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, prepack: bool = True):
     """The one place that knows the continuous-batching engine (``deepomni.serve.engine``)."""
     from deepomni.serve.engine import DEFAULT_PREFILL_CHUNK, BatchEngine
 
     return BatchEngine(model, max_rows=max_rows, prefix_entries=kept_contexts, max_queued=max_queued,
-                       prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK)
+                       prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, prepack=None if prepack else False)

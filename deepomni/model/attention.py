@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .prepack import Linear
 
 
 class RMSNorm(nn.Module):
@@ -312,15 +313,15 @@ class MLAttention(nn.Module):
         self.R = cfg.kv_lora_rank
         D, qk = cfg.hidden_size, cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, self.H * qk, bias=False)
+            self.q_proj = Linear(D, self.H * qk)
         else:
-            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.H * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, self.R + self.P, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.H * qk)
+        self.kv_a_proj_with_mqa = Linear(D, self.R + self.P)
         self.kv_a_layernorm = RMSNorm(self.R)  # eps 1e-6 as the reference
-        self.kv_b_proj = nn.Linear(self.R, self.H * (self.N + self.V), bias=False)
-        self.o_proj = nn.Linear(self.H * self.V, D, bias=False)
+        self.kv_b_proj = Linear(self.R, self.H * (self.N + self.V))
+        self.o_proj = Linear(self.H * self.V, D)
 
     def forward(
         self, x_BLD: torch.Tensor, rot: torch.Tensor, softmax_scale: float, cache: KVCache | SlotKVCache | None = None

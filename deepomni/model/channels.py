@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .prepack import linear
 
 IGNORE = -100  # label value skipped by the loss
 
@@ -154,7 +155,7 @@ class ChannelEmbedding(nn.Module):
         out = []
         for c in range(self.layout.num_channels) if channels is None else channels:
             start = self.layout.channel_offset(c)
-            out.append(F.linear(h_BLD, table[start : start + self.layout.channel_size(c)]))
+            out.append(linear(h_BLD, table[start : start + self.layout.channel_size(c)]))
         return out
 
 

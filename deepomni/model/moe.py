@@ -55,6 +55,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..config import ModelConfig
+from .prepack import Linear, linear, prepacking
 from .routing_stats import count_routed
 
 
@@ -63,9 +64,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size)
+        self.up_proj = Linear(hidden_size, intermediate_size)
+        self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -334,6 +335,24 @@ def _linear_ffn(
     return F.linear(swiglu(F.linear(x_MD, gate_up_12FD[0]), weights_M), down_1DF[0])
 
 
+def _packed_ffn(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    weights_N: torch.Tensor | None,
+) -> torch.Tensor:
+    """The experts that have rows, one after another, each through :func:`~deepomni.model.prepack.linear`
+    (no gradient is recorded here, so plain slices do; a decoding step touches only a few experts)."""
+    outs, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            w_M = None if weights_N is None else weights_N[start : start + n]
+            outs.append(linear(swiglu(linear(x_ND[start : start + n], gate_up_E2FD[e]), w_M), down_EDF[e]))
+            start += n
+    return torch.cat(outs) if outs else x_ND.new_zeros(0, down_EDF.shape[1])
+
+
 def _ffn_over_chunks(
     ffn: Callable[..., torch.Tensor],
     x_ND: torch.Tensor,
@@ -372,6 +391,8 @@ def expert_ffn(
     args = (x_ND, counts_E, gate_up_E2FD, down_EDF, weights_N)
     if impl == "auto":
         impl = "grouped_mm" if grouped_mm_supported(x_ND.device) else "loop"
+        if prepacking(x_ND, gate_up_E2FD):  # CPU inference: each expert's packed weights (deepomni.model.prepack)
+            return _packed_ffn(*args)
     if impl == "grouped_mm":
         if x_ND.device.type == "cpu":
             experts_C = _expert_chunks(counts_E.tolist(), CPU_CHUNK_ROWS)

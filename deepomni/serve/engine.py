@@ -46,6 +46,8 @@ from ..model.channels import CodecSpecial, TextSpecial
 from ..model.generate import AnswerDecoder, Event, GenerationConfig
 from ..model.modality import moe_layers
 from ..model.model import DeepOmniModel
+from ..model.prepack import Prepacked, prepacked
+from ..model.prepack import available as prepack_available
 from ..model.prompt import channel_tokens
 from ..model.routing_stats import ExpertCounter
 from .prefix_cache import DEFAULT_PREFIX_ENTRIES, PrefixCache
@@ -93,14 +95,17 @@ class BatchEngine:
 
     ``max_rows`` bounds the batch (a speech answer takes 2 rows while its text lives, then 1); ``max_len``
     bounds prompt + answer positions per row (default: ``DEFAULT_MAX_LEN``, at most the model's
-    ``max_position_embeddings``; the cache is preallocated, ``max_rows x max_len`` latents). Sessions
+    ``max_position_embeddings``; the cache is preallocated, ``max_rows x max_len`` latents). ``prepack``
+    (default: on a CPU) runs the model's float32 matmuls on weights reordered once for oneDNN
+    (:mod:`deepomni.model.prepack`: faster to read, as much memory again as the weights they mirror); a
+    :class:`~deepomni.model.prepack.Prepacked` given here is used as it is (engines of one model share it). Sessions
     beyond the free rows wait in a queue, first come first served; with ``max_queued`` set, a session that
     would wait while that many already do is refused (:class:`Overloaded`). Not thread-safe: call it from one
     thread (a Serve replica runs :meth:`step` in a worker thread and submits between steps)."""
 
     def __init__(self, model: DeepOmniModel, max_rows: int = 32, max_len: int | None = None,
                  prefix_entries: int = DEFAULT_PREFIX_ENTRIES, max_queued: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prepack: bool | Prepacked | None = None):
         if max_rows < 2:
             raise ValueError("max_rows must be at least 2 (one speech answer takes 2 rows)")
         if prefill_chunk < 1:
@@ -123,6 +128,9 @@ class BatchEngine:
         self._audio_id = model.layout.text(TextSpecial.AUDIO)
         self._no_audio_ND = torch.zeros(0, model.cfg.hidden_size, dtype=model.embed.weight.dtype)
         self.prefixes = PrefixCache(prefix_entries)
+        if prepack is None:  # default: on CPU, where decoding is bound by reading the weights
+            prepack = self.device.type == "cpu" and prepack_available()
+        self.prepacked = prepack if isinstance(prepack, Prepacked) else Prepacked() if prepack else None
 
     # ------------------------------------------------------------------------------------------- API
     def submit(self, request: Request) -> int:
@@ -194,10 +202,11 @@ class BatchEngine:
         events: list[tuple[int, Event]] = []
         self._drop_cancelled()
         self._admit()
-        if self._prefilling:
-            self._prefill(events)
-        if self._live:
-            self._decode(events)
+        with prepacked(self.prepacked):
+            if self._prefilling:
+                self._prefill(events)
+            if self._live:
+                self._decode(events)
         return events
 
     # ------------------------------------------------------------------------------------ internals
