@@ -12,8 +12,9 @@
 # workers, agents, metrics, Ray client server) to that address. HAProxy's stats and metrics listeners are put
 # on loopback by serve_apps/ray_mode.py. What Ray 2.60 binds to every interface regardless (each Serve
 # replica's inter-deployment gRPC server, once an app is deployed here) is guarded by Ray's token auth, which
-# stays on (RAY_AUTH_MODE=token, Ray's default; the token is ~/.ray/auth_token, made readable by this user only;
-# DEEPOMNI_RAY_AUTH_MODE=disabled turns it off). `env` exports what the Ray CLI needs to use it (docs/security.md).
+# stays on (RAY_AUTH_MODE=token, Ray's default; the token is ~/.ray/auth_token, made by `start` when missing,
+# readable by this user only; DEEPOMNI_RAY_AUTH_MODE=disabled turns it off). `env` exports what the Ray CLI
+# needs to use it (docs/security.md).
 # Jobs run with the interpreter found on the head's PATH, so the head is started with .venv/bin first on PATH
 # (else jobs would import the system Python's packages).
 #
@@ -42,11 +43,19 @@ case "${1:-}" in
   start)
     # Ray Serve's high-throughput mode (HAProxy in front when installed): serve_apps/ray_mode.py
     eval "$(cd "$here" && "$venv/bin/python" -m serve_apps.ray_mode)"
+    token="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+    if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -f "$token" ]; then
+      # a fresh machine: Ray 2.60's `ray start` refuses to start without a token and does not make one
+      if [ -n "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+        echo "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH does not exist: create it, or unset it to use ~/.ray/auth_token" >&2
+        exit 1
+      fi
+      (umask 077; ray get-auth-token --generate >/dev/null 2>&1)  # made readable by this user only
+    fi
     ray start --head --node-ip-address 127.0.0.1 --port "$gcs_port" --num-cpus "$num_cpus" \
       --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" \
       --dashboard-agent-listen-port "$agent_port" --ray-client-server-port "$client_port" \
       --metrics-export-port "$metrics_port" --disable-usage-stats
-    token="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"  # Ray generated it if there was none
     header=""
     if [ "$RAY_AUTH_MODE" = token ] && [ -f "$token" ]; then
       [ -O "$token" ] && chmod 600 "$token"
