@@ -36,7 +36,7 @@ clean-demo:
 	rm -rf runs/demo
 
 test: setup
-	$(PY) -m pytest
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest  # a crash (even at exit) prints every thread's stack
 
 bench: setup
 	$(PY) benchmarks/moe_layer.py

@@ -7,8 +7,8 @@ Text-only greedy decoding of ``--new-tokens`` tokens after ``--prompt-len``-toke
 ``transformers.DeepseekV2ForCausalLM.generate`` (greedy, no early stop) on our model exported with
 ``deepomni.model.hf.export_hf``, against :class:`deepomni.serve.engine.BatchEngine` (sessions submitted
 together, stepped until idle; each step also computes the codec channels' logits, as it does serving) on the
-model itself, with its CPU weights prepacked (:mod:`deepomni.model.prepack`, as it serves) and, on a CPU,
-also without (``ours_unpacked``). All run in this process on the same weights, alternating ``--repeats``
+model itself, as it serves by default and, on a CPU, also with its weights prepacked for oneDNN
+(``ours_prepacked``, :mod:`deepomni.model.prepack`). All run in this process on the same weights, alternating ``--repeats``
 times; the figures are medians. Also the engine's median step time per batch size, and, from one more run of each under
 ``torch.profiler``, the time per generated token spent inside matmul kernels (``aten::mm``, ``bmm``,
 ``_grouped_mm``, fused attention, ...). Both read the same weights, so ours can at best run at the speed of
@@ -55,11 +55,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-PACKED = Prepacked()  # the engine's packed CPU weights, made once (a serving replica packs once as well)
+PACKED = Prepacked()  # the packed CPU weights, made once for every run (a serving replica packs once too)
 
 
 def ours(model: DeepOmniModel, prompts: list[torch.Tensor], new_tokens: int, device: torch.device,
-         prepack: bool = True) -> dict:
+         prepack: bool = False) -> dict:
     engine = BatchEngine(model, max_rows=max(2, len(prompts)), max_len=prompts[0].shape[0] + new_tokens + 2,
                          prepack=PACKED if prepack and device.type == "cpu" else False)
     gen = GenerationConfig(max_steps=new_tokens, speech=False)
@@ -141,14 +141,14 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = [user_turn(model.layout, row.tolist()) for row in ids_BL]
         # the same prompt length; text ids only (the export's vocabulary has no turn markers)
         hf_BL = torch.randint(0, cfg.text_vocab_size, (B, prompts[0].shape[0]), generator=g).to(device)
-        runs = {"ours": [], "transformers": []} | ({"ours_unpacked": []} if device.type == "cpu" else {})
+        runs = {"ours": [], "transformers": []} | ({"ours_prepacked": []} if device.type == "cpu" else {})
         with torch.inference_mode():
             ours(model, prompts, 4, device), theirs(hf, hf_BL, 4, device)  # warm-up
             for _ in range(args.repeats):
                 runs["ours"].append(ours(model, prompts, args.new_tokens, device))
                 runs["transformers"].append(theirs(hf, hf_BL, args.new_tokens, device))
-                if "ours_unpacked" in runs:  # the engine without prepacked weights (deepomni.model.prepack)
-                    runs["ours_unpacked"].append(ours(model, prompts, args.new_tokens, device, prepack=False))
+                if "ours_prepacked" in runs:  # the engine on prepacked weights (deepomni.model.prepack)
+                    runs["ours_prepacked"].append(ours(model, prompts, args.new_tokens, device, prepack=True))
             mm = {"ours": matmul_ms_per_token(lambda: ours(model, prompts, args.new_tokens, device), device),
                   "transformers": matmul_ms_per_token(lambda: theirs(hf, hf_BL, args.new_tokens, device), device)}
         med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
@@ -159,9 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
         results[B] = {"tokens_per_s": med, "ratio": med["ours"] / med["transformers"],
                       "ours_decode_step_ms": step_ms["ours"], "decode_step_ms": step_ms,
                       "matmul": mm, "ceiling_ratio": ceiling, "runs": runs}
-        unpacked = (f" [without prepacked weights {med['ours_unpacked']:.1f} tokens/s, step "
-                    f"{step_ms['ours_unpacked']:.1f} ms]" if "ours_unpacked" in med else "")
-        print(f"batch {B:>3}: ours {med['ours']:8.1f} tokens/s (step {step_ms['ours']:.1f} ms){unpacked}, "
+        if "ours_prepacked" in med:
+            results[B]["ratio_prepacked"] = med["ours_prepacked"] / med["transformers"]
+        packed = (f" [prepacked weights {med['ours_prepacked']:.1f} tokens/s, step "
+                  f"{step_ms['ours_prepacked']:.1f} ms]" if "ours_prepacked" in med else "")
+        print(f"batch {B:>3}: ours {med['ours']:8.1f} tokens/s (step {step_ms['ours']:.1f} ms){packed}, "
               f"transformers {med['transformers']:8.1f} tokens/s; per token in matmuls: ours "
               f"{mm['ours']['matmul_ms_per_token_unprofiled']:.2f} ms, transformers "
               f"{mm['transformers']['matmul_ms_per_token_unprofiled']:.2f} ms "
@@ -176,8 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     path = Path(args.out) if args.out else RESULTS / f"decode{'' if device.type == 'cpu' else '_' + device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
-    print("ratio ours/transformers: " + ", ".join(f"batch {B} {r['ratio']:.2f}x (ceiling {r['ceiling_ratio']:.2f}x)"
-                                                   for B, r in results.items()))
+    print("ratio ours/transformers: " + ", ".join(
+        f"batch {B} {r['ratio']:.2f}x (ceiling {r['ceiling_ratio']:.2f}x"
+        + (f"; prepacked {r['ratio_prepacked']:.2f}x)" if "ratio_prepacked" in r else ")") for B, r in results.items()))
     return out
 
 

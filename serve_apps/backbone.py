@@ -471,9 +471,9 @@ class Backbone:
 
 
 def _make_engine(model, max_rows: int, kept_contexts: int, max_queued: int | None = None,
-                 prefill_chunk: int | None = None, prepack: bool = True):
+                 prefill_chunk: int | None = None, prepack: bool = False):
     """The one place that knows the continuous-batching engine (``deepomni.serve.engine``)."""
     from deepomni.serve.engine import DEFAULT_PREFILL_CHUNK, BatchEngine
 
     return BatchEngine(model, max_rows=max_rows, prefix_entries=kept_contexts, max_queued=max_queued,
-                       prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, prepack=None if prepack else False)
+                       prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, prepack=prepack)

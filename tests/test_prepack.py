@@ -58,3 +58,27 @@ def test_model_forward_prepacked_matches_plain():
     assert len(cache) > n_linear  # every projection, the experts that got rows, the head's channel slices
     for a, b in zip(plain, packed):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_with_prepacked_weights_decodes_as_without():
+    from deepomni.model.generate import GenerationConfig
+    from deepomni.model.prompt import user_turn
+    from deepomni.serve.engine import BatchEngine, Request
+
+    model = DeepOmniModel(load_preset("tiny"), with_speech_input=False).init_weights(seed=0).eval()
+    prompts = [user_turn(model.layout, list(range(10 + i, 30 + 3 * i))) for i in range(3)]
+
+    def decode(prepack):
+        engine = BatchEngine(model, max_rows=4, max_len=96, prepack=prepack)
+        sids = [engine.submit(Request(p, None, GenerationConfig(max_steps=12, speech=False))) for p in prompts]
+        text = {sid: [] for sid in sids}
+        while not engine.idle:
+            for sid, ev in engine.step():
+                if ev.kind == "text":
+                    text[sid].append(ev.text_id)
+        return [text[sid] for sid in sids], engine.prepacked
+
+    plain, none = decode(False)
+    packed, cache = decode(True)
+    assert none is None and len(cache) > 0  # the decoding steps ran on packed weights
+    assert packed == plain and all(plain)

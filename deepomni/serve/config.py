@@ -41,9 +41,10 @@ class AppConfig:
     # prompt positions a row prefills per engine step: new sessions are prefilled together in one forward,
     # a longer prompt over several steps between the others' decoding steps (deepomni.serve.engine)
     prefill_chunk: int = 256
-    # CPU replicas: run the backbone's matmuls on weights reordered once for oneDNN (deepomni.model.prepack:
-    # a decoding step 8-23% faster on 2 cores, as much memory again as the weights); ignored on a GPU
-    prepack_weights: bool = True
+    # CPU replicas: decode on weights reordered once for oneDNN (deepomni.model.prepack: a step 8-20% shorter
+    # in a process of its own, but slower beside other threads' torch work; as much memory again as the
+    # weights; docs/serving.md "Performance"); ignored on a GPU
+    prepack_weights: bool = False
     max_steps_limit: int = 1024  # the most a request may ask for
     max_body_bytes: int = 8 * 1024 * 1024  # request body / one WebSocket turn's audio
     # conversation memory: prompt positions a conversation may fill (the oldest turns go first beyond it;
