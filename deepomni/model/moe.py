@@ -331,8 +331,9 @@ def _linear_ffn(
     down_1DF: torch.Tensor,
     weights_M: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One expert (the stacked weights sliced to it) with plain matmuls."""
-    return F.linear(swiglu(F.linear(x_MD, gate_up_12FD[0]), weights_M), down_1DF[0])
+    """One expert (the stacked weights sliced to it) with plain matmuls (on packed weights where
+    :func:`~deepomni.model.prepack.prepacking` says so)."""
+    return linear(swiglu(linear(x_MD, gate_up_12FD[0]), weights_M), down_1DF[0])
 
 
 def _packed_ffn(
@@ -342,13 +343,14 @@ def _packed_ffn(
     down_EDF: torch.Tensor,
     weights_N: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The experts that have rows, one after another, each through :func:`~deepomni.model.prepack.linear`
-    (no gradient is recorded here, so plain slices do; a decoding step touches only a few experts)."""
+    """:func:`_linear_ffn` over the experts that have rows, one after another (no gradient is recorded
+    here, so plain slices do, not :func:`_ffn_over_chunks`' splits; a decoding step touches few experts)."""
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
-            w_M = None if weights_N is None else weights_N[start : start + n]
-            outs.append(linear(swiglu(linear(x_ND[start : start + n], gate_up_E2FD[e]), w_M), down_EDF[e]))
+            rows = slice(start, start + n)
+            w_M = None if weights_N is None else weights_N[rows]
+            outs.append(_linear_ffn(x_ND[rows], counts_E[e : e + 1], gate_up_E2FD[e : e + 1], down_EDF[e : e + 1], w_M))
             start += n
     return torch.cat(outs) if outs else x_ND.new_zeros(0, down_EDF.shape[1])
 

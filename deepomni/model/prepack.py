@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 PACK_FOR_ROWS = 16  # the row count oneDNN packs for; 1-64 rows all read the packed weight faster than MKL
-# products of more rows (a prefill) stay with MKL: they are not bound by reading the weight, and the
-# packed path made a batched prefill of 16 spoken prompts about 2x slower (benchmarks/serve_latency.py)
+# products of more rows (a prefill) stay with MKL: they are not bound by reading the weight, and packing
+# was measured for decoding steps only
 MAX_ROWS = 64
 _active = threading.local()
 

@@ -95,14 +95,14 @@ class BatchEngine:
 
     ``max_rows`` bounds the batch (a speech answer takes 2 rows while its text lives, then 1); ``max_len``
     bounds prompt + answer positions per row (default: ``DEFAULT_MAX_LEN``, at most the model's
-    ``max_position_embeddings``; the cache is preallocated, ``max_rows x max_len`` latents). ``prepack``
+    ``max_position_embeddings``; the cache is preallocated, ``max_rows x max_len`` latents). Sessions
+    beyond the free rows wait in a queue, first come first served; with ``max_queued`` set, a session that
+    would wait while that many already do is refused (:class:`Overloaded`). ``prepack`` (off by default)
     runs a CPU model's decoding matmuls on weights reordered once for oneDNN (:mod:`deepomni.model.prepack`:
     a step 8-20% shorter alone, but slower next to other threads' torch work; as much memory again as the
     weights); a :class:`~deepomni.model.prepack.Prepacked` given here is used as it is (engines of one
-    model share it). Off by default. Sessions
-    beyond the free rows wait in a queue, first come first served; with ``max_queued`` set, a session that
-    would wait while that many already do is refused (:class:`Overloaded`). Not thread-safe: call it from one
-    thread (a Serve replica runs :meth:`step` in a worker thread and submits between steps)."""
+    model share it). Not thread-safe: call it from one thread (a Serve replica runs :meth:`step` in a
+    worker thread and submits between steps)."""
 
     def __init__(self, model: DeepOmniModel, max_rows: int = 32, max_len: int | None = None,
                  prefix_entries: int = DEFAULT_PREFIX_ENTRIES, max_queued: int | None = None,
@@ -129,9 +129,10 @@ class BatchEngine:
         self._audio_id = model.layout.text(TextSpecial.AUDIO)
         self._no_audio_ND = torch.zeros(0, model.cfg.hidden_size, dtype=model.embed.weight.dtype)
         self.prefixes = PrefixCache(prefix_entries)
-        if prepack is True:  # only where it can work (CPU, oneDNN); a GPU ignores it
-            prepack = self.device.type == "cpu" and prepack_available()
-        self.prepacked = prepack if isinstance(prepack, Prepacked) else Prepacked() if prepack else None
+        if isinstance(prepack, Prepacked):
+            self.prepacked: Prepacked | None = prepack
+        else:  # only where it can work (CPU, oneDNN); a GPU ignores it
+            self.prepacked = Prepacked() if prepack and self.device.type == "cpu" and prepack_available() else None
 
     # ------------------------------------------------------------------------------------------- API
     def submit(self, request: Request) -> int:
