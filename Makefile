@@ -8,12 +8,15 @@ PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
 .PHONY: setup sysdeps demo clean-demo test bench info monitor clean
 
-# espeak-ng speaks the built-in corpus; installed from Debian when missing and we are root
+# espeak-ng speaks the built-in corpus; flite and festival (with two voices) add the other voices the speech
+# encoder's corpus holds (deepomni foundations build). Installed from Debian when missing and we are root
+SPEAKERS := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts
 sysdeps:
-	@command -v espeak-ng >/dev/null || { \
+	@command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v text2wave >/dev/null \
+	  && [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
-	  else echo "warning: espeak-ng is missing (apt-get install espeak-ng): built-in speech data is unavailable"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SPEAKERS) >/dev/null; \
+	  else echo "warning: missing speakers (apt-get install $(SPEAKERS)): built-in speech data is limited"; fi; }
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,12 +26,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 setup: sysdeps $(STAMP)
 
-# the main job: corpus -> prepare -> base -> profile -> staged recipe + baseline -> evaluation table
-# (steps already done under runs/demo are skipped; `make clean-demo` starts over)
+# the main job: shipped foundations (base LLM + speech encoder) -> corpus -> prepare -> S1 -> profile -> S2 -> S3
+# + baseline -> evaluation table (steps already done under runs/demo are skipped; `make clean-demo` starts over)
 # the 15-minute cut on 2 cores: one baseline, half of each stage's steps, 20 held-out items per task; the
-# whole recipe with every baseline at full steps is `make demo DEMO_ARGS=` (~35 min) and, over seeds,
+# whole recipe with every baseline at full steps is `make demo DEMO_ARGS=` and, over seeds,
 # benchmarks/recipe_table.py
-DEMO_ARGS ?= --baselines full_finetune --steps-scale 0.5 --encoder-steps 600 --eval-items 20
+DEMO_ARGS ?= --baselines full_finetune --steps-scale 0.5 --eval-items 20
 demo: setup
 	$(VENV)/bin/deepomni pipeline --out runs/demo $(DEMO_ARGS)
 

@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/recipe_table", help="working directory (one pipeline per seed)")
-    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--config", default="small", help="training preset or TrainConfig file")
+    ap.add_argument("--foundations", default="small", help="foundation set (name or directory) every seed starts "
+                                                           "from; none: each seed pretrains its own encoder and base")
     ap.add_argument("--train-items", type=int, default=1500)
     ap.add_argument("--eval-items", type=int, default=40)
     ap.add_argument("--steps-scale", type=float, default=1.0)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         ts = time.perf_counter()
         pipe = Pipeline(Path(args.out).resolve() / f"seed{seed}", config=args.config, seed=seed,
                         steps_scale=args.steps_scale, n_speech=args.n_speech, train_items=args.train_items,
-                        eval_items=args.eval_items)
+                        eval_items=args.eval_items, foundations=args.foundations)
         pipe.prepare_data()
         pipe.train_all(tuple(BASELINES))
         per_seed[seed] = pipe.evaluate_all(list(MODELS))

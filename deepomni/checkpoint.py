@@ -1,7 +1,9 @@
 """Model checkpoints: a directory any stage, evaluation or server can load.
 
     <dir>/config.json         ModelConfig (deepomni.config)
-    <dir>/model.safetensors   the model's state dict (the frozen speech encoder included)
+    <dir>/model.safetensors   the model's state dict (the frozen speech encoder included, unless config.json's
+                              speech_encoder.path names its directory, relative to <dir> or absolute: a
+                              foundation set's base/, deepomni/foundations/)
     <dir>/experts.json        the modality expert assignment, when one has been made (deepomni.model.modality)
 
 Optimizer state and training progress are the trainer's business and live beside it (``deepomni.train``).
@@ -21,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_directory
-from .config import ModelConfig
+from .config import ModelConfig, with_encoder_path_from
 from .model.modality import ExpertAssignment
 from .model.model import DeepOmniModel
 
@@ -48,7 +50,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     for name in (CONFIG, WEIGHTS):
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d} is not a DeepOmni checkpoint: {name} is missing")
-    cfg = ModelConfig.from_dict(json.loads((d / CONFIG).read_text()))
+    cfg = with_encoder_path_from(ModelConfig.from_dict(json.loads((d / CONFIG).read_text())), d)
     enc = cfg.speech_encoder
     if enc.path and not Path(enc.path).is_dir():
         # the frozen encoder's weights are in model.safetensors: build it from the recorded architecture
@@ -56,6 +58,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     model = DeepOmniModel(cfg)
     state = load_file(str(d / WEIGHTS), device=str(device))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if cfg.speech_encoder.path:  # the encoder was read from its directory; the file may leave it out
+        missing = [k for k in missing if not k.startswith("speech.encoder.")]
     if missing or unexpected:
         raise ValueError(f"{d}: checkpoint does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.embed.reset_buffers()

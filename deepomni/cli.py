@@ -3,6 +3,7 @@
     data (synth | import | prepare)   datasets                   deepomni/data/cli.py
     train | profile | evaluate        one step of the recipe     deepomni/train/cli.py
     pipeline                          the whole recipe (`make demo`)
+    foundations (build | verify)      the pretrained encoder and base LLM a run starts from
     export-hf                         a checkpoint as a transformers model directory
     serve                             the Ray Serve app
     info | smoke                      a preset's sizes; one spoken turn on random weights
@@ -18,6 +19,7 @@ import sys
 
 from .config import add_flags, flag_values, list_presets, load_preset
 from .data.cli import add_data_commands
+from .foundations.cli import add_foundations_command
 from .model.hf.cli import add_export_hf_command
 from .serve.config import AppConfig
 from .smoke import add_smoke_args, cmd_smoke
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     smoke.set_defaults(fn=cmd_smoke)
     add_data_commands(sub)
     add_train_commands(sub)
+    add_foundations_command(sub)
     add_export_hf_command(sub)
     srv = sub.add_parser("serve", help="run the Ray Serve app (docs/serving.md) on the embedded local Ray")
     srv.add_argument("--app-config", help="the app's settings: a serve preset "

@@ -247,6 +247,11 @@ class SpeechEncoderConfig:
     max_source_positions: int = 1500  # 30 s of 20 ms frames, as Whisper
     # projector: stack this many consecutive encoder frames before the MLP (1 keeps one position per 20 ms)
     downsample: int = 1
+    # what the frozen encoder reads: "full" pads every utterance to its window (max_source_positions), as
+    # Whisper was trained; "utterance" encodes each utterance's own frames only (an encoder pretrained on
+    # cut windows, like the shipped foundations': the same features for the valid frames, a fraction of the
+    # cost for short questions, and independent of what else is in the batch)
+    window: Literal["full", "utterance"] = "full"
 
 
 @configclass("model")
@@ -355,5 +360,17 @@ class DataConfig:
 
 
 def load_preset(name_or_path: str | Path) -> ModelConfig:
-    """A model preset by name (``tiny``, ``deepseek-v2-lite``) or a ModelConfig JSON file."""
-    return load_config(ModelConfig, name_or_path)
+    """A model preset by name (``tiny``, ``deepseek-v2-lite``) or a ModelConfig JSON file (a relative
+    ``speech_encoder.path`` in a file is relative to that file's directory)."""
+    cfg = load_config(ModelConfig, name_or_path)
+    path = Path(name_or_path)
+    return with_encoder_path_from(cfg, path.parent) if path.is_file() else cfg
+
+
+def with_encoder_path_from(cfg: ModelConfig, directory: str | Path) -> ModelConfig:
+    """``cfg`` with a relative ``speech_encoder.path`` resolved against ``directory`` (a config file's or
+    a checkpoint's: a foundation set's base/ names its encoder as ``../encoder``)."""
+    enc = cfg.speech_encoder
+    if not enc.path or Path(enc.path).is_absolute():
+        return cfg
+    return cfg.replace(speech_encoder=dataclasses.replace(enc, path=str((Path(directory) / enc.path).resolve())))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepomni.config import SpeechEncoderConfig
-from deepomni.model.speech import build_whisper_encoder, speech_encoder_config
+from deepomni.model.speech import build_whisper_encoder, encode_frames, speech_encoder_config
 from deepomni.train.encoder import (VOCAB, CTCEncoder, EncoderPretrainConfig, ctc_greedy_decode, encode_text,
                                     error_rates, evaluate, load_utterances, train_ctc)
 
@@ -77,7 +77,7 @@ def test_output_dir_is_a_loadable_whisper_encoder(corpus, run):
     with torch.no_grad():
         torch.testing.assert_close(enc(mel_BMT).last_hidden_state, model.encoder(mel_BMT).last_hidden_state)
         # the cut training window runs the same modules: on the full window it is the stock forward
-        torch.testing.assert_close(model._encode_window(mel_BMT), model.encoder(mel_BMT).last_hidden_state)
+        torch.testing.assert_close(encode_frames(model.encoder, mel_BMT), model.encoder(mel_BMT).last_hidden_state)
     assert json.loads((out / "ctc_vocab.json").read_text())["tokens"] == list(VOCAB)
     saved = json.loads((out / "pretrain.json").read_text())
     assert saved["eval"]["utterances"] > 0 and 0 <= saved["eval"]["cer"] and saved["eval"]["wer"] >= 0

@@ -1,7 +1,7 @@
-"""`python -m jobs.pipeline` end to end on a very small corpus (a few steps per stage): the speech encoder
-is pretrained and frozen into the base, every step of the recipe and its baselines writes its output in
-the recipe's order (profiling on the aligned model), the table compares every model, and a re-run skips
-what is done."""
+"""`python -m jobs.pipeline` end to end on a very small corpus (a few steps per stage): the recipe starts from
+the shipped foundations (base LLM and frozen speech encoder), every step of the recipe and its baselines
+writes its output in the recipe's order (profiling on the aligned model), the table compares every model,
+and a re-run skips what is done."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from deepomni.foundations import DEFAULT, base_dir, encoder_dir
 from deepomni.train.stages import MODELS, all_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +34,13 @@ def test_pipeline_end_to_end_and_rerun(tmp_path):
     out = tmp_path / "pipe"
     r = _pipeline(out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # the frozen encoder of every model is the pretrained one (a local Whisper directory)
-    assert (out / "encoder" / "pretrain.json").exists() and (out / "encoder" / "config.json").exists()
+    # the base is the shipped foundation base, reading speech with the shipped encoder (nothing pretrained here)
+    assert not (out / "encoder").exists() and "base: the pretrained base LLM of" in r.stdout
     base_cfg = json.loads((out / "runs" / "base" / "final" / "config.json").read_text())
-    assert base_cfg["speech_encoder"]["path"] == str(out / "encoder")
+    assert base_cfg["speech_encoder"]["path"] == str(encoder_dir(DEFAULT))
+    shipped = load_file(str(base_dir(DEFAULT) / "model.safetensors"))
+    installed = load_file(str(out / "runs" / "base" / "final" / "model.safetensors"))
+    assert all(torch.equal(installed[k], v.float()) for k, v in shipped.items())
     for s in all_steps():
         if s.is_profile:
             assert (out / "profile" / s.run / "experts.json").exists(), s.run
@@ -61,5 +67,5 @@ def test_pipeline_end_to_end_and_rerun(tmp_path):
 
     again = _pipeline(out)  # everything is done: every step is skipped, the same table is printed
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done before, skipped") >= 3 + len(all_steps()) + len(MODELS)
+    assert again.stdout.count("done before, skipped") >= 2 + len(all_steps()) + len(MODELS)
     assert [line for line in again.stdout.splitlines() if line.startswith("|")] == table

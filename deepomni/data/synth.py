@@ -48,6 +48,10 @@ class SynthConfig:
     """What to synthesize. Sizes are items per split; mixes are relative weights (normalised)."""
 
     seed: int = 0  # same seed -> byte-identical shards
+    # the world and the split pools (people, towns, templates, each fact's held-out phrasings); None: seed.
+    # A pretrained base knows one world (its foundation set's world_seed), so corpora of other seeds that
+    # test it keep that world and draw only their items anew
+    world_seed: int | None = None
     sizes: dict[str, int] = field(default_factory=lambda: {"train": 200, "validation": 50, "test": 50})
     task_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_MIX))
     family_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FAMILY_MIX))  # for spoken_qa, text_qa
@@ -125,7 +129,7 @@ class _FactCycle:
 
 
 def plan_item(cfg: SynthConfig, pools: content.SplitPools, task: str, index: int,
-              world: content.World, facts: _FactCycle) -> Job:
+              world: content.World, facts: _FactCycle, world_seed: int) -> Job:
     rng = random.Random(f"deepomni-synth/{cfg.seed}/{pools.split}/{index}")
     if task in (ASR, TTS):
         item = content.sentence(pools, rng)
@@ -133,7 +137,7 @@ def plan_item(cfg: SynthConfig, pools: content.SplitPools, task: str, index: int
     else:
         family = _weighted(rng, cfg.family_mix)
         if family in content.KNOWLEDGE_FAMILIES:
-            item = content.knowledge_item(world, family, facts.next(family), pools.split, rng, cfg.seed)
+            item = content.knowledge_item(world, family, facts.next(family), pools.split, rng, world_seed)
         else:
             item = content.skill_item(pools, family, rng)
         answer_text = item.answer_text
@@ -154,15 +158,16 @@ def plan_item(cfg: SynthConfig, pools: content.SplitPools, task: str, index: int
 
 
 def plan(cfg: SynthConfig) -> dict[str, list[Job]]:
-    pools = content.build_pools(cfg.seed)
-    world = content.build_world(pools["train"], cfg.world, cfg.seed)
+    world_seed = cfg.seed if cfg.world_seed is None else cfg.world_seed
+    pools = content.build_pools(world_seed)
+    world = content.build_world(pools["train"], cfg.world, world_seed)
     jobs = {}
     for split in SPLITS:
         n = cfg.sizes.get(split, 0)
         tasks = task_quotas(n, cfg.task_mix)
         random.Random(f"deepomni-synth/{cfg.seed}/{split}/tasks").shuffle(tasks)
         facts = _FactCycle(world, split, cfg.seed)
-        jobs[split] = [plan_item(cfg, pools[split], t, i, world, facts) for i, t in enumerate(tasks)]
+        jobs[split] = [plan_item(cfg, pools[split], t, i, world, facts, world_seed) for i, t in enumerate(tasks)]
     return jobs
 
 

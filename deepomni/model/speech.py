@@ -35,7 +35,19 @@ def whisper_config(cfg: SpeechEncoderConfig):
     )
 
 
-def speech_encoder_config(path: str, downsample: int = 1) -> SpeechEncoderConfig:
+def encode_frames(encoder: nn.Module, mel_BMT: torch.Tensor) -> torch.Tensor:
+    """transformers' ``WhisperEncoder.forward`` without its fixed-length check: the same modules on any
+    even number of mel frames up to the window -> ``[B, frames / 2, d_model]``."""
+    T = math.ceil(mel_BMT.shape[-1] / MEL_FRAMES_PER_ENCODER_FRAME)
+    x_BET = F.gelu(encoder.conv2(F.gelu(encoder.conv1(mel_BMT))))
+    h_BTE = x_BET.transpose(1, 2) + encoder.embed_positions.weight[:T]
+    h_BTE = F.dropout(h_BTE, p=encoder.dropout, training=encoder.training)
+    for layer in encoder.layers:
+        h_BTE = layer(h_BTE, None)
+    return encoder.layer_norm(h_BTE)
+
+
+def speech_encoder_config(path: str, downsample: int = 1, window: str = "full") -> SpeechEncoderConfig:
     """A local Whisper directory's encoder architecture as our config (``path`` set), so a model config
     carries the shape of the encoder it loads (``d_model`` sizes the projector, the window sizes LogMel)."""
     from pathlib import Path
@@ -47,7 +59,7 @@ def speech_encoder_config(path: str, downsample: int = 1) -> SpeechEncoderConfig
                                encoder_layers=hf.encoder_layers,
                                encoder_attention_heads=hf.encoder_attention_heads,
                                encoder_ffn_dim=hf.encoder_ffn_dim,
-                               max_source_positions=hf.max_source_positions, downsample=downsample)
+                               max_source_positions=hf.max_source_positions, downsample=downsample, window=window)
 
 
 def build_whisper_encoder(cfg: SpeechEncoderConfig) -> nn.Module:
@@ -122,17 +134,24 @@ class SpeechInput(nn.Module):
         return self.encoder.config.max_source_positions * MEL_FRAMES_PER_ENCODER_FRAME
 
     def forward(self, mel_BMT: torch.Tensor, num_mel_frames_B: list[int]) -> list[torch.Tensor]:
-        """Projected speech, one ``[positions_i, D]`` tensor per utterance."""
-        if mel_BMT.shape[-1] < self.input_frames:
-            mel_BMT = F.pad(mel_BMT, (0, self.input_frames - mel_BMT.shape[-1]))
+        """Projected speech, one ``[positions_i, D]`` tensor per utterance (the encoder reads the full
+        window or each utterance's own frames: ``SpeechEncoderConfig.window``)."""
+        mel_BMT = mel_BMT.to(self.projector.linear1.weight.dtype)
+        frames_B = [math.ceil(n / MEL_FRAMES_PER_ENCODER_FRAME) for n in num_mel_frames_B]
         with torch.no_grad():
             self.encoder.eval()
-            enc_BSE = self.encoder(mel_BMT.to(self.projector.linear1.weight.dtype)).last_hidden_state
-        out = []
-        for b, n in enumerate(num_mel_frames_B):
-            frames = math.ceil(n / MEL_FRAMES_PER_ENCODER_FRAME)
-            out.append(self.projector(enc_BSE[b, :frames]))
-        return out
+            if self.cfg.window == "utterance":
+                enc = []
+                for b, frames in enumerate(frames_B):
+                    mel_1MT = mel_BMT[b : b + 1, :, : frames * MEL_FRAMES_PER_ENCODER_FRAME]
+                    mel_1MT = F.pad(mel_1MT, (0, frames * MEL_FRAMES_PER_ENCODER_FRAME - mel_1MT.shape[-1]))
+                    enc.append(encode_frames(self.encoder, mel_1MT)[0])
+            else:
+                if mel_BMT.shape[-1] < self.input_frames:
+                    mel_BMT = F.pad(mel_BMT, (0, self.input_frames - mel_BMT.shape[-1]))
+                enc_BSE = self.encoder(mel_BMT).last_hidden_state
+                enc = [enc_BSE[b, :frames] for b, frames in enumerate(frames_B)]
+        return [self.projector(e) for e in enc]
 
 
 def audio_scatter(

@@ -138,7 +138,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 COMMANDS = {
     "train": (add_train_args, cmd_train, "run one training stage on Ray Train (docs/train.md)"),
     "train-encoder": (add_encoder_args, cmd_train_encoder, "CTC-pretrain a small Whisper encoder on a corpus "
-                                                           "(the tiny preset's; a real model uses Whisper's)"),
+                                                           "(foundations build does this at scale; a real model uses Whisper's)"),
     "profile": (add_profile_args, cmd_profile, "measure modality load and choose the speech experts"),
     "evaluate": (add_evaluate_args, cmd_evaluate, "evaluate a checkpoint on a held-out split"),
     "pipeline": (add_pipeline_args, cmd_pipeline, "the whole recipe and its baselines, ending with the "

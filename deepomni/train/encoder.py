@@ -34,7 +34,7 @@ from torch import nn
 
 from ..audio import WHISPER_SAMPLE_RATE, LogMel, load_audio
 from ..data.content import transcript
-from ..model.speech import MEL_FRAMES_PER_ENCODER_FRAME, whisper_config
+from ..model.speech import MEL_FRAMES_PER_ENCODER_FRAME, encode_frames, whisper_config
 from .config import EncoderPretrainConfig
 
 # CTC output alphabet: index 0 is the blank; then exactly the characters ``content.transcript`` keeps
@@ -89,14 +89,22 @@ class Utterances:
     targets: list[list[int]]  # character ids
     texts: list[str]  # normalised transcripts
     seconds: float  # audio in total
+    # each utterance's voice group: its held-out group (the speech corpus of deepomni.foundations) or its
+    # voice (``engine/name``); evaluation reports CER/WER per group
+    groups: list[str] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.targets)
 
 
+def _voice_group(meta: dict) -> str:
+    voice = meta.get("question_voice") or {}
+    return meta.get("held_out_group") or f"{voice.get('engine', 'espeak-ng')}/{voice.get('name', '?')}"
+
+
 def _pairs(data_dir: str | Path, split: str, cfg: EncoderPretrainConfig, train: bool,
-           max_items: int | None) -> list[tuple[bytes, str]]:
-    """(encoded audio, text) pairs of one split's rows."""
+           max_items: int | None) -> list[tuple[bytes, str, str]]:
+    """(encoded audio, text, voice group) triples of one split's rows."""
     from ..data.schema import read_raw
 
     table = read_raw(Path(data_dir) / "raw" / split)
@@ -105,15 +113,17 @@ def _pairs(data_dir: str | Path, split: str, cfg: EncoderPretrainConfig, train: 
     cols = ["task", "question_text", "question_audio", "answer_text", "answer_audio", "meta"]
     pairs = []
     for r in table.select(cols).to_pylist():
+        meta = json.loads(r["meta"])
         if not train:
             if r["task"] in cfg.eval_tasks and r["question_audio"] is not None:
-                pairs.append((r["question_audio"], r["question_text"]))
+                pairs.append((r["question_audio"], r["question_text"], _voice_group(meta)))
             continue
         if cfg.use_question_audio and r["question_audio"] is not None:
-            pairs.append((r["question_audio"], r["question_text"]))
+            pairs.append((r["question_audio"], r["question_text"], _voice_group(meta)))
         if (cfg.use_answer_audio and r["answer_audio"] is not None
-                and json.loads(r["meta"]).get("family") not in _SKIP_ANSWER_FAMILIES):
-            pairs.append((r["answer_audio"], r["answer_text"]))
+                and meta.get("family") not in _SKIP_ANSWER_FAMILIES):
+            voice = meta.get("answer_voice") or {}
+            pairs.append((r["answer_audio"], r["answer_text"], f"{voice.get('engine', 'espeak-ng')}/{voice.get('name', '?')}"))
     return pairs
 
 
@@ -122,8 +132,8 @@ def load_utterances(data_dir: str | Path, split: str, cfg: EncoderPretrainConfig
     """Decode and featurise a split's pairs with the project's :class:`LogMel` -> (utterances, number
     skipped because they are longer than the encoder window or have an empty transcript)."""
     logmel = LogMel(cfg.num_mel_bins, cfg.max_source_positions)
-    wavs, texts, skipped = [], [], 0
-    for audio, text in _pairs(data_dir, split, cfg, train, max_items):
+    wavs, texts, groups, skipped = [], [], [], 0
+    for audio, text, group in _pairs(data_dir, split, cfg, train, max_items):
         wav = load_audio(audio, WHISPER_SAMPLE_RATE)
         norm = transcript(text)
         if len(wav) > logmel.max_samples or not norm:
@@ -131,6 +141,7 @@ def load_utterances(data_dir: str | Path, split: str, cfg: EncoderPretrainConfig
             continue
         wavs.append(wav)
         texts.append(norm)
+        groups.append(group)
     if not wavs:
         raise ValueError(f"no usable (audio, text) pairs in {data_dir}/raw/{split}")
     mels, frames = [], []
@@ -139,7 +150,7 @@ def load_utterances(data_dir: str | Path, split: str, cfg: EncoderPretrainConfig
         mels.append(mel_BMT)
         frames += n
     utts = Utterances(torch.cat(mels), frames, [encode_text(t) for t in texts], texts,
-                      sum(len(w) for w in wavs) / WHISPER_SAMPLE_RATE)
+                      sum(len(w) for w in wavs) / WHISPER_SAMPLE_RATE, groups)
     return utts, skipped
 
 
@@ -185,18 +196,7 @@ class CTCEncoder(nn.Module):
         shorter even number of frames (training on cut windows) -> ``logits_BTV`` at 50 Hz."""
         if mel_BMT.shape[-1] == self.encoder.config.max_source_positions * MEL_FRAMES_PER_ENCODER_FRAME:
             return self.head(self.encoder(mel_BMT).last_hidden_state)
-        return self.head(self._encode_window(mel_BMT))
-
-    def _encode_window(self, mel_BMT: torch.Tensor) -> torch.Tensor:
-        """WhisperEncoder.forward without its fixed-length check: the same modules on a shorter window."""
-        enc = self.encoder
-        T = math.ceil(mel_BMT.shape[-1] / MEL_FRAMES_PER_ENCODER_FRAME)
-        x_BET = F.gelu(enc.conv2(F.gelu(enc.conv1(mel_BMT))))
-        h_BTE = x_BET.transpose(1, 2) + enc.embed_positions.weight[:T]
-        h_BTE = F.dropout(h_BTE, p=enc.dropout, training=self.training)
-        for layer in enc.layers:
-            h_BTE = layer(h_BTE, None)
-        return enc.layer_norm(h_BTE)
+        return self.head(encode_frames(self.encoder, mel_BMT))
 
 
 def encoder_frames(mel_frames: int) -> int:
@@ -224,7 +224,12 @@ def evaluate(model: CTCEncoder, utts: Utterances, batch_size: int = 32) -> dict[
         losses.append(float(ctc_loss(logits_BTV, frames, utts.targets[sl])) * len(frames))
         hyps += ctc_greedy_decode(logits_BTV, [encoder_frames(n) for n in frames])
     model.train(was_training)
+    by_group: dict[str, dict[str, Any]] = {}
+    for g in sorted(set(utts.groups)):
+        idx = [i for i, gi in enumerate(utts.groups) if gi == g]
+        by_group[g] = {**error_rates([utts.texts[i] for i in idx], [hyps[i] for i in idx]), "utterances": len(idx)}
     return {**error_rates(utts.texts, hyps), "loss": sum(losses) / len(utts), "utterances": len(utts),
+            "by_group": by_group if len(by_group) > 1 else {},
             "examples": [{"ref": r, "hyp": h} for r, h in list(zip(utts.texts, hyps))[:5]]}
 
 
@@ -303,6 +308,35 @@ def save_encoder_dir(model: CTCEncoder, out_dir: str | Path) -> None:
     head = {k: v.detach().contiguous() for k, v in model.head.state_dict().items()}
     save_file(head, str(out / "ctc_head.safetensors"), metadata={"format": "pt"})
     (out / "ctc_vocab.json").write_text(json.dumps({"blank": 0, "tokens": list(VOCAB)}, indent=1) + "\n")
+
+
+def load_ctc_encoder(directory: str | Path) -> CTCEncoder:
+    """A directory :func:`save_encoder_dir` wrote (encoder + CTC head; bf16 files are read into float32),
+    in eval mode: transcribes with :func:`transcribe`."""
+    from safetensors.torch import load_file
+    from transformers import WhisperConfig
+
+    d = Path(directory)
+    hf = WhisperConfig.from_pretrained(d)
+    cfg = EncoderPretrainConfig(num_mel_bins=hf.num_mel_bins, d_model=hf.d_model, encoder_layers=hf.encoder_layers,
+                                encoder_attention_heads=hf.encoder_attention_heads, encoder_ffn_dim=hf.encoder_ffn_dim,
+                                max_source_positions=hf.max_source_positions)
+    vocab = json.loads((d / "ctc_vocab.json").read_text())["tokens"]
+    if tuple(vocab) != VOCAB:
+        raise ValueError(f"{d}: CTC vocabulary {vocab[:5]}... is not this version's {VOCAB[:5]}...")
+    model = CTCEncoder(cfg)
+    enc = {k.removeprefix("encoder."): v.float() for k, v in load_file(str(d / "model.safetensors")).items()}
+    model.encoder.load_state_dict(enc, strict=True)
+    model.head.load_state_dict({k: v.float() for k, v in load_file(str(d / "ctc_head.safetensors")).items()})
+    return model.eval()
+
+
+@torch.no_grad()
+def transcribe(model: CTCEncoder, wavs: list[np.ndarray]) -> list[str]:
+    """Greedy CTC transcripts of 16 kHz waveforms (each at most the encoder window)."""
+    cfg = model.encoder.config
+    mel_BMT, frames = LogMel(cfg.num_mel_bins, cfg.max_source_positions)(wavs)
+    return ctc_greedy_decode(model(mel_BMT), [encoder_frames(n) for n in frames])
 
 
 def _curve(losses: list[float], points: int = 20) -> list[dict[str, float]]:

@@ -200,8 +200,8 @@ def build_model(cfg: TrainConfig, stage: Stage, resume_dir: Path | None) -> tupl
             from ..model.speech import speech_encoder_config
 
             # the architecture from the directory; the weights travel in this run's checkpoints from now on
-            model_cfg = model_cfg.replace(speech_encoder=speech_encoder_config(cfg.speech_encoder,
-                                                                              model_cfg.speech_encoder.downsample))
+            model_cfg = model_cfg.replace(speech_encoder=speech_encoder_config(
+                cfg.speech_encoder, model_cfg.speech_encoder.downsample, model_cfg.speech_encoder.window))
         model, assignment = DeepOmniModel(model_cfg).init_weights(seed=cfg.seed), None
     if cfg.assignment:
         assignment = ExpertAssignment.load(cfg.assignment)

@@ -2,12 +2,19 @@
 side of ``deepomni pipeline`` (``jobs.pipeline``) and ``benchmarks/recipe_table.py``.
 
     <out>/data/            the corpus (raw/), its tokenized shards and the built-in codec (codec/)
-    <out>/encoder/         the speech encoder pretrained with CTC (a local Whisper directory), when the
-                           preset has no Whisper directory of its own
+    <out>/encoder/         without foundations only: the speech encoder pretrained with CTC here (a local
+                           Whisper directory), when the preset has no Whisper directory of its own
     <out>/runs/<run>/final every training step's model;  <out>/profile/<run>/ every profiling step's output
     <out>/eval/<model>/    every evaluated model's eval.json / eval.md / items.jsonl
 
 Each step is skipped when its output exists, so a re-run continues where the last one stopped.
+
+**Foundations** (the default, ``--foundations small``): the recipe starts, as a real run does, from a
+pretrained base LLM and a pretrained speech encoder, the set shipped under ``deepomni/foundations/``
+(:mod:`deepomni.foundations`): the ``base`` step copies that base (encoder included) to ``runs/base/final``,
+the corpus is drawn in the set's world (``SynthConfig.world_seed``), and prepared for its model. With
+``--foundations none`` the pipeline builds both from the corpus first, in minutes (the old embedded default:
+an encoder that hears little and a base that cannot read, docs/train.md).
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ class PipelineConfig:
     """``deepomni pipeline``: the whole recipe and its baselines in one working directory."""
 
     out: str = "runs/pipeline"  # working directory: data/, encoder/, runs/, profile/, eval/, summary.md
-    config: str = "tiny"  # training preset or TrainConfig file, for every stage
+    config: str = "small"  # training preset or TrainConfig file, for every stage
+    # the pretrained base LLM and speech encoder to start from: a shipped set's name or a set's directory
+    # (deepomni/foundations/); "none": pretrain both here on the corpus first (minutes, and much weaker)
+    foundations: str = "small"
     train_items: int = 1500  # items in the train split of the built-in corpus
     eval_items: int = 40  # held-out items per task
     steps_scale: float = 1.0  # multiply every stage's steps
@@ -42,6 +52,10 @@ class PipelineConfig:
     seed: int = 0  # seeds the corpus, the models and the random assignment
 
     def __post_init__(self) -> None:
+        if self.foundations.lower() != "none":
+            from ..foundations import locate
+
+            locate(self.foundations)  # a wrong name fails now, naming the shipped sets
         self.baselines = tuple(b.strip() for item in self.baselines for b in item.split(",") if b.strip())
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
@@ -49,10 +63,13 @@ class PipelineConfig:
 
 
 class Pipeline:
-    def __init__(self, out: Path, config: str = "tiny", seed: int = 0, steps_scale: float = 1.0,
+    def __init__(self, out: Path, config: str = "small", seed: int = 0, steps_scale: float = 1.0,
                  n_speech: str = "25%", train_items: int = 1500, eval_items: int = 40,
-                 encoder_steps: int | None = None, progress: bool = True):
+                 encoder_steps: int | None = None, progress: bool = True, foundations: str | None = "small"):
+        from ..foundations import locate
+
         self.out, self.config, self.seed, self.steps_scale = Path(out), config, seed, steps_scale
+        self.foundations = None if foundations in (None, "none") else locate(foundations)
         self.n_speech, self.train_items, self.eval_items = n_speech, train_items, eval_items
         self.encoder_steps, self.progress = encoder_steps, progress
         self.data, self.encoder = self.out / "data", self.out / "encoder"
@@ -87,12 +104,25 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------------------- data
     def own_encoder_arch(self):
-        """The preset's speech-encoder config when it names no Whisper directory (the embedded default: we
-        pretrain an encoder of that architecture), else None (the preset's Whisper is used as it is)."""
+        """The preset's speech-encoder config when we pretrain the encoder here (no foundations, and the
+        preset names no Whisper directory), else None."""
         from ..config import load_preset
 
+        if self.foundations is not None:
+            return None
         arch = load_preset(self.train_config("text_pretrain").preset).speech_encoder
         return arch if arch.path is None else None
+
+    def model_preset(self) -> str:
+        """The model config the data is prepared for: the foundation base's, else the training preset's."""
+        if self.foundations is not None:
+            return str(self.foundations / "base" / "config.json")
+        return self.train_config("text_pretrain").preset
+
+    def world_seed(self) -> int:
+        if self.foundations is not None:
+            return int(json.loads((self.foundations / "manifest.json").read_text())["world_seed"])
+        return self.seed
 
     def prepare_data(self) -> None:
         from ..config import DataConfig
@@ -102,9 +132,11 @@ class Pipeline:
         # the test split holds ~eval_items items of each of asr / text_qa / spoken_qa (tts is 1/10 of items)
         sizes = {"train": self.train_items, "validation": self.eval_items // 2, "test": self.eval_items * 10 // 3}
         self.step("synth", (self.data / "summary.json").exists(),
-                  lambda: synthesize(SynthConfig(seed=self.seed, sizes=sizes), self.data, progress=False))
+                  lambda: synthesize(SynthConfig(seed=self.seed, world_seed=self.world_seed(), sizes=sizes), self.data,
+                                     progress=False))
         self.step("prepare", (self.data / "prepare_summary.json").exists(),
-                  lambda: prepare(self.data / "raw", self.data, DataConfig(seed=self.seed, codec_fit_items=100)))
+                  lambda: prepare(self.data / "raw", self.data,
+                                  DataConfig(preset=self.model_preset(), seed=self.seed, codec_fit_items=100)))
         arch = self.own_encoder_arch()
         if arch is not None:
             from .encoder import ARCH_FIELDS, EncoderPretrainConfig, pretrain_encoder
@@ -116,9 +148,21 @@ class Pipeline:
                       lambda: pretrain_encoder(cfg, self.data, self.encoder, progress=self.progress))
 
     # ------------------------------------------------------------------------------------- training
+    def install_base(self) -> None:
+        """The foundation base (its encoder read in) as this run's ``base`` checkpoint."""
+        from ..checkpoint import load_model, save_model
+
+        model, _ = load_model(self.foundations / "base")
+        save_model(model, self.final("base"))
+
     def run_step(self, s: Step) -> None:
         from . import profile
         from .loop import fit
+
+        if s.init is None and self.foundations is not None:
+            self.step(f"base: the pretrained base LLM of {self.foundations}", (self.final(s.run) / "model.safetensors").exists(),
+                      self.install_base)
+            return
 
         if s.is_profile:
             out = self.experts(s.run).parent
@@ -183,7 +227,7 @@ def run_pipeline(cfg: PipelineConfig) -> str:
     written with the wall times to ``<out>/summary.md``; returns the table."""
     pipe = Pipeline(Path(cfg.out).resolve(), config=cfg.config, seed=cfg.seed, steps_scale=cfg.steps_scale,
                     n_speech=cfg.n_speech, train_items=cfg.train_items, eval_items=cfg.eval_items,
-                    encoder_steps=cfg.encoder_steps)
+                    encoder_steps=cfg.encoder_steps, foundations=cfg.foundations)
     t_start = time.perf_counter()
     pipe.prepare_data()
     pipe.train_all(cfg.baselines)

@@ -2,7 +2,7 @@
 
 | stage            | data (tasks)                    | trainable                                             | router      |
 |------------------|---------------------------------|-------------------------------------------------------|-------------|
-| text_pretrain    | text_qa, text-input spoken_qa   | all but the speech input (our tiny base LLM)          | all experts |
+| text_pretrain    | text_qa, text-input spoken_qa   | all but the speech input (the base LLM; foundations)  | all experts |
 | s1_align         | asr                             | projector, codec embedding rows (+ untied head's)     | unchanged   |
 | s2_speech_experts| spoken_qa, tts (speech answers) | speech experts, router, codec embedding rows          | speech only |
 | s2_text_experts  | text_qa                         | text experts, router                                  | text only   |
@@ -51,6 +51,9 @@ class Stage:
     # them (turn markers, EOT), and training them on ASR alone took the tiny base's held-out text QA from
     # 0.35 to 0.00 with every other text weight frozen (measured, runs/demo_full, 2026-11-27)
     codec_rows_only: bool = False
+    # with codec_rows_only: the speech-input specials (BOA, EOA, AUDIO) train too. Only prompts with speech
+    # in them read those rows, so no text-only answer can change
+    speech_input_rows: bool = False
 
 
 # ------------------------------------------------------------------------------ trainable predicates
@@ -101,7 +104,12 @@ def get_stage(name: str) -> Stage:
 def set_trainable(model, stage: Stage) -> tuple[int, int]:
     """Set ``requires_grad`` per the stage; returns (trainable, total) parameter counts."""
     n_train = n_all = 0
-    model.embed.trainable_rows = model.embed.codec_rows() if stage.codec_rows_only else None
+    rows = None
+    if stage.codec_rows_only:
+        rows = model.embed.codec_rows()
+        if stage.speech_input_rows:
+            rows |= model.embed.speech_input_rows()
+    model.embed.trainable_rows = rows
     for name, p in model.named_parameters():
         p.requires_grad_(bool(stage.trainable(name, model.cfg)))
         n_all += p.numel()
@@ -160,8 +168,10 @@ BASELINES: dict[str, tuple[Step, ...]] = {
 }
 
 # the models the evaluation table compares: name -> the run that holds it
-# (deeptalk_before_s3: the recipe after S2.2, to show what the joint stage S3 costs or gives)
-MODELS: dict[str, str] = {"base": "base", "deeptalk": "s3_joint", "deeptalk_before_s3": "s2_text_experts",
+# (s1_align: the aligned model, whose ASR says what S1 taught; deeptalk_before_s3: the recipe after S2.2, to
+# show what the joint stage S3 costs or gives)
+MODELS: dict[str, str] = {"base": "base", "s1_align": "s1_align", "deeptalk": "s3_joint",
+                          "deeptalk_before_s3": "s2_text_experts",
                           "random_assignment": "random_s3_joint", "full_finetune": "full_finetune",
                           "speech_finetune": "speech_finetune"}
 
