@@ -120,13 +120,6 @@ class ChannelEmbedding(nn.Module):
         rows[self.layout.channel_offset(1):] = True
         return rows
 
-    def speech_input_rows(self) -> torch.Tensor:
-        """True for the text channel's speech-input specials (BOA, EOA, AUDIO): rows only a prompt with
-        speech in it reads, so training them cannot change a text-only answer."""
-        rows = torch.zeros(self.layout.total_size, dtype=torch.bool)
-        rows[[self.layout.text(s) for s in (TextSpecial.BOA, TextSpecial.EOA, TextSpecial.AUDIO)]] = True
-        return rows
-
     def reset_buffers(self) -> None:
         self.offsets_C = self.layout.offsets(self.offsets_C.device)
         self.pad_C = self.layout.pads(self.pad_C.device)

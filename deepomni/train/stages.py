@@ -51,9 +51,6 @@ class Stage:
     # them (turn markers, EOT), and training them on ASR alone took the tiny base's held-out text QA from
     # 0.35 to 0.00 with every other text weight frozen (measured, runs/demo_full, 2026-11-27)
     codec_rows_only: bool = False
-    # with codec_rows_only: the speech-input specials (BOA, EOA, AUDIO) train too. Only prompts with speech
-    # in them read those rows, so no text-only answer can change
-    speech_input_rows: bool = False
 
 
 # ------------------------------------------------------------------------------ trainable predicates
@@ -104,12 +101,7 @@ def get_stage(name: str) -> Stage:
 def set_trainable(model, stage: Stage) -> tuple[int, int]:
     """Set ``requires_grad`` per the stage; returns (trainable, total) parameter counts."""
     n_train = n_all = 0
-    rows = None
-    if stage.codec_rows_only:
-        rows = model.embed.codec_rows()
-        if stage.speech_input_rows:
-            rows |= model.embed.speech_input_rows()
-    model.embed.trainable_rows = rows
+    model.embed.trainable_rows = model.embed.codec_rows() if stage.codec_rows_only else None
     for name, p in model.named_parameters():
         p.requires_grad_(bool(stage.trainable(name, model.cfg)))
         n_all += p.numel()
