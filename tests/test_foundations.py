@@ -32,6 +32,10 @@ def test_shipped_set_matches_its_manifest():
     for key in ("command", "seed", "world_seed", "data", "figures", "machine"):
         assert key in m, key
     assert m["figures"]["encoder"]["held_out_wer"] < 1.0 and m["figures"]["base"]["knowledge_exact"] > 0.0
+    for part in ("encoder", "base"):  # beside each part's weights, a manifest naming them with the same sha256
+        beside = json.loads((locate(DEFAULT) / part / "manifest.json").read_text())
+        assert beside["files"]["model.safetensors"] == files[f"{part}/model.safetensors"]
+        assert beside["command"] == m["command"] and beside["figures"] == m["figures"][part]
 
 
 def test_a_changed_file_fails_verification(tmp_path):
@@ -98,8 +102,7 @@ def test_base_corpus_never_asks_a_held_out_phrasing():
     from deepomni.foundations.text_corpus import TextCorpusConfig, draw_row
 
     cfg = TextCorpusConfig(rows=3000)
-    pools = content.build_pools(cfg.world_seed)
-    world = content.build_world(pools["train"], content.WorldConfig(), cfg.world_seed)
+    pools, world = content.pools_and_world(cfg.world_seed)
     rows = [draw_row(cfg, i, pools, world) for i in range(cfg.rows)]
     assert {r["kind"] for r in rows} == {"knowledge", "skill", "transcribe", "read"}
     questions = {r["question"] for r in rows}

@@ -224,6 +224,13 @@ def knowledge_item(world: World, family: str, fact: str, split: str, rng: random
                 (f"fact:{family}:{fact}", f"phrasing:{family}:{fact}@{i}"))
 
 
+def pools_and_world(world_seed: int, cfg: WorldConfig | None = None) -> tuple[dict[str, SplitPools], World]:
+    """The split pools of ``world_seed`` and the world over their train part: what every corpus drawn in
+    that world (the built-in corpus, the foundations' speech and text corpora) reads."""
+    pools = build_pools(world_seed)
+    return pools, build_world(pools["train"], cfg or WorldConfig(), world_seed)
+
+
 def build_pools(seed: int) -> dict[str, SplitPools]:
     """Partition every sentence / skill template list and entity pool into train/validation/test,
     deterministically from ``seed``."""

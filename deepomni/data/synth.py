@@ -105,7 +105,8 @@ def task_quotas(n: int, mix: dict[str, float]) -> list[str]:
     return [t for t in tasks for _ in range(counts[t])]
 
 
-def _weighted(rng: random.Random, mix: dict[str, float]) -> str:
+def weighted(rng: random.Random, mix: dict[str, float]) -> str:
+    """One name of ``mix`` drawn by its weight (one ``rng.random()`` call; zero weights never drawn)."""
     names = sorted(mix)
     return rng.choices(names, weights=[mix[k] for k in names])[0]
 
@@ -135,7 +136,7 @@ def plan_item(cfg: SynthConfig, pools: content.SplitPools, task: str, index: int
         item = content.sentence(pools, rng)
         answer_text = content.transcript(item.answer_text) if task == ASR else item.answer_text
     else:
-        family = _weighted(rng, cfg.family_mix)
+        family = weighted(rng, cfg.family_mix)
         if family in content.KNOWLEDGE_FAMILIES:
             item = content.knowledge_item(world, family, facts.next(family), pools.split, rng, world_seed)
         else:
@@ -159,8 +160,7 @@ def plan_item(cfg: SynthConfig, pools: content.SplitPools, task: str, index: int
 
 def plan(cfg: SynthConfig) -> dict[str, list[Job]]:
     world_seed = cfg.seed if cfg.world_seed is None else cfg.world_seed
-    pools = content.build_pools(world_seed)
-    world = content.build_world(pools["train"], cfg.world, world_seed)
+    pools, world = content.pools_and_world(world_seed, cfg.world)
     jobs = {}
     for split in SPLITS:
         n = cfg.sizes.get(split, 0)

@@ -24,6 +24,7 @@ interrupted build continues.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import sys
@@ -35,7 +36,6 @@ import torch
 
 from ..config import configclass, load_preset
 
-ENCODER_DIR, BASE_DIR, MANIFEST = "encoder", "base", "manifest.json"
 
 
 @configclass()
@@ -169,7 +169,7 @@ class Build:
 
     # ---- export
     def export(self, figures: dict[str, Any]) -> None:
-        from .files import export_set, sha256_files
+        from .files import MANIFEST, PARTS, export_set, sha256_files
 
         export_set(self.work / "encoder", self.base_final, self.out)
         c = self.cfg
@@ -186,11 +186,16 @@ class Build:
                      "text": {"rows": c.base_rows, "kinds": "knowledge, skill, transcribe, read (text_corpus.py)"}},
             "figures": figures,
             "machine": {"seconds": self.times, "total_seconds": round(sum(self.times.values()), 1),
-                        "cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+                        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                         "torch": torch.__version__},
             "files": sha256_files(self.out),
         }
         (self.out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        for part in PARTS:  # beside each part's weights: what made them, their sha256 and figures
+            files = {rel.split("/", 1)[1]: meta for rel, meta in manifest["files"].items() if rel.startswith(part + "/")}
+            summary = {"part_of": f"../{MANIFEST}", "command": manifest["command"], "seed": c.seed,
+                       "world_seed": c.world_seed, "figures": figures[part], "files": files}
+            (self.out / part / MANIFEST).write_text(json.dumps(summary, indent=1) + "\n")
         print(f"[foundations] wrote {self.out} ({sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB)")
 
 

@@ -36,8 +36,7 @@ def answer(model, tok, instruction: str, question: str, reference: str) -> str:
 def held_out_items(world_seed: int, n: int) -> dict[str, list[tuple[str, str, str]]]:
     """figure -> [(instruction, question, reference)]: the world's facts in their test phrasings (all of
     them), and ``n`` test-split sentences and spelling questions."""
-    pools = content.build_pools(world_seed)
-    world = content.build_world(pools["train"], content.WorldConfig(), world_seed)
+    pools, world = content.pools_and_world(world_seed)
     rng = random.Random(f"deepomni-base-eval/{world_seed}")
     knowledge = []
     for family in content.KNOWLEDGE_FAMILIES:

@@ -7,6 +7,7 @@
     <set>/base/model.safetensors       every tensor but speech.encoder.*, in bf16: a checkpoint
                                        ``deepomni.checkpoint.load_model`` (``--init``) reads as it is
     <set>/manifest.json                how it was made, sha256 of every file, the figures
+    <set>/{encoder,base}/manifest.json the same for the part's own files, beside its weights
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 SHIPPED = Path(__file__).resolve().parent  # deepomni/foundations/<name>/
 DEFAULT = "small"  # the set `deepomni pipeline` (make demo) starts from
+MANIFEST = "manifest.json"
+PARTS = ("encoder", "base")
 
 
 def _bf16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,13 +62,13 @@ def sha256(path: Path) -> str:
 def sha256_files(root: Path) -> dict[str, dict]:
     """``relative path -> {"sha256", "bytes"}`` of every file under ``root`` but the manifest."""
     return {str(p.relative_to(root)): {"sha256": sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
 def locate(name_or_dir: str) -> Path:
     """A shipped set by name (``small``) or a directory holding ``manifest.json``."""
     for d in (Path(name_or_dir), SHIPPED / name_or_dir):
-        if (d / "manifest.json").is_file():
+        if (d / MANIFEST).is_file():
             return d.resolve()
     shipped = sorted(p.parent.name for p in SHIPPED.glob("*/manifest.json"))
     raise FileNotFoundError(f"no foundation set {name_or_dir!r}: not a directory with manifest.json, nor a shipped "
@@ -73,7 +76,7 @@ def locate(name_or_dir: str) -> Path:
 
 
 def manifest(name_or_dir: str) -> dict:
-    return json.loads((locate(name_or_dir) / "manifest.json").read_text())
+    return json.loads((locate(name_or_dir) / MANIFEST).read_text())
 
 
 def verify(name_or_dir: str) -> list[str]:

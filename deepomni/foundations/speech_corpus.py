@@ -38,6 +38,7 @@ from ..config import configclass
 from ..data import content
 from ..data import lexicon as lx
 from ..data.schema import ASR, SPEECH, ShardWriter
+from ..data.synth import weighted
 from ..data.voices import SAMPLE_RATE, Voice, encode_flac, english_voices, speak
 
 TEXT_KINDS = ("corpus", "words", "names")
@@ -104,13 +105,13 @@ class Texts:
 
     def __init__(self, cfg: SpeechCorpusConfig):
         self.cfg = cfg
-        self.pools = content.build_pools(cfg.world_seed)
-        self.world = content.build_world(self.pools["train"], content.WorldConfig(), cfg.world_seed)
+        self.pools, self.world = content.pools_and_world(cfg.world_seed)
         self.words = dictionary_words()
         held = {n for s in ("validation", "test") for n in self.pools[s].people + self.pools[s].towns}
+        held_words = {w for n in held for w in n.split()}
         rng = random.Random(f"deepomni-encoder-names-{cfg.seed}")
         people, towns = lx.invented_names(rng, 3000, 1500)
-        self.people = [p for p in people if p not in held and not set(p.split()) & {h for n in held for h in n.split()}]
+        self.people = [p for p in people if p not in held and not set(p.split()) & held_words]
         self.towns = [t for t in towns if t not in held]
 
     def corpus(self, rng: random.Random) -> str:
@@ -142,11 +143,6 @@ class Texts:
 
 # ----------------------------------------------------------------------------------------------- plan
 
-def _weighted(rng: random.Random, mix: dict[str, float]) -> str:
-    names = sorted(k for k, w in mix.items() if w > 0)
-    return rng.choices(names, weights=[mix[k] for k in names])[0]
-
-
 def plan(cfg: SpeechCorpusConfig, voices: tuple[Voice, ...] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Every utterance to render: ``{"split", "index", "text", "kind", "voice", "snr_db"}``."""
     train_voices, held = split_voices(cfg, voices)
@@ -164,8 +160,8 @@ def plan(cfg: SpeechCorpusConfig, voices: tuple[Voice, ...] | None = None) -> di
     jobs: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
     for i in range(cfg.train_utterances):
         rng = random.Random(f"deepomni-encoder-corpus/{cfg.seed}/train/{i}")
-        kind = _weighted(rng, cfg.text_mix)
-        voice = draw_voice(rng, by_engine[_weighted(rng, engine_mix)])
+        kind = weighted(rng, cfg.text_mix)
+        voice = draw_voice(rng, by_engine[weighted(rng, engine_mix)])
         jobs["train"].append({"split": "train", "index": i, "text": texts.draw(kind, rng), "kind": kind,
                               "voice": voice, "snr_db": noise(rng), "group": None})
     i = 0

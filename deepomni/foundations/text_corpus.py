@@ -27,6 +27,7 @@ from typing import Any
 from ..config import configclass
 from ..data import content
 from ..data.schema import TEXT, TEXT_QA
+from ..data.synth import weighted
 
 KINDS = ("knowledge", "skill", "transcribe", "read")
 
@@ -49,8 +50,7 @@ def draw_row(cfg: TextCorpusConfig, i: int, pools: dict, world: content.World) -
     """Row ``i``: ``{"id", "kind", "family", "instruction", "question", "answer"}`` (instruction: a key of
     ``INSTRUCTIONS``)."""
     rng = random.Random(f"deepomni-base-text/{cfg.seed}/{i}")
-    kinds = sorted(k for k, w in cfg.kind_mix.items() if w > 0)
-    kind = rng.choices(kinds, weights=[cfg.kind_mix[k] for k in kinds])[0]
+    kind = weighted(rng, cfg.kind_mix)
     train = pools["train"]
     if kind in ("knowledge", "skill"):
         if kind == "knowledge":
@@ -78,8 +78,7 @@ def tokenized_rows(cfg: TextCorpusConfig, model_cfg, tokenizer: str = "bytes") -
     layout = VocabLayout.from_config(model_cfg)
     tok = load_tokenizer(tokenizer, model_cfg.text_vocab_size)
     instructions = {k: tok.encode(v) for k, v in INSTRUCTIONS.items()}
-    pools = content.build_pools(cfg.world_seed)
-    world = content.build_world(pools["train"], content.WorldConfig(), cfg.world_seed)
+    pools, world = content.pools_and_world(cfg.world_seed)
     out = []
     for i in range(cfg.rows):
         r = draw_row(cfg, i, pools, world)

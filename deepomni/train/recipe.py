@@ -121,7 +121,9 @@ class Pipeline:
 
     def world_seed(self) -> int:
         if self.foundations is not None:
-            return int(json.loads((self.foundations / "manifest.json").read_text())["world_seed"])
+            from ..foundations import manifest
+
+            return int(manifest(str(self.foundations))["world_seed"])
         return self.seed
 
     def prepare_data(self) -> None:
