@@ -17,10 +17,11 @@ import torch
 from deepomni.foundations import DEFAULT, base_dir, encoder_dir, locate, manifest, verify
 
 ROOT = Path(__file__).resolve().parents[1]
-# the shipped encoder on the 12 held-out-voice sentences below, measured 2026-12-06: CER 0.361, WER 0.935
-# (its words are mostly misspelt: the bound is in docs/train.md "Foundations"). The limits leave a margin for
-# another machine's float rounding and synthesizer build; a random encoder scores CER ~1
-HELD_OUT_CER_MAX, HELD_OUT_WER_MAX = 0.45, 1.0
+# the shipped encoder on the 12 held-out-voice sentences below, measured 2026-12-07: CER 0.287, WER 0.861
+# (the first set's encoder: 0.361 / 0.935; most words still have a wrong letter: the bound is in
+# docs/train.md "Foundations"). The limits leave a margin for another machine's float rounding and
+# synthesizer build; a random encoder scores CER ~1
+HELD_OUT_CER_MAX, HELD_OUT_WER_MAX = 0.36, 0.95
 
 
 def test_shipped_set_matches_its_manifest():

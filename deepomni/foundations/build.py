@@ -14,7 +14,7 @@ the result (``deepomni/foundations/<name>/``, :mod:`deepomni.foundations`):
    and ``manifest.json``: the command, seed, data summary, sha256 of every file, the figures, the machine
    time of every step.
 
-    deepomni foundations build --out deepomni/foundations/small      # the shipped set (~1 h on 2 cores)
+    deepomni foundations build --out deepomni/foundations/small      # the shipped set (~2 h on 2 cores)
     deepomni foundations verify                                       # sha256 of the shipped files
 
 Intermediate work (corpus, checkpoints) goes to ``--work``; a step whose output is there is skipped, so an
@@ -47,11 +47,17 @@ class FoundationsConfig:
     preset: str = "small"  # model preset: the base's backbone and the encoder's architecture
     seed: int = 0
     world_seed: int = 0  # the built-in world the base learns (every corpus that tests it uses the same)
-    speech_utterances: int = 6000  # encoder corpus, train split (~4.5 h)
+    speech_utterances: int = 30_000  # encoder corpus, train split (~22 h)
     held_out_utterances: int = 40  # encoder corpus, test split, per held-out voice group
-    encoder_steps: int = 8000
-    encoder_batch_size: int = 8
+    encoder_steps: int = 20_000
+    encoder_batch_size: int = 16
     encoder_lr: float = 3e-3
+    # the build runs alone: both cores (EncoderPretrainConfig's default of 1 thread is for runs beside others)
+    encoder_threads: int = 2
+    # SpecAugment masks per training item (EncoderPretrainConfig.time_masks/freq_masks): against learning
+    # the training voices and transcripts by heart over many epochs
+    encoder_time_masks: int = 2
+    encoder_freq_masks: int = 2
     base_rows: int = 60_000  # rows of the base's text corpus
     base_steps: int = 4000
     base_batch_size: int = 16
@@ -102,6 +108,8 @@ class Build:
         arch = self.model_cfg.speech_encoder
         return EncoderPretrainConfig(seed=self.cfg.seed, steps=self.cfg.encoder_steps,
                                      batch_size=self.cfg.encoder_batch_size, lr=self.cfg.encoder_lr,
+                                     threads=self.cfg.encoder_threads, time_masks=self.cfg.encoder_time_masks,
+                                     freq_masks=self.cfg.encoder_freq_masks, eval_every=max(1, self.cfg.encoder_steps // 10),
                                      warmup_steps=max(1, min(200, self.cfg.encoder_steps // 20)),
                                      **{f: getattr(arch, f) for f in ARCH_FIELDS})
 
@@ -151,6 +159,7 @@ class Build:
                 "held_out_utterances": ev["utterances"],
                 "by_voice_group": {g: {"cer": round(v["cer"], 4), "wer": round(v["wer"], 4), "utterances": v["utterances"]}
                                    for g, v in ev.get("by_group", {}).items()},
+                "held_out_curve": summary.get("eval_curve", []),
                 "loss_first": summary["loss"]["first"], "loss_last": summary["loss"]["last"],
                 "train_audio_hours": summary["data"]["train_audio_hours"], "params": summary["params"],
                 "examples": ev["examples"][:3]}

@@ -202,6 +202,9 @@ class EncoderPretrainConfig:
     eval_tasks: tuple[Task, ...] = (ASR,)  # held-out rows scored: their question audio vs question text
     eval_max_items: int | None = None
     eval_batch_size: int = 32
+    # held-out CER/WER every this many training steps (0: only at the end), kept as pretrain.json's
+    # eval_curve: whether more steps still help on voices never heard, or only on the training set
+    eval_every: int = 0
 
     def speech_encoder(self) -> SpeechEncoderConfig:
         return SpeechEncoderConfig(num_mel_bins=self.num_mel_bins, d_model=self.d_model,
