@@ -2,6 +2,7 @@
 
     python benchmarks/recipe_table.py                      # seeds 0 1 2, the full recipe and every baseline (~35 min a seed)
     python benchmarks/recipe_table.py --seeds 0 1 2 3 4 --out runs/recipe_table
+    python benchmarks/recipe_table.py --baselines full_finetune --steps-scale 0.5 --eval-items 20   # the demo's size
 
 Each seed is one whole `jobs.pipeline` run (its own corpus, models and random assignment, all drawn from the
 seed) under ``<out>/seed<k>``; finished steps are skipped, so an interrupted run continues. Prints and saves
@@ -60,6 +61,8 @@ def markdown(agg: dict[str, dict[str, dict]], seeds: list[int]) -> str:
     lines = [f"mean ± sample std over seeds {seeds}", "",
              "| model | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for model, cols in agg.items():
+        if not any(v["n"] for v in cols.values()):
+            continue  # a baseline not run (--baselines)
         lines.append(f"| {model} | " + " | ".join(cell(cols[k]) for _, k in COLUMNS) + " |")
     return "\n".join(lines)
 
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-items", type=int, default=40)
     ap.add_argument("--steps-scale", type=float, default=1.0)
     ap.add_argument("--n-speech", default="25%")
+    ap.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES),
+                    help="baselines run beside the recipe (default: all)")
     ap.add_argument("--results", default=str(RESULTS / "recipe_table"), help="where to save .json and .md")
     args = ap.parse_args(argv)
 
@@ -129,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                         steps_scale=args.steps_scale, n_speech=args.n_speech, train_items=args.train_items,
                         eval_items=args.eval_items, foundations=args.foundations)
         pipe.prepare_data()
-        pipe.train_all(tuple(BASELINES))
-        per_seed[seed] = pipe.evaluate_all(list(MODELS))
+        pipe.train_all(tuple(args.baselines))
+        per_seed[seed] = pipe.evaluate_all([m for m, run in MODELS.items() if run in pipe.runs(tuple(args.baselines))])
         walls[seed] = round(time.perf_counter() - ts, 1)
         print(f"[recipe_table] seed {seed}: {walls[seed]:.0f} s\n{Pipeline.table(per_seed[seed])}", flush=True)
     wall = time.perf_counter() - t0

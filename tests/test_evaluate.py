@@ -62,6 +62,20 @@ def test_prompt_is_the_training_prompt(corpus, tiny_cfg):
             assert audio[0].shape == (row["audio_positions"], tiny_cfg.hidden_size)
 
 
+def test_top_k_one_decodes_speech_greedily(corpus, tiny_cfg):
+    """EvalConfig.top_k reaches the codec sampler: top_k=1 (the release's greedy decoding) gives the same
+    speech under every sampling seed, top_k=20 does not."""
+    model = DeepOmniModel(tiny_cfg).init_weights(0).eval()
+    tok = load_tokenizer("bytes")
+    row = next(r for r in read_rows(corpus, "test") if r["task"] == "tts")
+
+    def codes(top_k: int, seed: int) -> torch.Tensor:
+        return ev.answer_item(model, tok, row, True, ev.EvalConfig(top_k=top_k, seed=seed)).codes_KF
+
+    assert codes(1, 0).numel() > 0 and torch.equal(codes(1, 0), codes(1, 1))
+    assert not torch.equal(codes(20, 0), codes(20, 1))
+
+
 # -------------------------------------------------------------------------------------------- the job
 def test_job_on_random_checkpoint(tmp_path, corpus, checkpoint, tiny_cfg):
     from deepomni.cli import main

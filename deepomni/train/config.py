@@ -134,6 +134,9 @@ class EvalConfig:
     speech: bool = True  # decode and judge the speech of tts / spoken_qa answers (needs the data's codec)
     tasks: tuple[Task, ...] = (TEXT_QA, SPOKEN_QA, ASR, TTS)  # the tasks to evaluate, in this order
     seed: int = 0  # codec sampling
+    # codec tokens are sampled among the top_k most likely (GenerationConfig.top_k); 1 is greedy, as the
+    # official release decodes speech (docs/paper.md "The official release, tried")
+    top_k: int = 20
 
 
 @configclass()

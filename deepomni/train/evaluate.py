@@ -107,11 +107,11 @@ def step_bound(row: dict, tok: TextTokenizer, num_codec_channels: int, speech: b
 
 def answer_item(model: DeepOmniModel, tok: TextTokenizer, row: dict, speech: bool, cfg: EvalConfig,
                 typed: bool = False) -> Generation:
-    """Greedy text answer (and sampled speech when ``speech``) to one row's question."""
+    """Greedy text answer (and speech sampled among ``cfg.top_k`` codes when ``speech``) to one row's question."""
     prompt_LC, audio = build_prompt(model, tok, row, typed)
     # one step beyond the bound, so that an answer ending exactly at the bound is told from a runaway one
     gcfg = GenerationConfig(max_steps=step_bound(row, tok, model.layout.num_codec_channels, speech, cfg.margin) + 1,
-                            speech=speech, seed=cfg.seed)
+                            speech=speech, seed=cfg.seed, top_k=cfg.top_k)
     return generate(model, prompt_LC, None if audio is None else audio[0], gcfg)
 
 
