@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                         eval_items=args.eval_items, foundations=args.foundations)
         pipe.prepare_data()
         pipe.train_all(tuple(args.baselines))
-        per_seed[seed] = pipe.evaluate_all([m for m, run in MODELS.items() if run in pipe.runs(tuple(args.baselines))])
+        per_seed[seed] = pipe.evaluate_all(pipe.models(tuple(args.baselines)))
         walls[seed] = round(time.perf_counter() - ts, 1)
         print(f"[recipe_table] seed {seed}: {walls[seed]:.0f} s\n{Pipeline.table(per_seed[seed])}", flush=True)
     wall = time.perf_counter() - t0

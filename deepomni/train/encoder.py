@@ -383,11 +383,14 @@ def _pretrain(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: str | P
         print(f"[encoder] {len(train)} train utterances ({train.seconds / 3600:.3f} h, longest "
               f"{longest:.2f} s of a {cfg.max_source_positions * 2 / 100:g} s window), {len(held)} held out; "
               f"features in {t_feat - t0:.1f} s")
-    curve: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []  # held-out figures along training: {"step", "cer", "wer", "loss"}
+
+    def point(step: int, r: dict[str, Any]) -> None:
+        curve.append({"step": step, **{k: round(r[k], 4) for k in ("cer", "wer", "loss")}})
 
     def held_out(step: int, model: CTCEncoder) -> None:
         r = evaluate(model, held, cfg.eval_batch_size)
-        curve.append({"step": step, "cer": round(r["cer"], 4), "wer": round(r["wer"], 4), "loss": round(r["loss"], 4)})
+        point(step, r)
         if progress:
             from tqdm import tqdm
 
@@ -396,8 +399,7 @@ def _pretrain(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: str | P
     model, losses = train_ctc(cfg, train, progress, every=held_out)
     t_train = time.perf_counter()
     result = evaluate(model, held, cfg.eval_batch_size)
-    curve.append({"step": cfg.steps, "cer": round(result["cer"], 4), "wer": round(result["wer"], 4),
-                  "loss": round(result["loss"], 4)})
+    point(cfg.steps, result)
     t_eval = time.perf_counter()
     save_encoder_dir(model, out_dir)
     k = max(1, min(20, len(losses) // 10))

@@ -102,6 +102,11 @@ class Pipeline:
     def runs(self, baselines: tuple[str, ...]) -> set[str]:
         return {s.run for s in all_steps(baselines)}
 
+    def models(self, baselines: tuple[str, ...]) -> list[str]:
+        """The table's models (:data:`MODELS`) that the recipe and ``baselines`` train."""
+        runs = self.runs(baselines)
+        return [m for m, run in MODELS.items() if run in runs]
+
     # ----------------------------------------------------------------------------------------- data
     def own_encoder_arch(self):
         """The preset's speech-encoder config when we pretrain the encoder here (no foundations, and the
@@ -233,7 +238,7 @@ def run_pipeline(cfg: PipelineConfig) -> str:
     t_start = time.perf_counter()
     pipe.prepare_data()
     pipe.train_all(cfg.baselines)
-    results = pipe.evaluate_all([m for m, run in MODELS.items() if run in pipe.runs(cfg.baselines)])
+    results = pipe.evaluate_all(pipe.models(cfg.baselines))
     wall = time.perf_counter() - t_start
     table = pipe.table(results)
     seeds = (f"One seed ({cfg.seed}), {cfg.eval_items} held-out items a task: differences between rows can be "
