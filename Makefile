@@ -28,10 +28,10 @@ setup: sysdeps $(STAMP)
 
 # the main job: shipped foundations (base LLM + speech encoder) -> corpus -> prepare -> S1 -> profile -> S2 -> S3
 # + baseline -> evaluation table (steps already done under runs/demo are skipped; `make clean-demo` starts over)
-# the 15-minute cut on 2 cores: one baseline, half of each stage's steps, 20 held-out items per task; the
-# whole recipe with every baseline at full steps is `make demo DEMO_ARGS=` and, over seeds,
+# the 15-minute cut on 2 cores: one baseline and 20 held-out items per task, at full steps; the
+# whole recipe with every baseline is `make demo DEMO_ARGS=` and, over seeds,
 # benchmarks/recipe_table.py
-DEMO_ARGS ?= --baselines full_finetune --steps-scale 0.5 --eval-items 20
+DEMO_ARGS ?= --baselines full_finetune --eval-items 20
 demo: setup
 	$(VENV)/bin/deepomni pipeline --out runs/demo $(DEMO_ARGS)
 

@@ -3,7 +3,8 @@
     <dir>/config.json         ModelConfig (deepomni.config)
     <dir>/model.safetensors   the model's state dict (the frozen speech encoder included, unless config.json's
                               speech_encoder.path names its directory, relative to <dir> or absolute: a
-                              foundation set's base/, deepomni/foundations/)
+                              foundation set's base/, deepomni/foundations/; such a base may also leave
+                              out the projector, which then starts from a seeded init)
     <dir>/experts.json        the modality expert assignment, when one has been made (deepomni.model.modality)
 
 Optimizer state and training progress are the trainer's business and live beside it (``deepomni.train``).
@@ -28,6 +29,7 @@ from .model.modality import ExpertAssignment
 from .model.model import DeepOmniModel
 
 CONFIG, WEIGHTS, EXPERTS = "config.json", "model.safetensors", "experts.json"
+PROJECTOR = "speech.projector."
 
 
 def save_model(model: DeepOmniModel, directory: str | Path, assignment: ExpertAssignment | None = None) -> Path:
@@ -60,6 +62,12 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     missing, unexpected = model.load_state_dict(state, strict=False)
     if cfg.speech_encoder.path:  # the encoder was read from its directory; the file may leave it out
         missing = [k for k in missing if not k.startswith("speech.encoder.")]
+        if missing and all(k.startswith(PROJECTOR) for k in missing) and not any(k.startswith(PROJECTOR) for k in state):
+            # a base LLM with the encoder it will hear through, but no projector yet (a foundation set's
+            # base/): the first stage that trains one starts it (Stage.projector_from_text); seeded, so
+            # every run from this base starts from the same weights
+            model.init_weights(seed=0, prefix=PROJECTOR)
+            missing = []
     if missing or unexpected:
         raise ValueError(f"{d}: checkpoint does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.embed.reset_buffers()

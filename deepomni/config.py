@@ -252,6 +252,13 @@ class SpeechEncoderConfig:
     # cut windows, like the shipped foundations': the same features for the valid frames, a fraction of the
     # cost for short questions, and independent of what else is in the batch)
     window: Literal["full", "utterance"] = "full"
+    # how many backbone positions an utterance fills: "frames", one per ``downsample`` encoder frames (20 ms
+    # each: about 1.5 positions a character at 2); "ctc", one per character the encoder's CTC head hears
+    # (greedy CTC segments, each the mean of its frames: the rate of the text the backbone reads, ~0.9 a
+    # character), and the projector starts from the backbone's own embeddings of those characters
+    # (deepomni.model.speech.CharProjector). "ctc" needs a CTC-pretrained encoder directory: ctc_head.safetensors
+    # and ctc_vocab.json beside it, as ``deepomni foundations build`` writes them
+    positions: Literal["frames", "ctc"] = "frames"
 
 
 @configclass("model")

@@ -52,14 +52,23 @@ def test_a_changed_file_fails_verification(tmp_path):
 
 def test_shipped_base_loads_as_a_checkpoint_with_the_shipped_encoder():
     from deepomni.checkpoint import load_model
-    from deepomni.model.speech import _encoder_state_dict
+    from safetensors.torch import load_file
+
+    from deepomni.model.speech import _encoder_state_dict, ctc_head_state_dict
 
     model, assignment = load_model(base_dir(DEFAULT))
     assert assignment is None and model.cfg.speech_encoder.path == str(encoder_dir(DEFAULT))
     shipped = _encoder_state_dict(str(encoder_dir(DEFAULT)))
+    shipped.update({f"ctc_head.{k}": v for k, v in ctc_head_state_dict(str(encoder_dir(DEFAULT))).items()})
+    assert model.cfg.speech_encoder.positions == "ctc"  # one position per character its CTC head hears
     for k, v in model.speech.encoder.state_dict().items():
         assert torch.equal(v, shipped[k].float()), k  # the frozen encoder is the shipped one (bf16 -> fp32)
     assert not any(p.requires_grad for p in model.speech.encoder.parameters())
+    # a base LLM ships without a projector; loading starts a seeded one, the same in every run
+    assert not any(k.startswith("speech.projector.") for k in load_file(str(base_dir(DEFAULT) / "model.safetensors")))
+    again, _ = load_model(base_dir(DEFAULT))
+    for (k, v), w in zip(model.speech.projector.state_dict().items(), again.speech.projector.state_dict().values()):
+        assert torch.equal(v, w), k
 
 
 def _held_out_sentences(n: int):

@@ -41,6 +41,14 @@ def test_pipeline_end_to_end_and_rerun(tmp_path):
     shipped = load_file(str(base_dir(DEFAULT) / "model.safetensors"))
     installed = load_file(str(out / "runs" / "base" / "final" / "model.safetensors"))
     assert all(torch.equal(installed[k], v.float()) for k, v in shipped.items())
+    # speech at the text's rate (positions "ctc"): each spoken question fills one position per CTC segment the
+    # frozen encoder heard, stored with the row; S1 started its projector from the base's text embedding
+    from deepomni.train.profile import read_rows
+
+    spoken = [r for r in read_rows(out / "data", "train") if r["input_modality"] == "speech"]
+    assert spoken and all(2 * r["audio_positions"] == len(r["audio_segments"]) > 0 for r in spoken)
+    s1 = load_file(str(out / "runs" / "s1_align" / "final" / "model.safetensors"))
+    assert "speech.projector.char_table" in s1 and s1["speech.projector.char_table"][1:].abs().sum() > 0
     for s in all_steps():
         if s.is_profile:
             assert (out / "profile" / s.run / "experts.json").exists(), s.run

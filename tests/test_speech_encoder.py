@@ -37,3 +37,62 @@ def test_short_input_is_padded_and_trimmed_to_its_frames():
     out = s(torch.randn(2, 80, 120), [120, 37])
     # 120 mel frames -> 60 encoder frames -> 30 positions; 37 -> 19 -> 10 (downsample 2, last one padded)
     assert [o.shape for o in out] == [torch.Size([30, 16]), torch.Size([10, 16])]
+
+
+# ---------------------------------------------------------------------------- positions="ctc"
+def test_ctc_segments_are_one_run_per_character_heard():
+    from deepomni.model.speech import ctc_segments
+
+    best = [0, 5, 5, 0, 0, 7, 5, 5, 0]  # blank, "c c", blank blank, "e", "c c", blank -> 3 characters
+    logits_TV = torch.nn.functional.one_hot(torch.tensor(best), 9).float()
+    assert ctc_segments(logits_TV) == [(1, 3), (5, 6), (6, 8)]
+    # silence: no character heard -> one segment over every frame, so the utterance still fills a position
+    assert ctc_segments(torch.nn.functional.one_hot(torch.zeros(4, dtype=torch.long), 9).float()) == [(0, 4)]
+
+
+def test_ctc_positions_are_the_segments_and_stored_ones_are_used():
+    torch.manual_seed(0)
+    s = SpeechInput(_small(positions="ctc"), hidden_size=16)
+    assert [n for n, _ in s.named_parameters() if "ctc" in n] == ["encoder.ctc_head.weight", "encoder.ctc_head.bias"]
+    mel = torch.randn(2, 80, 120)
+    segs = s.segments(mel, [120, 37])
+    live = s(mel, [120, 37])
+    assert [o.shape[0] for o in live] == [len(g) for g in segs]
+    torch.testing.assert_close(s(mel, [120, 37], segs)[0], live[0])  # stored segments = the live cut
+    stored = [[(0, 3), (3, 10)], None]  # what data preparation kept wins; None cuts it now
+    assert [o.shape[0] for o in s(mel, [120, 37], stored)] == [2, len(segs[1])]
+    with pytest.raises(ValueError, match="segments reach frame"):
+        s(mel, [120, 37], [[(0, 61)], None])  # 120 mel frames are 60 encoder frames
+
+
+def test_ctc_projector_starts_as_the_typed_characters():
+    """After init_projector_from_text, a heard character (one-hot posterior) embeds at an AUDIO position exactly
+    as the same character typed: alignment starts where a cascade through the CTC transcript would be."""
+    from dataclasses import replace
+
+    from deepomni.config import load_preset
+    from deepomni.model.channels import CodecSpecial, TextSpecial
+    from deepomni.model.model import DeepOmniModel
+    from deepomni.model.speech import CTC_VOCAB
+    from deepomni.text import ByteTokenizer
+
+    cfg = load_preset("tiny")
+    cfg = cfg.replace(speech_encoder=replace(cfg.speech_encoder, positions="ctc"))
+    model = DeepOmniModel(cfg).init_weights(seed=0)
+    model.init_projector_from_text(ByteTokenizer())
+    chars = "k9 a'"
+    post_SV = torch.nn.functional.one_hot(torch.tensor([CTC_VOCAB.index(c) for c in chars]), len(CTC_VOCAB)).float()
+    frames_SE = torch.randn(len(chars), cfg.speech_encoder.d_model)  # the zeroed MLP output ignores them
+    audio = model.speech.projector(frames_SE, post_SV)
+    L, pad = model.layout, model.layout.num_channels - 1
+    heard = torch.tensor([[L.text(TextSpecial.AUDIO)] + [L.codec(CodecSpecial.PAD)] * pad] * len(chars))
+    typed = torch.tensor([[ord(c)] + [L.codec(CodecSpecial.PAD)] * pad for c in chars])
+    torch.testing.assert_close(model.embed_inputs(heard.unsqueeze(0), [audio]), model.embed_inputs(typed.unsqueeze(0)))
+
+
+def test_ctc_positions_need_the_encoders_ctc_head(tmp_path):
+    import transformers
+
+    transformers.WhisperModel(whisper_config(_small())).save_pretrained(tmp_path)  # a plain Whisper: no CTC head
+    with pytest.raises(FileNotFoundError, match="ctc_head.safetensors"):
+        build_whisper_encoder(_small(path=str(tmp_path), positions="ctc"))

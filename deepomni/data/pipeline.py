@@ -28,7 +28,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
@@ -43,7 +42,7 @@ from .sequences import INSTRUCTIONS, SPEECH_OUT_TASKS, build_sequence
 from .tokenized import TOKENIZED_SCHEMA
 
 FEATURE_FIELDS = [("mel", pa.list_(pa.float16())), ("mel_bins", pa.int32()), ("mel_frames", pa.int32()),
-                  ("audio_positions", pa.int32()), ("error", pa.string())]
+                  ("audio_positions", pa.int32()), ("audio_segments", pa.list_(pa.int32())), ("error", pa.string())]
 CODEC_FIELDS = [("answer_codes", pa.list_(pa.int32())), ("answer_frames", pa.int32())]
 FEATURED_SCHEMA = pa.schema(list(RAW_SCHEMA) + [pa.field(n, t) for n, t in FEATURE_FIELDS])
 CODED_SCHEMA = pa.schema(list(FEATURED_SCHEMA) + [pa.field(n, t) for n, t in CODEC_FIELDS])
@@ -86,7 +85,9 @@ class _StageTrace:
 
 
 class FeatureStage:
-    """Spoken questions -> log-mel (``LogMel``), and the number of AUDIO positions they will fill."""
+    """Spoken questions -> log-mel (``LogMel``), and the number of AUDIO positions they will fill (with
+    ``speech_encoder.positions="ctc"`` the frozen encoder's CTC segments, kept as ``audio_segments``, so the
+    trainer fills exactly the positions these prompts hold)."""
 
     def __init__(self, model_cfg: dict, data_cfg: dict, trace: dict | None = None):
         from ..audio import LogMel
@@ -94,6 +95,11 @@ class FeatureStage:
         self.model_cfg = ModelConfig.from_dict(model_cfg)
         self.data_cfg = parse_config(DataConfig, data_cfg)
         self.logmel = LogMel.from_config(self.model_cfg.speech_encoder)
+        self.speech = None
+        if self.model_cfg.speech_encoder.positions == "ctc":
+            from ..model.speech import SpeechInput
+
+            self.speech = SpeechInput(self.model_cfg.speech_encoder, self.model_cfg.hidden_size)
         self.max_seconds = min(self.data_cfg.max_audio_seconds or self.logmel.max_seconds, self.logmel.max_seconds)
         self.metrics = StageMetrics("feature")
         self.trace = _StageTrace("feature", trace)
@@ -105,7 +111,7 @@ class FeatureStage:
         rows = batch.to_pylist()
         wavs, idx = [], []
         for i, r in enumerate(rows):
-            r.update(mel=[], mel_bins=0, mel_frames=0, audio_positions=0, error=None)
+            r.update(mel=[], mel_bins=0, mel_frames=0, audio_positions=0, audio_segments=[], error=None)
             if r["input_modality"] != "speech":
                 continue
             try:
@@ -119,11 +125,16 @@ class FeatureStage:
                            sum(len(w) for w in wavs) / 16000)
         if wavs:
             mel_BMT, frames = self.logmel(wavs)
+            mel_BMT = mel_BMT.half()  # as stored: the segments are cut on what the trainer will read
+            segments = self.speech.segments(mel_BMT.float(), frames) if self.speech is not None else None
             for b, i in enumerate(idx):
                 n = frames[b]
-                m = mel_BMT[b, :, :n].numpy().astype(np.float16)
+                m = mel_BMT[b, :, :n].numpy()
                 rows[i].update(mel=m.reshape(-1), mel_bins=m.shape[0], mel_frames=n,
                                audio_positions=num_audio_positions(n, self.model_cfg.speech_encoder.downsample))
+                if segments is not None:
+                    rows[i].update(audio_positions=len(segments[b]),
+                                   audio_segments=[f for seg in segments[b] for f in seg])
         out = pa.Table.from_pylist(rows, schema=FEATURED_SCHEMA)
         self.trace.end(out)
         return out
@@ -185,7 +196,8 @@ class SequenceStage:
         K = self.layout.num_codec_channels
         for r in batch.to_pylist():
             row = {k: r[k] for k in ("id", "split", "task", "input_modality", "question_text", "answer_text",
-                                     "audio_positions", "mel", "mel_bins", "mel_frames", "answer_frames", "error")}
+                                     "audio_positions", "audio_segments", "mel", "mel_bins", "mel_frames",
+                                     "answer_frames", "error")}
             row.update(length=0, num_channels=self.layout.num_channels, tokens=[], labels=[])
             if not r["error"]:
                 try:

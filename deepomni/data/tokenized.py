@@ -10,6 +10,7 @@ One row per training sequence. Arrays are stored flat with their shapes beside t
 | length, num_channels | int32 | L and C of the sequence |
 | tokens, labels | list<int32> | ``[L, C]`` channel-local ids / targets (-100 = no loss), row-major |
 | audio_positions | int32 | AUDIO placeholder positions in the prompt (0: text input) |
+| audio_segments | list<int32> | with ``speech_encoder.positions="ctc"``: the ``[start, end)`` encoder-frame run of each of those positions, flat (``s0, e0, s1, e1, ...``); empty otherwise |
 | mel | list<float16> | ``[mel_bins, mel_frames]`` log-mel of the spoken question (empty for text input) |
 | mel_bins, mel_frames | int32 | its shape |
 | answer_frames | int32 | codec frames of the spoken answer (0: none) |
@@ -17,6 +18,9 @@ One row per training sequence. Arrays are stored flat with their shapes beside t
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +38,7 @@ TOKENIZED_SCHEMA = pa.schema([
     ("tokens", pa.list_(pa.int32())),
     ("labels", pa.list_(pa.int32())),
     ("audio_positions", pa.int32()),
+    ("audio_segments", pa.list_(pa.int32())),
     ("mel", pa.list_(pa.float16())),
     ("mel_bins", pa.int32()),
     ("mel_frames", pa.int32()),
@@ -51,3 +56,19 @@ def row_tensors(row: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     if int(row["mel_frames"] or 0) > 0:
         mel = torch.as_tensor(np.asarray(row["mel"], dtype=np.float32)).view(int(row["mel_bins"]), -1)
     return tokens, labels, mel
+
+
+def row_segments(row: dict) -> list[tuple[int, int]] | None:
+    """The stored CTC segments of a row's spoken question (``audio_segments``), or None where it has none
+    (text input, or ``positions="frames"``)."""
+    flat = row.get("audio_segments") or []
+    return list(zip(flat[0::2], flat[1::2])) or None
+
+
+def prepared_tokenizer(data: str | Path | None) -> str:
+    """The tokenizer spec a data directory was prepared with (``prepare_summary.json``'s data_config);
+    ``"bytes"``, the default, where it is not recorded."""
+    summary = Path(data) / "prepare_summary.json" if data else None
+    if summary is None or not summary.is_file():
+        return "bytes"
+    return json.loads(summary.read_text()).get("data_config", {}).get("tokenizer") or "bytes"

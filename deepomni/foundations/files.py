@@ -2,9 +2,10 @@
 
     <set>/encoder/config.json          WhisperConfig (a local Whisper directory: speech_encoder.path)
     <set>/encoder/model.safetensors    encoder.* in bf16
-    <set>/encoder/ctc_head.safetensors, ctc_vocab.json   the CTC head it was pretrained with (transcribes)
+    <set>/encoder/ctc_head.safetensors, ctc_vocab.json   the CTC head it was pretrained with (transcribes, and
+                                       cuts speech into one position per character: positions "ctc")
     <set>/base/config.json             ModelConfig; speech_encoder.path "../encoder" (relative to base/)
-    <set>/base/model.safetensors       every tensor but speech.encoder.*, in bf16: a checkpoint
+    <set>/base/model.safetensors       every tensor but speech.encoder.* and speech.projector.*, in bf16: a checkpoint
                                        ``deepomni.checkpoint.load_model`` (``--init``) reads as it is
     <set>/manifest.json                how it was made, sha256 of every file, the figures
     <set>/{encoder,base}/manifest.json the same for the part's own files, beside its weights
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..checkpoint import PROJECTOR
 
 SHIPPED = Path(__file__).resolve().parent  # deepomni/foundations/<name>/
 DEFAULT = "small"  # the set `deepomni pipeline` (make demo) starts from
@@ -45,9 +48,12 @@ def export_set(encoder_dir: Path, base_checkpoint: Path, out: Path) -> None:
     # the encoder was CTC-pretrained on windows cut to each batch's utterances (EncoderPretrainConfig.
     # crop_to_batch): it reads each utterance's own frames, not a padded 8 s window
     cfg["speech_encoder"]["window"] = "utterance"
+    # ... and has its CTC head: the backbone reads one position per character heard (model.speech)
+    cfg["speech_encoder"]["positions"] = "ctc"
     (base_out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+    # a base LLM has no projector: the first stage that gives it speech starts one (Stage.projector_from_text)
     state = {k: v for k, v in load_file(str(base_checkpoint / "model.safetensors")).items()
-             if not k.startswith("speech.encoder.")}
+             if not k.startswith(("speech.encoder.", PROJECTOR))}
     save_file(_bf16(state), str(base_out / "model.safetensors"), metadata={"format": "deepomni"})
 
 

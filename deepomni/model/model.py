@@ -20,7 +20,7 @@ from ..config import ModelConfig
 from .attention import KVCache, MLAttention, RMSNorm, Rotary, SlotKVCache
 from .channels import ChannelEmbedding, TextSpecial, VocabLayout, channel_loss
 from .moe import MLP, MoE
-from .speech import SpeechInput, audio_scatter
+from .speech import CTC_VOCAB, CharProjector, SpeechInput, audio_scatter
 
 
 class Block(nn.Module):
@@ -63,17 +63,20 @@ class DeepOmniModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ init
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None, include_encoder: bool = False) -> "DeepOmniModel":
-        """Random init as the DeepSeek-V2 family (normal, std ``initializer_range``; norms at 1). The
-        frozen speech encoder keeps its own (loaded or random) weights unless ``include_encoder``. Also
-        recomputes the derived buffers, so a model built on the meta device can be ``to_empty``-ed and then
-        initialised. Draws happen on each parameter's device (one generator per device, from ``seed``)."""
+    def init_weights(self, seed: int | None = None, include_encoder: bool = False,
+                     prefix: str = "") -> "DeepOmniModel":
+        """Random init as the DeepSeek-V2 family (normal, std ``initializer_range``; norms at 1) of the
+        parameters whose name starts with ``prefix`` (all by default). The frozen speech encoder keeps its
+        own (loaded or random) weights unless ``include_encoder``. Also recomputes the derived buffers, so a
+        model built on the meta device can be ``to_empty``-ed and then initialised. Draws happen on each
+        parameter's device (one generator per device, from ``seed``)."""
         self.embed.reset_buffers()
         self.rotary.reset_buffers()
         gens: dict[torch.device, torch.Generator] = {}
         std = self.cfg.initializer_range
         for name, p in self.named_parameters():
-            if (name.startswith("speech.encoder.") and not include_encoder) or p.device.type == "meta":
+            if ((name.startswith("speech.encoder.") and not include_encoder) or p.device.type == "meta"
+                    or not name.startswith(prefix)):
                 continue
             if name.endswith("norm.weight") or name.endswith("layer_norm.weight"):
                 p.fill_(1.0)
@@ -111,10 +114,29 @@ class DeepOmniModel(nn.Module):
         audio_BLD = audio_scatter(audio, mask_BL, self.cfg.hidden_size)
         return self.embed(tokens_BLC, audio_BLD, mask_BL)
 
-    def encode_speech(self, mel_BMT: torch.Tensor, num_mel_frames_B: list[int]) -> list[torch.Tensor]:
+    def encode_speech(self, mel_BMT: torch.Tensor, num_mel_frames_B: list[int],
+                      segments_B: list | None = None) -> list[torch.Tensor]:
+        """Projected speech per utterance (``segments_B``: stored CTC segments, ``SpeechInput.forward``)."""
         if self.speech is None:
             raise RuntimeError("this model was built without speech input (with_speech_input=False)")
-        return self.speech(mel_BMT, num_mel_frames_B)
+        return self.speech(mel_BMT, num_mel_frames_B, segments_B)
+
+    @torch.no_grad()
+    def init_projector_from_text(self, tok) -> None:
+        """``positions="ctc"``: start the projector from this backbone's text embedding of each CTC symbol
+        as ``tok`` encodes it (several ids: their mean), so heard characters first embed as typed ones
+        (:meth:`CharProjector.init_from_text`)."""
+        if self.speech is None or not isinstance(self.speech.projector, CharProjector):
+            raise ValueError("init_projector_from_text needs speech_encoder.positions='ctc'")
+        text_rows = self.embed.weight[self.layout.channel_offset(0):]
+        chars_VD = torch.zeros_like(self.speech.projector.char_table)
+        for v, c in enumerate(CTC_VOCAB[1:], start=1):  # the blank's row stays unused
+            ids = tok.encode(c)
+            if not ids:
+                raise ValueError(f"the tokenizer encodes CTC symbol {c!r} to nothing")
+            chars_VD[v] = text_rows[ids].float().mean(0)
+        audio_D = text_rows[self.layout.text(TextSpecial.AUDIO)].float()
+        self.speech.projector.init_from_text(chars_VD, audio_D, self.layout.num_codec_channels)
 
     def forward(
         self,

@@ -1,9 +1,17 @@
 """Speech input: a frozen Whisper encoder and the projector into the backbone's hidden size.
 
 Log-mel ``[B, mel, frames]`` (100 Hz) -> Whisper encoder (conv stride 2: one frame per 20 ms) ->
-keep the frames the audio really covers -> stack ``downsample`` neighbours -> 2-layer MLP -> one
-position per ``20 ms * downsample``. The projected frames go, in order, to the positions whose text
-channel holds the AUDIO placeholder (between BOA and EOA) — see :func:`audio_scatter`.
+keep the frames the audio really covers -> backbone positions, by ``SpeechEncoderConfig.positions``:
+
+- ``"frames"``: stack ``downsample`` neighbours -> 2-layer MLP (:class:`Projector`) -> one position per
+  ``20 ms * downsample``;
+- ``"ctc"``: the encoder's own CTC head (frozen, pretrained with it) cuts the frames into greedy CTC
+  segments, one per character heard (:func:`ctc_segments`); each segment is the mean of its frames and of
+  its character posteriors -> :class:`CharProjector` -> one position per character, at the rate of the
+  text the backbone was trained to read.
+
+The projected positions go, in order, to the positions whose text channel holds the AUDIO placeholder
+(between BOA and EOA) — see :func:`audio_scatter`.
 """
 
 from __future__ import annotations
@@ -17,6 +25,12 @@ from torch import nn
 from ..config import SpeechEncoderConfig
 
 MEL_FRAMES_PER_ENCODER_FRAME = 2  # Whisper's second conv has stride 2
+
+# CTC output alphabet of the encoders ``deepomni foundations build`` pretrains (ctc_vocab.json): index 0 is
+# the blank, then exactly the characters ``deepomni.data.content.transcript`` keeps
+CTC_BLANK = "<blank>"
+CTC_VOCAB: tuple[str, ...] = (CTC_BLANK, " ", "'", *"abcdefghijklmnopqrstuvwxyz", *"0123456789")
+CTC_HEAD_FILE, CTC_VOCAB_FILE = "ctc_head.safetensors", "ctc_vocab.json"
 
 
 def whisper_config(cfg: SpeechEncoderConfig):
@@ -47,7 +61,8 @@ def encode_frames(encoder: nn.Module, mel_BMT: torch.Tensor) -> torch.Tensor:
     return encoder.layer_norm(h_BTE)
 
 
-def speech_encoder_config(path: str, downsample: int = 1, window: str = "full") -> SpeechEncoderConfig:
+def speech_encoder_config(path: str, downsample: int = 1, window: str = "full",
+                          positions: str = "frames") -> SpeechEncoderConfig:
     """A local Whisper directory's encoder architecture as our config (``path`` set), so a model config
     carries the shape of the encoder it loads (``d_model`` sizes the projector, the window sizes LogMel)."""
     from pathlib import Path
@@ -59,12 +74,15 @@ def speech_encoder_config(path: str, downsample: int = 1, window: str = "full") 
                                encoder_layers=hf.encoder_layers,
                                encoder_attention_heads=hf.encoder_attention_heads,
                                encoder_ffn_dim=hf.encoder_ffn_dim,
-                               max_source_positions=hf.max_source_positions, downsample=downsample, window=window)
+                               max_source_positions=hf.max_source_positions, downsample=downsample, window=window,
+                               positions=positions)
 
 
 def build_whisper_encoder(cfg: SpeechEncoderConfig) -> nn.Module:
     """transformers' WhisperEncoder: loaded from ``cfg.path`` (a local WhisperModel / Whisper encoder
-    directory) or built from the config with random weights. Always frozen and in eval mode."""
+    directory) or built from the config with random weights. Always frozen and in eval mode. With
+    ``positions="ctc"`` it carries its CTC head as ``ctc_head`` (a Linear over :data:`CTC_VOCAB`, read from
+    the directory's ctc_head.safetensors), so the head is part of the frozen encoder everywhere."""
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -74,8 +92,51 @@ def build_whisper_encoder(cfg: SpeechEncoderConfig) -> nn.Module:
         enc.load_state_dict(_encoder_state_dict(cfg.path), strict=True)
     else:
         enc = WhisperEncoder(whisper_config(cfg))
+    if cfg.positions == "ctc":
+        enc.ctc_head = nn.Linear(enc.config.d_model, len(CTC_VOCAB))
+        if cfg.path:
+            enc.ctc_head.load_state_dict(ctc_head_state_dict(cfg.path))
     enc.requires_grad_(False)
     return enc.eval()
+
+
+def ctc_head_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The CTC head of a directory ``deepomni foundations build`` (or ``train_encoder``) wrote, checked
+    against :data:`CTC_VOCAB`."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    if not (d / CTC_HEAD_FILE).is_file() or not (d / CTC_VOCAB_FILE).is_file():
+        raise FileNotFoundError(f"speech_encoder.positions='ctc' needs the encoder's CTC head: {d} has no "
+                                f"{CTC_HEAD_FILE} + {CTC_VOCAB_FILE} (a plain Whisper checkpoint has none: use "
+                                f"positions='frames')")
+    vocab = tuple(json.loads((d / CTC_VOCAB_FILE).read_text())["tokens"])
+    if vocab != CTC_VOCAB:
+        raise ValueError(f"{d / CTC_VOCAB_FILE}: CTC vocabulary {vocab[:5]}... is not {CTC_VOCAB[:5]}...")
+    return {k: v.float() for k, v in load_file(str(d / CTC_HEAD_FILE)).items()}
+
+
+def ctc_segments(logits_TV: torch.Tensor, blank: int = 0) -> list[tuple[int, int]]:
+    """Greedy CTC segmentation: ``[start, end)`` frame runs whose best symbol is the same non-blank one,
+    in order (one per character greedy CTC decoding would emit). Silence (no such run) gives one segment
+    over every frame, so an utterance always fills at least one position."""
+    best_T = logits_TV.argmax(-1)
+    if best_T.numel() == 0:
+        raise ValueError("no encoder frames to segment")
+    change_T = torch.ones_like(best_T, dtype=torch.bool)
+    change_T[1:] = best_T[1:] != best_T[:-1]
+    starts = change_T.nonzero().flatten().tolist()
+    ends = starts[1:] + [best_T.numel()]
+    segs = [(s, e) for s, e in zip(starts, ends) if int(best_T[s]) != blank]
+    return segs or [(0, best_T.numel())]
+
+
+def pool_segments(x_TX: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+    """``[len(segments), X]``: the mean of ``x`` over each ``[start, end)`` run."""
+    return torch.stack([x_TX[s:e].mean(0) for s, e in segments])
 
 
 def _encoder_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -114,44 +175,105 @@ class Projector(nn.Module):
         return self.linear2(F.gelu(self.linear1(x)))
 
 
+class CharProjector(nn.Module):
+    """Projector of ``positions="ctc"``: a CTC segment (mean frame ``[E]``, mean character posterior
+    ``[V]``) -> ``posterior @ char_table + MLP(frame)``.
+
+    ``char_table`` holds, per CTC symbol, the speech feature under which an AUDIO position embeds as the
+    backbone embeds that character typed (:meth:`init_from_text`; the channel embedding mixes the feature
+    with the AUDIO token's row, ``deepomni.model.channels``); the MLP, zero at that start, learns what
+    letters alone do not carry. So alignment starts where a cascade ends, reading the encoder's soft
+    transcript, and the encoder deployment needs no backbone weights to serve it."""
+
+    def __init__(self, encoder_dim: int, hidden_size: int, vocab_size: int = len(CTC_VOCAB)):
+        super().__init__()
+        self.char_table = nn.Parameter(torch.zeros(vocab_size, hidden_size))
+        self.linear1 = nn.Linear(encoder_dim, hidden_size)
+        self.linear2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, frames_SE: torch.Tensor, posteriors_SV: torch.Tensor) -> torch.Tensor:
+        chars_SV = posteriors_SV[:, 1:] / posteriors_SV[:, 1:].sum(-1, keepdim=True).clamp_min(1e-6)  # no blank
+        return chars_SV.to(self.char_table.dtype) @ self.char_table[1:] + self.linear2(F.gelu(self.linear1(frames_SE)))
+
+    @torch.no_grad()
+    def init_from_text(self, char_rows_VD: torch.Tensor, audio_row_D: torch.Tensor, num_codec_channels: int) -> None:
+        """Start from the backbone's text embedding: ``char_rows_VD[v]`` is its input row for CTC symbol
+        ``v`` (the blank's is unused), ``audio_row_D`` the AUDIO placeholder's. An AUDIO position embeds as
+        ``(e_AUDIO + K * feature) / (K + 1)``; the feature ``((K + 1) * e_char - e_AUDIO) / K`` makes that
+        ``e_char``. The MLP's output layer is zeroed."""
+        K = num_codec_channels
+        if K < 1:
+            raise ValueError("speech features enter through the codec channels: a model without them (K=0) "
+                             "cannot read speech")
+        self.char_table.copy_(((K + 1) * char_rows_VD - audio_row_D) / K)
+        nn.init.zeros_(self.linear2.weight)
+        nn.init.zeros_(self.linear2.bias)
+
+
 def num_audio_positions(num_mel_frames: int, downsample: int) -> int:
     """Backbone positions produced for an utterance of ``num_mel_frames`` log-mel frames (100 Hz)."""
     return math.ceil(math.ceil(num_mel_frames / MEL_FRAMES_PER_ENCODER_FRAME) / downsample)
 
 
 class SpeechInput(nn.Module):
-    """Frozen encoder + trainable projector."""
+    """Frozen encoder (and, with ``positions="ctc"``, its CTC head) + trainable projector."""
 
     def __init__(self, cfg: SpeechEncoderConfig, hidden_size: int):
         super().__init__()
         self.cfg = cfg
         self.encoder = build_whisper_encoder(cfg)
-        self.projector = Projector(self.encoder.config.d_model, hidden_size, cfg.downsample)
+        E = self.encoder.config.d_model
+        self.projector = (CharProjector(E, hidden_size) if cfg.positions == "ctc"
+                          else Projector(E, hidden_size, cfg.downsample))
 
     @property
     def input_frames(self) -> int:
         """Mel frames the Whisper encoder expects (inputs are padded to this)."""
         return self.encoder.config.max_source_positions * MEL_FRAMES_PER_ENCODER_FRAME
 
-    def forward(self, mel_BMT: torch.Tensor, num_mel_frames_B: list[int]) -> list[torch.Tensor]:
-        """Projected speech, one ``[positions_i, D]`` tensor per utterance (the encoder reads the full
-        window or each utterance's own frames: ``SpeechEncoderConfig.window``)."""
+    @torch.no_grad()
+    def encode(self, mel_BMT: torch.Tensor, num_mel_frames_B: list[int]) -> list[torch.Tensor]:
+        """The frozen encoder's frames the audio covers, one ``[frames_i, E]`` tensor per utterance (it reads
+        the full window or each utterance's own frames: ``SpeechEncoderConfig.window``)."""
         mel_BMT = mel_BMT.to(self.projector.linear1.weight.dtype)
         frames_B = [math.ceil(n / MEL_FRAMES_PER_ENCODER_FRAME) for n in num_mel_frames_B]
-        with torch.no_grad():
-            self.encoder.eval()
-            if self.cfg.window == "utterance":
-                enc = []
-                for b, frames in enumerate(frames_B):
-                    mel_1MT = mel_BMT[b : b + 1, :, : frames * MEL_FRAMES_PER_ENCODER_FRAME]
-                    mel_1MT = F.pad(mel_1MT, (0, frames * MEL_FRAMES_PER_ENCODER_FRAME - mel_1MT.shape[-1]))
-                    enc.append(encode_frames(self.encoder, mel_1MT)[0])
-            else:
-                if mel_BMT.shape[-1] < self.input_frames:
-                    mel_BMT = F.pad(mel_BMT, (0, self.input_frames - mel_BMT.shape[-1]))
-                enc_BSE = self.encoder(mel_BMT).last_hidden_state
-                enc = [enc_BSE[b, :frames] for b, frames in enumerate(frames_B)]
-        return [self.projector(e) for e in enc]
+        self.encoder.eval()
+        if self.cfg.window == "utterance":
+            enc = []
+            for b, frames in enumerate(frames_B):
+                mel_1MT = mel_BMT[b : b + 1, :, : frames * MEL_FRAMES_PER_ENCODER_FRAME]
+                mel_1MT = F.pad(mel_1MT, (0, frames * MEL_FRAMES_PER_ENCODER_FRAME - mel_1MT.shape[-1]))
+                enc.append(encode_frames(self.encoder, mel_1MT)[0])
+            return enc
+        if mel_BMT.shape[-1] < self.input_frames:
+            mel_BMT = F.pad(mel_BMT, (0, self.input_frames - mel_BMT.shape[-1]))
+        enc_BSE = self.encoder(mel_BMT).last_hidden_state
+        return [enc_BSE[b, :frames] for b, frames in enumerate(frames_B)]
+
+    @torch.no_grad()
+    def segments(self, mel_BMT: torch.Tensor, num_mel_frames_B: list[int]) -> list[list[tuple[int, int]]]:
+        """``positions="ctc"``: each utterance's CTC segments (:func:`ctc_segments`), one per position it
+        will fill. Data preparation stores them, so training reads the count its prompts were built with."""
+        if self.cfg.positions != "ctc":
+            raise ValueError("segments exist only with speech_encoder.positions='ctc'")
+        return [ctc_segments(self.encoder.ctc_head(e)) for e in self.encode(mel_BMT, num_mel_frames_B)]
+
+    def forward(self, mel_BMT: torch.Tensor, num_mel_frames_B: list[int],
+                segments_B: list[list[tuple[int, int]] | None] | None = None) -> list[torch.Tensor]:
+        """Projected speech, one ``[positions_i, D]`` tensor per utterance. ``segments_B`` (``positions=
+        "ctc"``): the stored segments of each utterance (None: cut them now)."""
+        enc = self.encode(mel_BMT, num_mel_frames_B)
+        if self.cfg.positions != "ctc":
+            return [self.projector(e) for e in enc]
+        out = []
+        for b, e_TE in enumerate(enc):
+            with torch.no_grad():
+                post_TV = self.encoder.ctc_head(e_TE).softmax(-1)
+            segs = segments_B[b] if segments_B is not None and segments_B[b] is not None else ctc_segments(post_TV)
+            if segs[-1][1] > e_TE.shape[0]:
+                raise ValueError(f"utterance {b}: segments reach frame {segs[-1][1]} but it has {e_TE.shape[0]}")
+            out.append(self.projector(pool_segments(e_TE, segs), pool_segments(post_TV, segs)))
+        return out
 
 
 def audio_scatter(

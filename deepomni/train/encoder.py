@@ -34,12 +34,12 @@ from torch import nn
 
 from ..audio import WHISPER_SAMPLE_RATE, LogMel, load_audio
 from ..data.content import transcript
-from ..model.speech import MEL_FRAMES_PER_ENCODER_FRAME, encode_frames, whisper_config
+from ..model.speech import (CTC_BLANK, CTC_HEAD_FILE, CTC_VOCAB, CTC_VOCAB_FILE, MEL_FRAMES_PER_ENCODER_FRAME,
+                            ctc_head_state_dict, encode_frames, whisper_config)
 from .config import EncoderPretrainConfig
 
-# CTC output alphabet: index 0 is the blank; then exactly the characters ``content.transcript`` keeps
-BLANK = "<blank>"
-VOCAB: tuple[str, ...] = (BLANK, " ", "'", *"abcdefghijklmnopqrstuvwxyz", *"0123456789")
+# CTC output alphabet (deepomni.model.speech, which reads the head with positions="ctc")
+BLANK, VOCAB = CTC_BLANK, CTC_VOCAB
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCAB)}
 
 # families whose spoken answer is not its answer_text read aloud: the audio spells letter names
@@ -322,8 +322,8 @@ def save_encoder_dir(model: CTCEncoder, out_dir: str | Path) -> None:
     enc = {f"encoder.{k}": v.detach().contiguous() for k, v in model.encoder.state_dict().items()}
     save_file(enc, str(out / "model.safetensors"), metadata={"format": "pt"})
     head = {k: v.detach().contiguous() for k, v in model.head.state_dict().items()}
-    save_file(head, str(out / "ctc_head.safetensors"), metadata={"format": "pt"})
-    (out / "ctc_vocab.json").write_text(json.dumps({"blank": 0, "tokens": list(VOCAB)}, indent=1) + "\n")
+    save_file(head, str(out / CTC_HEAD_FILE), metadata={"format": "pt"})
+    (out / CTC_VOCAB_FILE).write_text(json.dumps({"blank": 0, "tokens": list(VOCAB)}, indent=1) + "\n")
 
 
 def load_ctc_encoder(directory: str | Path) -> CTCEncoder:
@@ -337,13 +337,11 @@ def load_ctc_encoder(directory: str | Path) -> CTCEncoder:
     cfg = EncoderPretrainConfig(num_mel_bins=hf.num_mel_bins, d_model=hf.d_model, encoder_layers=hf.encoder_layers,
                                 encoder_attention_heads=hf.encoder_attention_heads, encoder_ffn_dim=hf.encoder_ffn_dim,
                                 max_source_positions=hf.max_source_positions)
-    vocab = json.loads((d / "ctc_vocab.json").read_text())["tokens"]
-    if tuple(vocab) != VOCAB:
-        raise ValueError(f"{d}: CTC vocabulary {vocab[:5]}... is not this version's {VOCAB[:5]}...")
+    head = ctc_head_state_dict(str(d))  # checks the vocabulary first
     model = CTCEncoder(cfg)
     enc = {k.removeprefix("encoder."): v.float() for k, v in load_file(str(d / "model.safetensors")).items()}
     model.encoder.load_state_dict(enc, strict=True)
-    model.head.load_state_dict({k: v.float() for k, v in load_file(str(d / "ctc_head.safetensors")).items()})
+    model.head.load_state_dict(head)
     return model.eval()
 
 

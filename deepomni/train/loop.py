@@ -51,7 +51,7 @@ from ..config import ModelConfig, load_preset
 from ..model.channels import IGNORE, CodecSpecial, TextSpecial, VocabLayout
 from ..model.modality import ExpertAssignment, moe_layers, param_groups, set_routing_mode
 from ..model.model import DeepOmniModel
-from ..data.tokenized import row_tensors
+from ..data.tokenized import row_segments, row_tensors
 from ..model.routing_stats import ExpertCounter
 from .config import TrainConfig
 from .faults import FaultInjector
@@ -60,7 +60,7 @@ from .profile import SPEECH, TEXT, modality_positions
 from .stages import Stage, get_stage, set_trainable
 
 COLUMNS = ["id", "task", "input_modality", "length", "num_channels", "tokens", "labels", "audio_positions",
-           "mel", "mel_bins", "mel_frames"]
+           "audio_segments", "mel", "mel_bins", "mel_frames"]
 TRAIN_STATE = "train_state.json"
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def collate(rows: list[dict], layout: VocabLayout, text_only: bool = False) -> d
     tokens = pad.repeat(B, L, 1)
     labels = torch.full((B, L, C), IGNORE, dtype=torch.long)
     masks = {SPEECH: torch.zeros(B, L, dtype=torch.bool), TEXT: torch.zeros(B, L, dtype=torch.bool)}
-    mels, frames, speech_rows, n_tokens = [], [], [], 0
+    mels, frames, segments, speech_rows, n_tokens = [], [], [], [], 0
     for b, (row, (t, lab, mel)) in enumerate(zip(rows, parts)):
         n = t.shape[0]
         if text_only:
@@ -159,10 +159,11 @@ def collate(rows: list[dict], layout: VocabLayout, text_only: bool = False) -> d
         if mel is not None and int(row.get("audio_positions") or 0) > 0:
             mels.append(mel)
             frames.append(int(row["mel_frames"]))
+            segments.append(row_segments(row))
             speech_rows.append(b)
         n_tokens += n
-    return {"tokens": tokens, "labels": labels, "mels": mels, "frames": frames, "masks": masks,
-            "speech_rows": speech_rows, "n_tokens": n_tokens}
+    return {"tokens": tokens, "labels": labels, "mels": mels, "frames": frames, "segments": segments,
+            "masks": masks, "speech_rows": speech_rows, "n_tokens": n_tokens}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -181,7 +182,7 @@ def speech_inputs(model: DeepOmniModel, batch: dict) -> list[torch.Tensor] | Non
         return None
     T = max(m.shape[1] for m in batch["mels"])
     mel_SMT = torch.stack([torch.nn.functional.pad(m, (0, T - m.shape[1])) for m in batch["mels"]])
-    projected = model.encode_speech(mel_SMT, batch["frames"])
+    projected = model.encode_speech(mel_SMT, batch["frames"], batch.get("segments"))
     audio = [projected[0].new_zeros(0, model.cfg.hidden_size) for _ in range(batch["tokens"].shape[0])]
     for b, a in zip(batch["speech_rows"], projected):
         audio[b] = a
@@ -201,12 +202,18 @@ def build_model(cfg: TrainConfig, stage: Stage, resume_dir: Path | None) -> tupl
 
             # the architecture from the directory; the weights travel in this run's checkpoints from now on
             model_cfg = model_cfg.replace(speech_encoder=speech_encoder_config(
-                cfg.speech_encoder, model_cfg.speech_encoder.downsample, model_cfg.speech_encoder.window))
+                cfg.speech_encoder, model_cfg.speech_encoder.downsample, model_cfg.speech_encoder.window,
+                model_cfg.speech_encoder.positions))
         model, assignment = DeepOmniModel(model_cfg).init_weights(seed=cfg.seed), None
     if cfg.assignment:
         assignment = ExpertAssignment.load(cfg.assignment)
     if stage.needs_assignment and assignment is None:
         raise ValueError(f"stage {stage.name} needs an expert assignment (experts.json in init, or --assignment)")
+    if stage.projector_from_text and resume_dir is None and model.cfg.speech_encoder.positions == "ctc":
+        from ..data.tokenized import prepared_tokenizer
+        from ..text import load_tokenizer
+
+        model.init_projector_from_text(load_tokenizer(prepared_tokenizer(cfg.data), model.cfg.text_vocab_size))
     set_routing_mode(model, stage.mode, assignment)  # mode "all" routes to every expert, whatever the assignment
     set_trainable(model, stage)
     return model.train(), assignment

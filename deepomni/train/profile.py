@@ -36,7 +36,7 @@ import pyarrow.dataset as pads
 import torch
 
 from ..data.schema import SPEECH, SPEECH_TASKS, TEXT, TEXT_QA
-from ..data.tokenized import row_tensors
+from ..data.tokenized import row_segments, row_tensors
 from ..model.channels import CodecSpecial, TextSpecial, VocabLayout
 from ..model.modality import ExpertAssignment, assign_from_load, moe_layers, set_routing_mode
 from ..model.model import DeepOmniModel
@@ -70,7 +70,7 @@ def speech_input(model: DeepOmniModel, row: dict, mel_MT: torch.Tensor | None) -
     if mel_MT is None or int(row.get("audio_positions") or 0) == 0:
         return None
     device = model.embed.weight.device
-    audio = model.encode_speech(mel_MT.unsqueeze(0).to(device), [int(row["mel_frames"])])
+    audio = model.encode_speech(mel_MT.unsqueeze(0).to(device), [int(row["mel_frames"])], [row_segments(row)])
     return audio
 
 

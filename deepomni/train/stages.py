@@ -3,7 +3,7 @@
 | stage            | data (tasks)                    | trainable                                             | router      |
 |------------------|---------------------------------|-------------------------------------------------------|-------------|
 | text_pretrain    | text_qa, text-input spoken_qa   | all but the speech input (the base LLM; foundations)  | all experts |
-| s1_align         | asr                             | projector, codec embedding rows (+ untied head's)     | unchanged   |
+| s1_align         | asr, spoken_qa                  | projector, codec embedding rows (+ untied head's)     | unchanged   |
 | s2_speech_experts| spoken_qa, tts (speech answers) | speech experts, router, codec embedding rows          | speech only |
 | s2_text_experts  | text_qa                         | text experts, router                                  | text only   |
 | s3_joint         | all tasks                       | all routed experts, router, codec embedding rows      | all experts |
@@ -23,6 +23,12 @@ aligned model's text QA from 0.35 to 0.00, while the speech experts, router and 
 0.30; and the paper's S3 took the S2.2 model from 0.55 to 0.33, where routed experts, router and codec
 rows alone ended at 0.50 with the same codec accuracy (0.14). So after S1 nothing the text side reads
 trains except the routed experts (masked to the stage's modality in S2) and the router.
+
+**S1 reads spoken questions too** (the paper: ASR pairs only). With the projector started from the text
+embedding of the characters heard (``speech_encoder.positions="ctc"``), the small base answers 31 of 57
+spoken questions before any training; 300 steps on ASR alone took that to 3 of 57 (ASR WER 0.856 -> 0.828),
+with spoken questions mixed in to 23 (ASR 0.811): aligning speech to transcription alone teaches the
+projector a transcription mode, not text (measured 2026-12-07, docs/paper.md "Speech at the rate of text").
 
 Learning rates are the paper's (S1 2e-5, S2.1 1e-4, S2.2 2e-5, S3 5e-5); tiny models need larger ones,
 set per stage by the training preset (``deepomni/presets/train/tiny.json``).
@@ -51,6 +57,10 @@ class Stage:
     # them (turn markers, EOT), and training them on ASR alone took the tiny base's held-out text QA from
     # 0.35 to 0.00 with every other text weight frozen (measured, runs/demo_full, 2026-11-27)
     codec_rows_only: bool = False
+    # a stage that first gives the base its speech input: with speech_encoder.positions="ctc" a fresh run
+    # (not a resume) starts the projector from the base's text embedding of the characters the encoder
+    # hears (DeepOmniModel.init_projector_from_text), as every model trained from the base must, to compare
+    projector_from_text: bool = False
 
 
 # ------------------------------------------------------------------------------ trainable predicates
@@ -82,13 +92,14 @@ def all_but_encoder(name: str, cfg) -> bool:
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("text_pretrain", (TEXT_QA, SPOKEN_QA), all_but_speech_input, "all", 1e-4, 1000, text_only=True),
-    Stage("s1_align", (ASR,), projector_and_embeddings, "all", 2e-5, 1000, codec_rows_only=True),
+    Stage("s1_align", (ASR, SPOKEN_QA), projector_and_embeddings, "all", 2e-5, 1000, codec_rows_only=True,
+          projector_from_text=True),
     Stage("s2_speech_experts", (SPOKEN_QA, TTS), experts_router_and_embeddings, "speech", 1e-4, 1000,
           needs_assignment=True, codec_rows_only=True),
     Stage("s2_text_experts", (TEXT_QA,), routed_experts_and_router, "text", 2e-5, 1000, needs_assignment=True),
     Stage("s3_joint", TASKS, experts_router_and_embeddings, "all", 5e-5, 1000, codec_rows_only=True),
-    Stage("full_finetune", TASKS, all_but_encoder, "all", 5e-5, 1000),
-    Stage("speech_finetune", SPEECH_TASKS, all_but_encoder, "all", 5e-5, 1000),
+    Stage("full_finetune", TASKS, all_but_encoder, "all", 5e-5, 1000, projector_from_text=True),
+    Stage("speech_finetune", SPEECH_TASKS, all_but_encoder, "all", 5e-5, 1000, projector_from_text=True),
 ]}
 
 
