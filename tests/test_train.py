@@ -94,6 +94,18 @@ def test_stage_table_matches_paper():
         [2e-5, 1e-4, 2e-5, 5e-5]
     assert trainable("speech_finetune") == trainable("full_finetune")
     assert set(STAGES["speech_finetune"].tasks) == {"asr", "tts", "spoken_qa"}
+    # the paper's own sets (baseline "paper_stages"): S2 all but the speech input and the MoE layers'
+    # attention (the dense layer 0 keeps its attention training), the whole embedding table; S3 all but the
+    # speech input
+    paper_s2 = trainable("s2_speech_experts_paper")
+    assert paper_s2 == {n for n in names if not n.startswith("speech.")
+                        and not (".self_attn." in n and not n.startswith("layers.0."))}
+    assert "layers.0.self_attn.q_proj.weight" in paper_s2 and "layers.1.mlp.shared_experts.up_proj.weight" in paper_s2
+    assert not get_stage("s2_speech_experts_paper").codec_rows_only
+    assert trainable("s2_text_experts_paper") == paper_s2
+    assert trainable("s3_joint_paper") == {n for n in names if not n.startswith("speech.")}
+    assert [STAGES[f"{s}_paper"].mode for s in ("s2_speech_experts", "s2_text_experts", "s3_joint")] == \
+        ["speech", "text", "all"]
 
 
 def test_recipe_order_profiles_the_aligned_model():

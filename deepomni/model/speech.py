@@ -119,11 +119,12 @@ def ctc_head_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(d / CTC_HEAD_FILE)).items()}
 
 
-def ctc_segments(logits_TV: torch.Tensor, blank: int = 0) -> list[tuple[int, int]]:
-    """Greedy CTC segmentation: ``[start, end)`` frame runs whose best symbol is the same non-blank one,
-    in order (one per character greedy CTC decoding would emit). Silence (no such run) gives one segment
-    over every frame, so an utterance always fills at least one position."""
-    best_T = logits_TV.argmax(-1)
+def ctc_segments(scores_TV: torch.Tensor, blank: int = 0) -> list[tuple[int, int]]:
+    """Greedy CTC segmentation of per-frame symbol scores (logits or posteriors): ``[start, end)`` frame
+    runs whose best symbol is the same non-blank one, in order (one per character greedy CTC decoding would
+    emit). Silence (no such run) gives one segment over every frame, so an utterance always fills at least
+    one position."""
+    best_T = scores_TV.argmax(-1)
     if best_T.numel() == 0:
         raise ValueError("no encoder frames to segment")
     change_T = torch.ones_like(best_T, dtype=torch.bool)

@@ -7,6 +7,7 @@
 | s2_speech_experts| spoken_qa, tts (speech answers) | speech experts, router, codec embedding rows          | speech only |
 | s2_text_experts  | text_qa                         | text experts, router                                  | text only   |
 | s3_joint         | all tasks                       | all routed experts, router, codec embedding rows      | all experts |
+| *_paper (S2, S3) | as S2.1 / S2.2 / S3             | the paper's: S2 all but speech input and MoE-layer attention; S3 all but speech input | as S2 / S3 |
 | full_finetune    | all tasks                       | all but the speech encoder (baseline "PureMoE")       | all experts |
 | speech_finetune  | asr, tts, spoken_qa             | all but the speech encoder (native speech fine-tune)  | all experts |
 
@@ -90,6 +91,17 @@ def all_but_encoder(name: str, cfg) -> bool:
     return not name.startswith("speech.encoder.")
 
 
+def paper_s2(name: str, cfg) -> bool:
+    """The paper's (and its release's) S2.1 / S2.2: everything but the speech input and the attention of
+    the MoE layers: routed experts (the mode's, by the gradient mask), router, shared experts, the dense
+    layers (attention included), the norms outside attention, the whole embedding table."""
+    if _speech_input(name):
+        return False
+    if ".self_attn." in name:
+        return int(name.split(".")[1]) < cfg.first_k_dense_replace  # layers.<i>.self_attn.*
+    return True
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("text_pretrain", (TEXT_QA, SPOKEN_QA), all_but_speech_input, "all", 1e-4, 1000, text_only=True),
     Stage("s1_align", (ASR, SPOKEN_QA), projector_and_embeddings, "all", 2e-5, 1000, codec_rows_only=True,
@@ -98,6 +110,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           needs_assignment=True, codec_rows_only=True),
     Stage("s2_text_experts", (TEXT_QA,), routed_experts_and_router, "text", 2e-5, 1000, needs_assignment=True),
     Stage("s3_joint", TASKS, experts_router_and_embeddings, "all", 5e-5, 1000, codec_rows_only=True),
+    # the paper's trainable sets (the "paper_stages" baseline: the same steps and rates as ours)
+    Stage("s2_speech_experts_paper", (SPOKEN_QA, TTS), paper_s2, "speech", 1e-4, 1000, needs_assignment=True),
+    Stage("s2_text_experts_paper", (TEXT_QA,), paper_s2, "text", 2e-5, 1000, needs_assignment=True),
+    Stage("s3_joint_paper", TASKS, all_but_speech_input, "all", 5e-5, 1000),
     Stage("full_finetune", TASKS, all_but_encoder, "all", 5e-5, 1000, projector_from_text=True),
     Stage("speech_finetune", SPEECH_TASKS, all_but_encoder, "all", 5e-5, 1000, projector_from_text=True),
 ]}
@@ -142,11 +158,12 @@ class Step:
         return self.stage is None
 
 
-def _staged(prefix: str, profile: str) -> tuple[Step, ...]:
-    """S2.1 -> S2.2 -> S3 from the aligned model, routed by ``profile``'s assignment."""
-    return (Step(f"{prefix}s2_speech_experts", "s2_speech_experts", "s1_align", profile),
-            Step(f"{prefix}s2_text_experts", "s2_text_experts", f"{prefix}s2_speech_experts", profile),
-            Step(f"{prefix}s3_joint", "s3_joint", f"{prefix}s2_text_experts", profile))
+def _staged(prefix: str, profile: str, stages: str = "") -> tuple[Step, ...]:
+    """S2.1 -> S2.2 -> S3 from the aligned model, routed by ``profile``'s assignment (``stages``: the suffix
+    of another set of those stages, "_paper")."""
+    return (Step(f"{prefix}s2_speech_experts", f"s2_speech_experts{stages}", "s1_align", profile),
+            Step(f"{prefix}s2_text_experts", f"s2_text_experts{stages}", f"{prefix}s2_speech_experts", profile),
+            Step(f"{prefix}s3_joint", f"s3_joint{stages}", f"{prefix}s2_text_experts", profile))
 
 
 # docs/paper.md "Training stages": base LLM -> S1 alignment -> profile the *aligned* model (only after S1 do speech
@@ -164,6 +181,8 @@ BASELINES: dict[str, tuple[Step, ...]] = {
     # the contribution's ablation: the same stages with speech experts drawn at random
     "random_assignment": (Step("profile_random", init="s1_align", random_assignment=True),
                           *_staged("random_", "profile_random")),
+    # our departure measured: the same assignment, steps and rates, with the paper's trainable sets in S2/S3
+    "paper_stages": _staged("paper_", "profile", "_paper"),
     # "PureMoE": every parameter, every task, as many steps as the recipe after the base
     "full_finetune": (Step("full_finetune", "full_finetune", init="base", steps_of=_RECIPE_TRAINING),),
     # the native case: every parameter on the speech tasks only, same steps
@@ -175,7 +194,8 @@ BASELINES: dict[str, tuple[Step, ...]] = {
 # show what the joint stage S3 costs or gives)
 MODELS: dict[str, str] = {"base": "base", "s1_align": "s1_align", "deeptalk": "s3_joint",
                           "deeptalk_before_s3": "s2_text_experts",
-                          "random_assignment": "random_s3_joint", "full_finetune": "full_finetune",
+                          "random_assignment": "random_s3_joint", "paper_stages": "paper_s3_joint",
+                          "full_finetune": "full_finetune",
                           "speech_finetune": "speech_finetune"}
 
 
