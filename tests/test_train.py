@@ -355,3 +355,22 @@ def test_expert_parallel_matches_single_worker(corpus, tmp_path, ray_local):
         # Adam's first step is ~lr * sign(grad): allow a sign flip on gradients that are ~0 in both runs
         diff = (w1[k] - w2[k]).abs()
         assert (diff > 1e-5).float().mean() < 1e-3, (k, diff.max())
+
+
+def test_data_prepared_by_an_older_version_is_a_clear_error(tmp_path):
+    """Tokenized shards without a column the trainer reads (audio_segments came with speech positions
+    "ctc") stop the stage with what to do, not pyarrow's missing-field error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deepomni.data.tokenized import TOKENIZED_SCHEMA
+    from deepomni.train.config import TrainConfig
+    from deepomni.train.loop import read_dataset
+
+    d = tmp_path / "tokenized" / "split=train" / "status=ok"
+    d.mkdir(parents=True)
+    old = pa.schema([f for f in TOKENIZED_SCHEMA if f.name != "audio_segments"])
+    pq.write_table(old.empty_table(), d / "part-0.parquet")
+    cfg = TrainConfig.load("tiny", {"stage": "s1_align", "data": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"\['audio_segments'\].*prepare` again"):
+        read_dataset(cfg, get_stage("s1_align"))

@@ -408,6 +408,10 @@ def read_dataset(cfg: TrainConfig, stage: Stage):
     files = sorted(str(f) for f in d.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no tokenized shards under {d} (run `deepomni data prepare` first)")
+    missing = [c for c in COLUMNS if c not in pads.dataset(files[0], format="parquet").schema.names]
+    if missing:
+        raise ValueError(f"{d} lacks the columns {missing}: it was prepared by an older version; run "
+                         f"`deepomni data prepare` again")
     keep = pc.field("task").isin(list(stage.tasks))
     if stage.text_only:
         keep = keep & (pc.field("input_modality") == "text")
