@@ -130,9 +130,10 @@ class FeatureStage:
             for b, i in enumerate(idx):
                 n = frames[b]
                 m = mel_BMT[b, :, :n].numpy()
-                rows[i].update(mel=m.reshape(-1), mel_bins=m.shape[0], mel_frames=n,
-                               audio_positions=num_audio_positions(n, self.model_cfg.speech_encoder.downsample))
-                if segments is not None:
+                rows[i].update(mel=m.reshape(-1), mel_bins=m.shape[0], mel_frames=n)
+                if segments is None:
+                    rows[i]["audio_positions"] = num_audio_positions(n, self.model_cfg.speech_encoder.downsample)
+                else:
                     rows[i].update(audio_positions=len(segments[b]),
                                    audio_segments=[f for seg in segments[b] for f in seg])
         out = pa.Table.from_pylist(rows, schema=FEATURED_SCHEMA)

@@ -65,10 +65,14 @@ def row_segments(row: dict) -> list[tuple[int, int]] | None:
     return list(zip(flat[0::2], flat[1::2])) or None
 
 
-def prepared_tokenizer(data: str | Path | None) -> str:
-    """The tokenizer spec a data directory was prepared with (``prepare_summary.json``'s data_config);
-    ``"bytes"``, the default, where it is not recorded."""
+def prepare_summary(data: str | Path | None) -> dict:
+    """What ``deepomni data prepare`` recorded of a data directory (``prepare_summary.json``: codec,
+    data_config, counts); empty where nothing is recorded."""
     summary = Path(data) / "prepare_summary.json" if data else None
-    if summary is None or not summary.is_file():
-        return "bytes"
-    return json.loads(summary.read_text()).get("data_config", {}).get("tokenizer") or "bytes"
+    return json.loads(summary.read_text()) if summary is not None and summary.is_file() else {}
+
+
+def prepared_tokenizer(data: str | Path | None) -> str:
+    """The tokenizer spec a data directory was prepared with; ``"bytes"``, the default, where it is not
+    recorded."""
+    return prepare_summary(data).get("data_config", {}).get("tokenizer") or "bytes"

@@ -49,7 +49,7 @@ import torch
 
 from ..data.schema import SPEECH_OUT_TASKS, TEXT_QA
 from ..data.sequences import INSTRUCTIONS
-from ..data.tokenized import row_tensors
+from ..data.tokenized import prepare_summary, row_tensors
 from ..model.channels import IGNORE
 from ..model.generate import Generation, GenerationConfig, generate
 from ..model.model import DeepOmniModel
@@ -267,8 +267,7 @@ def data_codec(data: str | Path):
     """The codec the data was prepared with (``prepare_summary.json``), or None when it is not recorded."""
     from ..codec import load_codec
 
-    summary = Path(data) / "prepare_summary.json"
-    spec = json.loads(summary.read_text()).get("codec") if summary.is_file() else None
+    spec = prepare_summary(data).get("codec")
     return load_codec(spec) if spec else None
 
 

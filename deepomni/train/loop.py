@@ -51,7 +51,7 @@ from ..config import ModelConfig, load_preset
 from ..model.channels import IGNORE, CodecSpecial, TextSpecial, VocabLayout
 from ..model.modality import ExpertAssignment, moe_layers, param_groups, set_routing_mode
 from ..model.model import DeepOmniModel
-from ..data.tokenized import row_segments, row_tensors
+from ..data.tokenized import prepared_tokenizer, row_segments, row_tensors
 from ..model.routing_stats import ExpertCounter
 from .config import TrainConfig
 from .faults import FaultInjector
@@ -210,7 +210,6 @@ def build_model(cfg: TrainConfig, stage: Stage, resume_dir: Path | None) -> tupl
     if stage.needs_assignment and assignment is None:
         raise ValueError(f"stage {stage.name} needs an expert assignment (experts.json in init, or --assignment)")
     if stage.projector_from_text and resume_dir is None and model.cfg.speech_encoder.positions == "ctc":
-        from ..data.tokenized import prepared_tokenizer
         from ..text import load_tokenizer
 
         model.init_projector_from_text(load_tokenizer(prepared_tokenizer(cfg.data), model.cfg.text_vocab_size))
