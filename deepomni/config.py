@@ -353,6 +353,11 @@ class DataConfig:
     # "builtin:<dir>" / "snac:<dir>": a saved codec (its K and codebook must match the preset)
     codec: str = "builtin"
     codec_fit_items: int = 200  # answers used to fit the built-in codec
+    # the built-in codec's frame, a multiple of its 10 ms mel hop. 40 ms (25 Hz): with one byte of text a
+    # step, espeak's ~16 characters a second are 0.66 a frame, so the text channel leads the speech it
+    # paces; at 80 ms (12.5 Hz, SNAC's coarse rate) it is 1.3, and speech overtakes the text it should
+    # voice (docs/paper.md "Speech output")
+    codec_frame_ms: int = 40
     max_audio_seconds: float | None = None  # None: the encoder window (max_source_positions * 20 ms)
     batch_size: int = 16  # rows per map_batches call
     feature_actors: int = 1  # actor pool size for log-mel extraction

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deepomni.codec import BuiltinCodec, fit_builtin_codec, load_codec, log_spectral_distance
+from deepomni.codec.builtin import mel_frames_for
 from deepomni.codec.rvq import rvq_decode
 from deepomni.codec.snac import STREAM_ATOL, SnacCodec, flatten_codes, unflatten_codes
 
@@ -67,6 +68,13 @@ def builtin(corpus):
 def test_builtin_describes_the_tiny_preset_layout(builtin):
     assert (builtin.num_channels, builtin.codebook_size, builtin.sample_rate) == (4, 256, SR)
     assert builtin.frame_rate == 12.5 and builtin.samples_per_frame == 1280
+
+
+def test_builtin_frame_is_given_in_milliseconds_of_its_mel_hop():
+    assert (mel_frames_for(80), mel_frames_for(40), mel_frames_for(10)) == (8, 4, 1)
+    for bad in (0, 45, -40):
+        with pytest.raises(ValueError, match="multiple of its 10 ms mel hop"):
+            mel_frames_for(bad)
 
 
 def test_builtin_fit_is_deterministic_for_a_seed(corpus, builtin):

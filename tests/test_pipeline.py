@@ -57,7 +57,8 @@ def test_every_item_is_written_ok_or_rejected_with_its_reason(prepared):
     assert all(r["status"] == "ok" and r["error"] is None for i, r in rows.items() if not i.startswith("bad"))
     saved = json.loads((out / "prepare_summary.json").read_text())
     assert saved["items"] == 26 and saved["audio_seconds_per_second"] > 0
-    assert (out / "codec" / "config.json").exists()
+    codec = json.loads((out / "codec" / "config.json").read_text())
+    assert codec["mel_frames_per_code"] * 10 == DataConfig().codec_frame_ms  # the codec is fitted at the data's frame
 
 
 def test_sequences_match_their_task(prepared):

@@ -1,8 +1,10 @@
 """The built-in codec: log-mel frames, residual VQ fitted in seconds, Griffin-Lim back to audio.
 
 It exists so that the whole pipeline (data -> model -> speech out) runs on a CPU with no downloaded
-weights; it is a stand-in for SNAC, not a rival. One codec frame is 80 ms (12.5 Hz, close to SNAC's
-~85 ms coarse frames):
+weights; it is a stand-in for SNAC, not a rival. One codec frame is 80 ms by default (12.5 Hz, close to
+SNAC's ~85 ms coarse frames); ``deepomni data prepare`` fits it at 40 ms (``DataConfig.codec_frame_ms``:
+with byte-level text the text channel must run faster than the speech it paces, docs/paper.md
+"Speech output"). At 80 ms:
 
     audio 16 kHz -> log-mel, 80 bands, 10 ms hop, 40 ms Hann window            (mel.py)
       -> 8 consecutive mel frames stacked into one 640-dim frame vector
@@ -169,6 +171,17 @@ class BuiltinCodec(Codec):
         require_files(directory, [CONFIG_FILE, WEIGHTS_FILE], "built-in codec")
         config = parse_config(BuiltinConfig, json.loads((directory / CONFIG_FILE).read_text()))
         return cls(config, load_file(str(directory / WEIGHTS_FILE))["codebooks"])
+
+
+def mel_frames_for(frame_ms: int, config: BuiltinConfig | None = None) -> int:
+    """The ``mel_frames_per_code`` of a ``frame_ms`` codec frame (a multiple of the mel hop, 10 ms)."""
+    config = config or BuiltinConfig()
+    hop_ms = 1000 * config.hop_length / config.sample_rate
+    n = round(frame_ms / hop_ms)
+    if n < 1 or abs(n * hop_ms - frame_ms) > 1e-6:
+        raise ValueError(f"the built-in codec's frame must be a positive multiple of its {hop_ms:g} ms mel hop, "
+                         f"got {frame_ms} ms")
+    return n
 
 
 def fit_builtin_codec(wavs: Sequence[np.ndarray], sample_rate: int = 16000, num_channels: int = 4,

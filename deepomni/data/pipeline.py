@@ -252,7 +252,7 @@ def resolve_codec(raw_dir: Path, out_dir: Path, data_cfg: DataConfig, model_cfg:
     spec = data_cfg.codec
     if spec == "builtin":
         from ..audio import load_audio
-        from ..codec.builtin import fit_builtin_codec
+        from ..codec.builtin import fit_builtin_codec, mel_frames_for
         from .schema import read_raw
 
         table = read_raw(raw_dir / "train") if (raw_dir / "train").exists() else read_raw(raw_dir)
@@ -268,7 +268,8 @@ def resolve_codec(raw_dir: Path, out_dir: Path, data_cfg: DataConfig, model_cfg:
         if not wavs:
             raise ValueError(f"none of the spoken answers under {raw_dir} decodes: cannot fit the built-in codec")
         codec = fit_builtin_codec(wavs, sample_rate=16000, num_channels=model_cfg.num_codec_channels,
-                                  codebook_size=model_cfg.codebook_size, seed=data_cfg.seed)
+                                  codebook_size=model_cfg.codebook_size, seed=data_cfg.seed,
+                                  mel_frames_per_code=mel_frames_for(data_cfg.codec_frame_ms))
         codec.save(out_dir / "codec")
         spec = f"builtin:{out_dir / 'codec'}"
     codec = load_codec(spec)

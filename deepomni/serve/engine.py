@@ -53,7 +53,7 @@ from ..model.routing_stats import ExpertCounter
 from .prefix_cache import DEFAULT_PREFIX_ENTRIES, PrefixCache
 
 
-DEFAULT_MAX_LEN = 4096  # positions per row: a spoken turn of ~60 s in + ~4 min of 12.5 Hz speech out
+DEFAULT_MAX_LEN = 4096  # positions per row: a spoken turn of ~60 s in + ~2 min of 25 Hz speech out
 # prompt positions a row prefills per step: longer prompts take several steps, so they do not stall the
 # decoding of the others (a step costs about the padded chunk times the rows being prefilled)
 DEFAULT_PREFILL_CHUNK = 256
