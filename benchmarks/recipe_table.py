@@ -11,7 +11,9 @@ issue 11 checked against it, the command and the wall time:
 
     benchmarks/results/recipe_table.json, benchmarks/results/recipe_table.md
 
-Not part of CI: three seeds take about 100-110 minutes on 2 cores (a fresh seed measured: 32.8 min).
+Not part of CI. On 2 cores, from the shipped foundations: three seeds at the demo's size with the
+full_finetune and paper_stages baselines took 29.1 min (seed 0 reusing `make demo`'s run); every baseline
+at full steps is longer and not measured since the foundations.
 """
 
 from __future__ import annotations
