@@ -54,12 +54,14 @@ Sections (each in its own try/except, with its wall time; ``--device cuda`` uses
    eager in fp32 as above.
 3. ``serving``: the preset's model (random weights, bf16; the tiny preset with 7 codec channels) with
    SNAC's architecture as the vocoder (random weights; tiny: a narrow SNAC), in-process as
-   ``benchmarks/serve_latency.py`` measures it (its ``InProcess`` and ``measure``; the spoken question is
-   random log-mel features of ``mel_frames`` frames through the speech encoder, so neither espeak nor an
-   audio library is needed): time to first audio p50 / p99 for 1 and ``serve_sessions`` concurrent
-   sessions, the concurrency gain; then the decode step time at 1, 16 and 64 rows (``BatchEngine.step``
-   with text-only sessions, one row each; with speech sessions, two rows each; and the model's forward
-   alone over a ``SlotKVCache``). Goal: first audio under 250 ms for one session.
+   ``benchmarks/serve_latency.py`` measures it (its ``InProcess`` and ``measure``: the code that serves, the
+   Backbone deployment's answer loop ``deepomni.serve.answer_loop.AnswerLoop`` and the Vocoder deployment's
+   ``deepomni.serve.vocoder.CodecVocoder``; the spoken question is random log-mel features of ``mel_frames``
+   frames through the speech encoder, so neither espeak nor an audio library is needed): time to first
+   audio p50 / p99 for 1 and ``serve_sessions`` concurrent sessions, the concurrency gain; then the decode
+   step time at 1, 16 and 64 rows (``BatchEngine.step`` with text-only sessions, one row each; with speech
+   sessions, two rows each; and the model's forward alone over a ``SlotKVCache``). Goal: first audio under
+   250 ms for one session.
 4. ``training``: a ``train_layers``-layer slice of the preset at full width and vocabulary in bf16 with
    fp32 master weights and torch AdamW (no DeepSpeed): step time, tokens/s, peak memory; and the memory
    plan of the whole model on 8 GPUs with ZeRO-2 and expert parallelism 8, from the meta-device model
@@ -552,47 +554,28 @@ def section_moe_layer(ctx: Context) -> dict:
 
 
 # ------------------------------------------------------------------------------------- 3. serving
-@contextlib.contextmanager
-def logmel_placeholder():
-    """``serve_latency.InProcess.__init__`` builds ``deepomni.audio.LogMel``, whose module reads audio with
-    soundfile and soxr (not in the device image). The question here is random log-mel features, so LogMel
-    is never used: where the module cannot be imported, a placeholder stands in while the pipeline is built."""
-    try:
-        import deepomni.audio  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        yield
-        return
-    stub = types.ModuleType("deepomni.audio")
-    stub.LogMel = type("LogMel", (), {"from_config": staticmethod(lambda cfg: None)})
-    sys.modules["deepomni.audio"] = stub
-    try:
-        yield
-    finally:
-        if sys.modules.get("deepomni.audio") is stub:
-            del sys.modules["deepomni.audio"]
+def random_speech_encoder(model, mel_frames: int) -> Callable[[list[bytes]], list[torch.Tensor]]:
+    """The spoken questions of one batch as ``mel_frames`` frames of random log-mel features (seeded) through
+    the model's speech encoder + projector: no audio to decode, so neither espeak nor an audio library."""
+    enc, device, dtype = model.cfg.speech_encoder, model.embed.weight.device, model.embed.weight.dtype
+
+    @torch.no_grad()
+    def encode_many(wavs_bytes: list[bytes]) -> list[torch.Tensor]:
+        n = len(wavs_bytes)
+        mel = torch.randn(n, enc.num_mel_bins, mel_frames, generator=torch.Generator().manual_seed(0))
+        return model.speech(mel.to(device, dtype), [mel_frames] * n)
+
+    return encode_many
 
 
 def random_speech_pipeline(model, codec, answer_steps: int, max_rows: int, mel_frames: int):
-    """``benchmarks/serve_latency.py``'s in-process pipeline (speech encoder, decoding thread over
-    ``BatchEngine``, batched vocoder thread, TTFA per answer), each spoken question being ``mel_frames``
-    frames of random log-mel features through the model's speech encoder instead of a decoded WAV (its
-    encode hook overridden: ``_encode_many`` for a batch of utterances, ``_encode`` for one)."""
+    """``benchmarks/serve_latency.py``'s in-process pipeline (its ``InProcess``: batched speech encoding -> the
+    Backbone deployment's answer loop, :class:`deepomni.serve.answer_loop.AnswerLoop` -> the Vocoder
+    deployment's batched codec decoding, in this process; TTFA per answer), each spoken question being
+    :func:`random_speech_encoder`'s random log-mel features instead of a decoded WAV."""
     from benchmarks import serve_latency as sl
 
-    class RandomSpeechInProcess(sl.InProcess):
-        @torch.no_grad()
-        def _encode_many(self, wavs_bytes: list[bytes]) -> list[torch.Tensor]:  # the utterances of one batch
-            enc, n = self.model.cfg.speech_encoder, len(wavs_bytes)
-            mel = torch.randn(n, enc.num_mel_bins, mel_frames, generator=torch.Generator().manual_seed(0))
-            return self.model.speech(mel.to(self.device, self.model.embed.weight.dtype), [mel_frames] * n)
-
-        def _encode(self, wav_bytes: bytes) -> torch.Tensor:  # one utterance (what answer() called before)
-            return self._encode_many([wav_bytes])[0]
-
-    with logmel_placeholder():
-        return RandomSpeechInProcess(model, codec, answer_steps, max_rows)
+    return sl.InProcess(model, codec, answer_steps, max_rows, encode_many=random_speech_encoder(model, mel_frames))
 
 
 def _engine_ladder(ctx: Context, engine, prompt, audio_ND, counts: tuple[int, ...], speech: bool) -> dict:
@@ -675,15 +658,12 @@ def section_serving(ctx: Context) -> dict:
 
     t0 = time.perf_counter()
     target = random_speech_pipeline(model, codec, size.answer_steps, 32, size.mel_frames)  # 32: the app's rows
-    try:
-        audio_ND = target._encode(b"")
-        res["encoder_ms"] = med(timed_ms(lambda: target._encode(b""), dev, 3, 1))
-        res["audio_positions"] = int(audio_ND.shape[0])
-        n = size.serve_sessions
-        m = asyncio.run(asyncio.wait_for(sl.measure({"inprocess": target}, b"", n, size.serve_repeats),
-                                         size.serve_timeout_s))["inprocess"]
-    finally:
-        target.close()
+    audio_ND = target.encode_many([b""])[0]
+    res["encoder_ms"] = med(timed_ms(lambda: target.encode_many([b""]), dev, 3, 1))
+    res["audio_positions"] = int(audio_ND.shape[0])
+    n = size.serve_sessions
+    m = asyncio.run(asyncio.wait_for(sl.measure({"inprocess": target}, b"", n, size.serve_repeats),
+                                     size.serve_timeout_s))["inprocess"]
     one, many, seq = m["1_session"], m[f"{n}_concurrent"], m[f"{n}_sequential"]
     res["ttfa"] = {
         "1_session": {"p50_ms": one["ttfa_p50_ms"], "p99_ms": one["ttfa_p99_ms"], "rounds": one["repeats"],

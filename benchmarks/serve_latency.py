@@ -6,10 +6,12 @@
 One run measures, on the same model, codec and spoken question (espeak-ng speech, else a synthetic tone):
 
 * ``inprocess``: the pipeline with no Serve: log-mel -> speech encoder + projector (the utterances that
-  arrive while a batch is encoded go together in the next one, as in the Serve app) -> continuous batching
-  (:class:`deepomni.serve.engine.BatchEngine`, stepped by one thread) -> streaming codec decoder (a
-  second thread, decoding everything pending as one batch), all in this process (the reference: what the
-  split costs is the difference);
+  arrive while a batch is encoded go together in the next one, as in the Serve app) -> the Backbone
+  deployment's own answer loop (:class:`deepomni.serve.answer_loop.AnswerLoop`: the app's prompts,
+  continuous batching in :class:`deepomni.serve.engine.BatchEngine` stepped in a worker thread, the codec
+  frames of all sessions in batched vocoder calls) -> the Vocoder deployment's streaming codec decoder
+  (:class:`deepomni.serve.vocoder.CodecVocoder`), all in this process (the reference: what the split
+  costs is the difference);
 * ``serve``: the Serve app (``serve_apps``) on 127.0.0.1, ``POST /v1/dialogue`` with the WAV, reading the
   server-sent events (its deployments split the same components across replicas);
 * ``openai``: the same app through ``POST /v1/chat/completions`` (streamed, ``input_audio`` in, pcm16
@@ -40,8 +42,8 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,121 +89,67 @@ class Answer:
     ttfa_s: float | None = None
     total_s: float = 0.0
     audio_s: float = 0.0
-    submitted_s: float | None = None  # in-process: speech encoded and the session submitted to the engine
+    submitted_s: float | None = None  # in-process: speech encoded and handed to the answer loop
+    end: object = None  # in-process: the answer loop's AnswerEnd (its text ids, steps, frames)
+
+
+def wav_encoder(model) -> Callable[[list[bytes]], list[torch.Tensor]]:
+    """WAVs -> the SpeechEncoder deployment's own encoding (``serve_apps.encoder.SpeechEncoding``: log-mel,
+    the model's speech encoder + projector), one batch for the utterances that arrived together (as the
+    deployment does: ``serve_apps.batching.CallBatcher``)."""
+    from serve_apps.encoder import SpeechEncoding
+
+    encoding = SpeechEncoding(model.speech, model.embed.weight.device)
+
+    def encode_many(wavs_bytes: list[bytes]) -> list[torch.Tensor]:
+        out = encoding.encode_many([(w, None) for w in wavs_bytes])
+        bad = [r.message for r in out if not hasattr(r, "audio_ND")]
+        if bad:
+            raise ValueError(f"the question's audio was refused: {bad[0]}")
+        return [torch.from_numpy(r.audio_ND) for r in out]
+
+    return encode_many
 
 
 class InProcess:
-    """encoder -> BatchEngine (decoding thread) -> batched codec stream decoder (vocoder thread)."""
+    """The app's answer path in this process, no Serve: batched speech encoding (``encode_many``, default
+    :func:`wav_encoder`; the utterances that arrive while a batch is encoded go together in the next one) ->
+    the Backbone deployment's own answer loop (:class:`deepomni.serve.answer_loop.AnswerLoop`, with the app's
+    settings and ``max_rows`` rows) -> the Vocoder deployment's decoding
+    (:class:`deepomni.serve.vocoder.CodecVocoder`) called in this process."""
 
-    def __init__(self, model, codec, answer_steps: int, max_rows: int):
-        from deepomni.audio import LogMel
-        from deepomni.serve.engine import BatchEngine
-
-        self.model, self.codec = model, codec
-        self.logmel = LogMel.from_config(model.cfg.speech_encoder)
-        self.engine = BatchEngine(model, max_rows=max_rows)
-        self.answer_steps = answer_steps
-        self.device = model.embed.weight.device
-        self.lock = threading.Lock()  # submit/cancel between steps only
-        self.queues: dict[int, asyncio.Queue] = {}
-        self.states: dict[int, object] = {}  # codec stream state per answer
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.wake = threading.Event()
-        self.stop = False
-        self.voc_cv = threading.Condition()
-        self.voc_pending: list = []
+    def __init__(self, model, codec, answer_steps: int, max_rows: int,
+                 encode_many: Callable[[list[bytes]], list[torch.Tensor]] | None = None):
+        from deepomni.serve.answer_loop import AnswerLoop
+        from deepomni.serve.config import AppConfig
+        from deepomni.serve.vocoder import CodecVocoder
         from serve_apps.batching import CallBatcher
 
-        self.encode = CallBatcher(self._encode_many, max_batch=max_rows)
-        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._run, self._vocode)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self) -> None:
-        """The decoding loop: one batched step, then its frames and ends go to the vocoder thread."""
-        while not self.stop:
-            with self.lock:
-                events = [] if self.engine.idle else self.engine.step()
-            if not events and self.engine.idle:
-                self.wake.wait(0.05)
-                self.wake.clear()
-                continue
-            with self.voc_cv:
-                for sid, ev in events:
-                    if ev.kind in ("frame", "end"):
-                        self.voc_pending.append((sid, ev))
-                self.voc_cv.notify()
-
-    def _vocode(self) -> None:
-        """The vocoder loop: everything pending at once, as one batched codec step
-        (``Codec.stream_step_many``: under load, many answers' frames share the per-step overhead)."""
-        top = self.codec.codebook_size - 1
-        while not self.stop:
-            with self.voc_cv:
-                while not self.voc_pending and not self.stop:
-                    self.voc_cv.wait(0.05)
-                pending, self.voc_pending = self.voc_pending, []
-            frames: dict[int, list[torch.Tensor]] = {}
-            ended = []
-            for sid, ev in pending:
-                if ev.kind == "frame":
-                    frames.setdefault(sid, []).append(ev.frame_K)
-                else:
-                    ended.append(sid)
-            sids = list(frames)
-            pcms = self.codec.stream_step_many([self.states[s] for s in sids],
-                                               [torch.stack(frames[s], 1).clamp(max=top) for s in sids])
-            out = [(s, ("audio", len(p))) for s, p in zip(sids, pcms)]
-            out += [(s, ("end", len(self.codec.stream_flush(self.states.pop(s))))) for s in ended]
-            for sid, item in out:
-                self.loop.call_soon_threadsafe(self.queues[sid].put_nowait, item)
-
-    @torch.no_grad()
-    def _encode_many(self, wavs_bytes: list[bytes]) -> list[torch.Tensor]:
-        """The utterances that arrived together, encoded in one batch (as the SpeechEncoder deployment
-        does: ``serve_apps.batching.CallBatcher``)."""
-        from deepomni.audio import load_audio
-
-        wavs = [load_audio(w, max_seconds=self.logmel.max_seconds) for w in wavs_bytes]
-        mel, frames = self.logmel(wavs)
-        dtype = self.model.embed.weight.dtype
-        return self.model.speech(mel.to(self.device, dtype), frames)
+        self.codec, self.answer_steps = codec, answer_steps
+        self.loop = AnswerLoop.from_config(model, AppConfig(max_rows=max_rows, max_steps=answer_steps),
+                                           vocoder=CodecVocoder(codec))
+        self.loop.warm_up()  # as the Backbone replica does when it starts
+        self.encode_many = encode_many or wav_encoder(model)
+        self.encode = CallBatcher(self.encode_many, max_batch=max_rows)
 
     async def answer(self, wav_bytes: bytes) -> Answer:
-        from deepomni.model.generate import GenerationConfig
-        from deepomni.model.prompt import user_turn
-        from deepomni.serve.engine import Request
+        from deepomni.serve.messages import Conversation, GenerateOptions
 
-        self.loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         audio_ND = await self.encode(wav_bytes)
-        submitted_s = time.perf_counter() - t0
-        prompt = user_turn(self.model.layout, audio_positions=audio_ND.shape[0])
-        req = Request(prompt, audio_ND, GenerationConfig(max_steps=self.answer_steps, speech=True, seed=0))
-        q: asyncio.Queue = asyncio.Queue()
-        with self.lock:
-            sid = self.engine.submit(req)
-            self.queues[sid] = q
-            self.states[sid] = self.codec.init_stream_state()
-        self.wake.set()
-        ans, samples = Answer(submitted_s=submitted_s), 0
-        while True:
-            kind, n = await q.get()
+        ans, samples = Answer(submitted_s=time.perf_counter() - t0), 0
+        conv = Conversation.single(audio_ND=audio_ND.float().cpu().numpy())  # as the SpeechEncoder returns it
+        async for chunk in self.loop.generate(conv, GenerateOptions(max_steps=self.answer_steps, seed=0)):
+            if chunk.error is not None:
+                raise RuntimeError(f"in-process answer failed: {chunk.error.reason}: {chunk.error.message}")
+            n = 0 if chunk.pcm is None else len(chunk.pcm)
             if n and ans.ttfa_s is None:
                 ans.ttfa_s = time.perf_counter() - t0
             samples += n
-            if kind == "end":
-                break
+            ans.end = chunk.end or ans.end
         ans.total_s = time.perf_counter() - t0
         ans.audio_s = samples / self.codec.sample_rate
-        del self.queues[sid]
         return ans
-
-    def close(self) -> None:
-        self.stop = True
-        self.wake.set()
-        for t in self.threads:
-            t.join(timeout=5)
 
 
 # ------------------------------------------------------------------------------------------ serve
@@ -463,8 +411,8 @@ def main() -> None:
         codec = build_codec(codec_spec, args.device)
         print(f"[inprocess] model {args.preset} on {args.device} built in {time.perf_counter() - t0:.0f} s", flush=True)
         targets["inprocess"] = InProcess(model, codec, args.answer_steps, max_rows=32)  # as the app's Backbone
-        stop.append(targets["inprocess"].close)
-        out["prefill_turn10"] = prefill_turn10(model, targets["inprocess"]._encode_many([wav_bytes])[0], 24, args.repeats)
+        question_ND = targets["inprocess"].encode_many([wav_bytes])[0]
+        out["prefill_turn10"] = prefill_turn10(model, question_ND, 24, args.repeats)
         p = out["prefill_turn10"]
         print(f"[inprocess] turn 10 of a spoken conversation ({p['prompt_positions']} positions, "
               f"{p['cached_positions']} kept): first step {p['kept_ms']:.1f} ms with the context kept, "

@@ -52,6 +52,8 @@ MAX_SAMPLE_RATE = 768_000  # the highest rate recorders use
 MAX_CHANNELS = 32  # more "channels" than this means a 2-D array is not (frames, channels) audio
 WHISPER_SAMPLE_RATE = 16_000
 WHISPER_HOP = 160  # samples per log-mel frame: 100 frames per second
+N_FFT = 400  # Whisper's STFT window (25 ms)
+MEL_HOPS_PER_FRAME = 2  # log-mel frames per encoder frame (deepomni.model.speech.MEL_FRAMES_PER_ENCODER_FRAME)
 _DEFAULT_SUBTYPE = {"FLAC": "PCM_16", "WAV": "PCM_16"}  # others: soundfile.default_subtype (OGG: VORBIS)
 # WAV written to a pipe cannot seek back to fill in its sizes: the writer declares "unknown" instead
 # (0xFFFFFFFF, 0x7FFFF000 as espeak-ng --stdout writes, or INT32_MAX); such a file is not cut
@@ -320,7 +322,7 @@ class LogMel:
     default): cut it upstream with ``load_audio(..., max_seconds=logmel.max_seconds, truncate=True)``.
     """
 
-    def __init__(self, num_mel_bins: int = 80, max_source_positions: int = 1500):
+    def __init__(self, num_mel_bins: int = 80, max_source_positions: int = 1500, pad: str = "window"):
         from transformers import WhisperFeatureExtractor
 
         from .model.speech import MEL_FRAMES_PER_ENCODER_FRAME
@@ -328,7 +330,9 @@ class LogMel:
         if num_mel_bins <= 0 or max_source_positions <= 0:
             raise ValueError(f"need positive num_mel_bins and max_source_positions, got "
                              f"{num_mel_bins}, {max_source_positions}")
-        self.num_mel_bins = num_mel_bins
+        if pad not in ("window", "longest"):
+            raise ValueError(f"pad must be 'window' or 'longest', got {pad!r}")
+        self.num_mel_bins, self.pad = num_mel_bins, pad
         self.input_frames = MEL_FRAMES_PER_ENCODER_FRAME * max_source_positions
         self.max_samples = self.input_frames * WHISPER_HOP
         chunk_s = self.max_samples / WHISPER_SAMPLE_RATE
@@ -337,7 +341,7 @@ class LogMel:
             sampling_rate=WHISPER_SAMPLE_RATE,
             hop_length=WHISPER_HOP,
             chunk_length=int(chunk_s) if chunk_s.is_integer() else chunk_s,
-            n_fft=400,
+            n_fft=N_FFT,
             return_attention_mask=True,
         )
 
@@ -345,12 +349,13 @@ class LogMel:
     def from_config(cls, cfg: SpeechEncoderConfig) -> LogMel:
         """Sized for the encoder that ``cfg`` builds: a local checkpoint's own config wins, as in
         :func:`deepomni.model.speech.build_whisper_encoder`."""
+        pad = "window" if cfg.window == "full" else "longest"
         if cfg.path:
             from transformers import WhisperConfig
 
             hf = WhisperConfig.from_pretrained(cfg.path)
-            return cls(hf.num_mel_bins, hf.max_source_positions)
-        return cls(cfg.num_mel_bins, cfg.max_source_positions)
+            return cls(hf.num_mel_bins, hf.max_source_positions, pad)
+        return cls(cfg.num_mel_bins, cfg.max_source_positions, pad)
 
     @property
     def max_seconds(self) -> float:
@@ -359,7 +364,11 @@ class LogMel:
 
     def __call__(self, wavs: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
         """``wavs``: 1-D float 16 kHz mono utterances (as :func:`load_audio` returns) ->
-        ``mel_BMT`` float32 ``[B, num_mel_bins, input_frames]`` and ``num_frames`` per utterance."""
+        ``mel_BMT`` float32 ``[B, num_mel_bins, T]`` and ``num_frames`` per utterance. ``T`` is the window's
+        ``input_frames``, or with ``pad="longest"`` (an encoder that reads each utterance's own frames,
+        ``SpeechEncoderConfig.window="utterance"``) just past the longest utterance: the frames it covers
+        are the same as in the window (the STFT's edge lies in the padding either way), the cost is the
+        audio's, not 16 windows' for 16 short questions."""
         if isinstance(wavs, np.ndarray):
             raise TypeError("pass a list of 1-D arrays, one per utterance")
         if not len(wavs):
@@ -369,12 +378,20 @@ class LogMel:
             batch,
             sampling_rate=WHISPER_SAMPLE_RATE,
             padding="max_length",
-            max_length=self.max_samples,
+            max_length=self._padded_samples(batch),
             truncation=False,
             return_attention_mask=True,
             return_tensors="pt",
         )
         return feats.input_features, feats.attention_mask.sum(-1).tolist()
+
+    def _padded_samples(self, batch: list[np.ndarray]) -> int:
+        if self.pad == "window":
+            return self.max_samples
+        # whole encoder frames (2 hops) past the longest utterance, and a full STFT window (n_fft) more
+        frame = MEL_HOPS_PER_FRAME * WHISPER_HOP
+        longest = max(len(w) for w in batch) + N_FFT
+        return min(self.max_samples, -(-longest // frame) * frame)
 
     def _checked(self, i: int, wav: np.ndarray) -> np.ndarray:
         wav = np.asarray(wav)

@@ -64,11 +64,12 @@ def demo_model(repo: str) -> tuple[str, str] | None:
     from pathlib import Path
 
     from .train.stages import MODELS
+    from .weights import has_weights
 
     for root in dict.fromkeys((Path.cwd(), Path(repo))):
         out = root / DEMO_OUT
         ckpt, codec = out / "runs" / MODELS["deeptalk"] / "final", out / "data" / "codec"
-        if (ckpt / "model.safetensors").is_file() and (codec / "config.json").is_file():
+        if has_weights(ckpt) and (codec / "config.json").is_file():
             return str(ckpt), f"builtin:{codec}"
     return None
 

@@ -250,7 +250,8 @@ class SpeechEncoderConfig:
     # what the frozen encoder reads: "full" pads every utterance to its window (max_source_positions), as
     # Whisper was trained; "utterance" encodes each utterance's own frames only (an encoder pretrained on
     # cut windows, like the shipped foundations': the same features for the valid frames, a fraction of the
-    # cost for short questions, and independent of what else is in the batch)
+    # cost for short questions, and independent of what else is in the batch: a batch is encoded in buckets
+    # of similar lengths, the padding masked, deepomni.model.speech.encode_frames)
     window: Literal["full", "utterance"] = "full"
     # how many backbone positions an utterance fills: "frames", one per ``downsample`` encoder frames (20 ms
     # each: about 1.5 positions a character at 2); "ctc", one per character the encoder's CTC head hears

@@ -5,7 +5,7 @@
                 -> Vocoder (streaming codec decoder, stateless)             vocoder.py
     Ingress (FastAPI: /v1/dialogue, /v1/realtime, /healthz, /)              ingress.py
 
-``messages.py`` holds the typed messages the deployments send each other, ``batching.py`` the call
+``deepomni/serve/messages.py`` holds the typed messages the deployments send each other, ``batching.py`` the call
 batcher of the encoder. ``app.py`` builds the application (``serve_apps.app:build_app``), ``config.yaml``
 sets every deployment's replicas, autoscaling and resources (the only place that does), ``protocol.py``
 is the wire protocol of ``docs/serving.md``, ``metrics.py`` the Prometheus metrics.

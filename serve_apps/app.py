@@ -3,7 +3,7 @@
     Ingress.bind(SpeechEncoder.bind(cfg), Backbone.bind(cfg, Vocoder.bind(cfg)), cfg)
 
 One module per deployment: ``encoder.py`` (SpeechEncoder), ``backbone.py`` (Backbone), ``vocoder.py``
-(Vocoder), ``ingress.py`` (Ingress); what they send each other is in ``messages.py``.
+(Vocoder), ``ingress.py`` (Ingress); what they send each other is in ``deepomni/serve/messages.py``.
 
 ``args`` are :class:`~serve_apps.loading.AppConfig`'s fields (``checkpoint``, ``codec``, ``tokenizer``, ...).
 Replicas, autoscaling, ``max_ongoing_requests`` and ``num_cpus`` come from ``config.yaml`` only (the

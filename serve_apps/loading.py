@@ -1,15 +1,19 @@
 """What the app serves: the model and the codec, from its settings (:class:`deepomni.serve.config.AppConfig`).
 
-With a ``checkpoint`` (a directory written by :func:`deepomni.checkpoint.save_model`, e.g.
-``runs/pipeline/runs/s3_joint/final``) every replica loads it. Without one, every replica builds the same
-random ``preset`` model (seeded, including the Whisper encoder's random init), so the encoder and the
-backbone replicas agree. Without a ``codec`` spec, the built-in codec is fitted on a few espeak-ng phrases
+Every replica loads only its part of a checkpoint (:func:`deepomni.checkpoint.load_part`): the SpeechEncoder
+the speech input (frozen encoder + projector), the Backbone the LLM without it, in the app's ``dtype``
+(bf16 on a GPU), read tensor by tensor onto meta-built modules. The checkpoint is ``checkpoint`` (a
+directory written by :func:`deepomni.checkpoint.save_model`, e.g. ``runs/pipeline/runs/s3_joint/final``)
+or, without one, the random ``preset`` model (seeded, including the Whisper encoder's random init) written
+once to a checkpoint in the cache (:func:`random_checkpoint`), so the encoder and the backbone replicas
+agree. Without a ``codec`` spec, the built-in codec is fitted on a few espeak-ng phrases
 (seeded, deterministic) once and cached under ``$DEEPOMNI_CACHE`` (default ``~/.cache/deepomni``); with no
 espeak-ng, seeded random codebooks stand in (valid codes, noise-like audio).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,8 +22,13 @@ from pathlib import Path
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from deepomni.config import ModelConfig
 from deepomni.serve.config import AppConfig
+
+if TYPE_CHECKING:
+    from deepomni.checkpoint import Part
 
 CODEC_PHRASES = (
     "What is the capital of France?",
@@ -34,18 +43,41 @@ CODEC_PHRASES = (
 CODEC_VOICES = ("en-us", "en+f3", "en-gb")
 
 
-def load_serving_model(cfg: AppConfig):
-    """The model in eval mode on the configured device (checkpoint, or the seeded random preset)."""
+def load_serving_model(cfg: AppConfig, part: Part = "model"):
+    """One part of the served model (:data:`deepomni.checkpoint.PARTS`) in eval mode on the configured device
+    and dtype: from the checkpoint, or from the seeded random preset's (:func:`random_checkpoint`)."""
+    from deepomni.checkpoint import load_part
+
+    return load_part(cfg.checkpoint or random_checkpoint(cfg), part, cfg.torch_device(), cfg.torch_dtype())
+
+
+def random_checkpoint(cfg: AppConfig) -> Path:
+    """``<cache>/serve/random-<preset>-<config hash>-seed<seed>``: the random ``preset`` model as every replica
+    built it before loading became per part (``torch.manual_seed(seed)``, then ``init_weights(seed)``: the
+    same weights), written once (atomic: the first writer wins; the others' identical copy is dropped). A
+    random model at DeepSeek-V2-Lite size takes its fp32 size on disk (63 GB): serve a checkpoint there."""
+    from deepomni.checkpoint import save_model
     from deepomni.model.model import DeepOmniModel
 
-    device = cfg.torch_device()
-    if cfg.checkpoint:
-        from deepomni.checkpoint import load_model
+    model_cfg = cfg.model_config()
+    key = hashlib.sha256(json.dumps(model_cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir() / "serve" / f"random-{cfg.preset}-{key}-seed{cfg.seed}"
+    if not (target / "config.json").is_file():
+        torch.manual_seed(cfg.seed)  # the Whisper encoder's random init draws from the global generator
+        model = DeepOmniModel(model_cfg).init_weights(seed=cfg.seed)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=_mkdir(target.parent))) / "ckpt"
+        save_model(model, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another replica got there first: theirs is identical (seeded)
+            pass
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    return target
 
-        model, _ = load_model(cfg.checkpoint, device=device)
-        return model
-    torch.manual_seed(cfg.seed)  # the Whisper encoder's random init draws from the global generator
-    return DeepOmniModel(cfg.model_config()).init_weights(seed=cfg.seed).to(device).eval()
+
+def _mkdir(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 # ------------------------------------------------------------------------------------------ codec

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# the Retry-After an overloaded server suggests, clamped (set where the answer loop computes it)
+from deepomni.serve.messages import RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S  # noqa: F401
+
 # ------------------------------------------------------------------------------------------ audio out
 AUDIO_FORMAT = "pcm_s16le"  # answer audio: signed 16-bit little-endian mono at the codec's sample rate
 
@@ -82,7 +85,6 @@ REASONS = {
     # replica; the server stays up and a new request is answered once it is back (Retry-After)
     "unavailable": 503,
 }
-RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 30  # the Retry-After an overloaded server suggests, clamped
 
 
 def reject(reason: str, message: str, retry_after_s: int | None = None) -> Rejection:
@@ -153,7 +155,7 @@ class AnswerOptions:
     seed: int | None = None  # codec sampling seed (None: random)
 
     def generate_options(self):
-        from .messages import GenerateOptions
+        from deepomni.serve.messages import GenerateOptions
 
         return GenerateOptions(speech=self.speech, max_steps=self.max_steps, seed=self.seed)
 

@@ -1,9 +1,7 @@
 """``WS /v1/realtime``: OpenAI's Realtime API (GA event names), as the official ``openai`` client speaks it
-(``client.realtime.connect(model="deepomni")``).
-
-One file over 400 lines on purpose: it is one protocol, the event checks, the session / item / response state
-and the :class:`RealtimeSession` state machine that changes it; about 60 of its lines are this docstring,
-the contract of what it supports.
+(``client.realtime.connect(model="deepomni")``). What a client event may hold, and how it is checked:
+``realtime_fields.py``; server VAD (``server_vad`` turn detection, Silero): ``vad.py``; the answers: the
+:class:`~serve_apps.answers.Answers` of every surface.
 
 One connection is one conversation: every response reads the earlier items (an interrupted answer counts as
 the text it had sent), and the Backbone's kept context means a next turn prefills only itself. Errors are
@@ -18,38 +16,11 @@ done | deleted | truncated``, ``response.created``, ``response.output_item.added
 ``error``. Audio in and out is ``audio/pcm`` (16-bit mono) at 24 kHz; the encoder resamples the input to
 16 kHz, the codec's output is resampled to 24 kHz. Barge-in: a committed turn, ``response.cancel`` or (server
 VAD, ``interrupt_response``) detected speech stops the answer that is playing (``response.done`` cancelled).
-
-Supported session fields: ``type`` ("realtime"), ``model`` (deepomni), ``instructions`` (the system text;
-unset: the model's own instruction for the task), ``output_modalities`` (["audio"] or ["text"]),
-``max_output_tokens`` (decoding steps, 1..max_steps_limit; "inf": the server's max_steps),
-``audio.input.format`` and ``audio.output.format`` (audio/pcm at 24000 only), ``audio.input.turn_detection``
-(null or server_vad: threshold, prefix_padding_ms, silence_duration_ms, create_response,
-interrupt_response), ``tools`` (empty only: this model does not call tools). Accepted and ignored (echoed):
-``audio.output.voice`` and ``speed`` (the model has one voice), ``audio.input.transcription`` and
-``noise_reduction`` (no input transcription events are sent: the model reads the speech itself),
-``turn_detection.idle_timeout_ms``, ``tool_choice``, ``tracing``, ``prompt``, ``truncation`` (the oldest
-turns are dropped past the model's context), ``include``, ``parallel_tool_calls``, ``reasoning``. Refused
-(``error``): other audio formats, ``semantic_vad``, transcription sessions, tools, unknown fields, and in
-``response.create``: ``conversation: "none"``, ``input`` and tools. ``conversation.item.retrieve`` and
-``output_audio_buffer.clear`` (WebRTC only) are refused too. A ``session.update`` applies from the next
-response on. ``response.create`` takes ``instructions``, ``output_modalities``, ``max_output_tokens``,
-``audio.output`` (format as above, voice ignored) and ``metadata`` (echoed). ``response.done`` is
-``incomplete`` (``max_output_tokens``) when the answer ran to its steps; a cancelled response carries no usage.
-
-Items: user ``input_text`` / ``input_audio`` (base64 pcm16 24 kHz) parts, assistant ``output_text`` /
-``output_audio`` (its ``transcript`` is what the model reads), system ``input_text`` (appended to the
-instructions). ``conversation.item.truncate`` keeps the share of an assistant answer's transcript that
-matches the share of its audio heard (``audio_end_ms`` / the audio's length): text and audio are not aligned
-word by word, so this is an approximation.
-
-Server VAD: Silero VAD (the ``silero-vad`` package, actively maintained) on its TorchScript model, which
-ships inside the wheel (no download at run time) and needs only torch, already here (not torchaudio, nor
-onnxruntime); it gives a speech probability per window, onto which OpenAI's ``threshold`` maps directly
-(webrtcvad has only four aggressiveness modes). Without it, ``server_vad`` is an ``error`` and sessions
-start with ``turn_detection: null``. Speech starts at a 32 ms window whose speech
-probability is at least ``threshold`` and stops after ``silence_duration_ms`` below ``threshold - 0.15``;
-the committed item holds ``prefix_padding_ms`` of audio before the start. While no speech is heard the
-buffer keeps only that padding.
+``conversation.item.retrieve`` and ``output_audio_buffer.clear`` (WebRTC only) are refused. ``response.done``
+is ``incomplete`` (``max_output_tokens``) when the answer ran to its steps; a cancelled response carries no
+usage. ``conversation.item.truncate`` keeps the share of an assistant answer's transcript that matches the
+share of its audio heard (``audio_end_ms`` / the audio's length): text and audio are not aligned word by
+word, so this is an approximation.
 
 A wrong ``model`` query parameter gets an ``error`` event (``model_not_found``) and the connection is closed
 (1008); a missing one means deepomni. Past ``max_context`` the Backbone leaves the oldest turns out
@@ -62,194 +33,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
-import importlib.util
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 
-from .messages import AnswerEnd, Conversation, ConversationTurn, GenerateOptions
-from .openai_api import MODEL_ID, OPENAI_SAMPLE_RATE, OpenAIError, PcmResampler, bad, decode_base64_audio, new_id
-from .protocol import Rejection, pcm_s16le_to_float
+from deepomni.serve.messages import Conversation, ConversationTurn, GenerateOptions
+
+from .openai_api import MODEL_ID, OpenAIError, PcmResampler, bad, new_id
+from .protocol import Rejection
+from .realtime_fields import (PCM_FORMAT, RATE, SessionConfig, client_event, item_parts, item_role, number_field,
+                              object_field, pcm_field, response_usage)
+from .vad import SpeechDetector, SpeechStarted, SpeechStopped
 
 if TYPE_CHECKING:
-    from .ingress import Ingress
+    from .answers import Answers
 
-RATE = OPENAI_SAMPLE_RATE  # audio/pcm in and out
 MS = 2 * RATE // 1000  # bytes of pcm16 per millisecond
 MIN_COMMIT_MS = 100  # OpenAI refuses to commit less (input_audio_buffer_commit_empty)
-MAX_INSTRUCTIONS_CHARS = 16_000
-PCM_FORMAT = {"type": "audio/pcm", "rate": RATE}
-SESSION_FIELDS = {"type", "model", "instructions", "output_modalities", "max_output_tokens", "audio", "tools",
-                  "tool_choice", "tracing", "prompt", "truncation", "include", "parallel_tool_calls", "reasoning"}
-RESPONSE_FIELDS = {"instructions", "output_modalities", "max_output_tokens", "audio", "conversation", "input",
-                   "metadata", "tools", "tool_choice", "prompt", "parallel_tool_calls", "reasoning"}
-VAD_AVAILABLE = importlib.util.find_spec("silero_vad") is not None
-
-
-# ------------------------------------------------------------------------------------------ field checks
-def _obj(v: Any, param: str) -> dict:
-    if not isinstance(v, dict):
-        raise bad(f"{param} must be an object", param, "invalid_type")
-    return v
-
-
-def _known(d: dict, allowed: set[str], param: str) -> None:
-    for k in d:
-        if k not in allowed:
-            raise bad(f"Unknown parameter: '{param}.{k}'.", f"{param}.{k}", "unknown_parameter")
-
-
-def _number(v: Any, param: str, lo: float, hi: float, integer: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not lo <= v <= hi:
-        raise bad(f"{param} must be {'an integer' if integer else 'a number'} in [{lo}, {hi}], got {v!r}",
-                  param, "invalid_value")
-    return v
-
-
-def _flag(v: Any, param: str) -> bool:
-    if not isinstance(v, bool):
-        raise bad(f"{param} must be true or false", param, "invalid_type")
-    return v
-
-
-def _text(v: Any, param: str, max_chars: int) -> str:
-    if not isinstance(v, str) or len(v) > max_chars:
-        raise bad(f"{param} must be a string of at most {max_chars} characters", param, "invalid_value")
-    return v
-
-
-def _pcm(data: Any, param: str) -> bytes:
-    pcm = b"" if data == "" else decode_base64_audio(data, param)
-    if len(pcm) % 2:
-        raise bad(f"{param} must be 16-bit PCM (an even number of bytes), got {len(pcm)} bytes", param, "invalid_value")
-    return pcm
-
-
-def _format(v: Any, param: str) -> None:
-    fmt = _obj(v, param)
-    if fmt.get("type", "audio/pcm") != "audio/pcm" or fmt.get("rate", RATE) != RATE:
-        raise bad(f"{param} must be {{type: 'audio/pcm', rate: {RATE}}} (16-bit mono PCM at 24 kHz), got {fmt}",
-                  f"{param}.type", "invalid_value")
-
-
-def _modalities(v: Any, param: str) -> bool:
-    if v not in (["audio"], ["text"]):
-        raise bad(f"{param} must be ['audio'] or ['text'], got {v!r}", param, "invalid_value")
-    return v == ["audio"]
-
-
-def _max_tokens(v: Any, param: str, cap: int) -> int | None:
-    return None if v == "inf" else int(_number(v, param, 1, cap, integer=True))
-
-
-def _no_tools(d: dict, param: str) -> None:
-    if d.get("tools"):
-        raise bad("tools are not supported: this model does not call tools", f"{param}.tools", "unsupported_parameter")
 
 
 # ------------------------------------------------------------------------------------------ state
-@dataclass
-class TurnDetection:
-    threshold: float = 0.5
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 500
-    create_response: bool = True
-    interrupt_response: bool = True
-    idle_timeout_ms: int | None = None  # echoed, not acted on
-
-    def body(self) -> dict:
-        return {"type": "server_vad", **dataclasses.asdict(self)}
-
-
-@dataclass
-class SessionConfig:
-    id: str = field(default_factory=lambda: new_id("sess"))
-    instructions: str | None = None
-    speech: bool = True  # output_modalities ["audio"]
-    max_output_tokens: int | None = None  # None: "inf" (the server's max_steps)
-    voice: Any = "alloy"
-    speed: float = 1.0
-    turn_detection: TurnDetection | None = field(default_factory=lambda: TurnDetection() if VAD_AVAILABLE else None)
-    echoed: dict = field(default_factory=dict)  # ignored fields, sent back as set
-
-    def body(self) -> dict:
-        td = None if self.turn_detection is None else self.turn_detection.body()
-        return {"type": "realtime", "object": "realtime.session", "id": self.id, "model": MODEL_ID,
-                "output_modalities": ["audio" if self.speech else "text"], "instructions": self.instructions,
-                "max_output_tokens": "inf" if self.max_output_tokens is None else self.max_output_tokens,
-                "tools": [], "tool_choice": "auto", "tracing": None, "prompt": None, "truncation": "auto",
-                "audio": {"input": {"format": PCM_FORMAT, "transcription": None, "noise_reduction": None,
-                                    "turn_detection": td},
-                          "output": {"format": PCM_FORMAT, "voice": self.voice, "speed": self.speed}},
-                **self.echoed}
-
-    def updated(self, s: dict, cap: int) -> SessionConfig:
-        """A copy with ``session.update``'s fields applied (nothing changes when a field is refused)."""
-        new = dataclasses.replace(self, echoed=dict(self.echoed))
-        if s.get("type") != "realtime":
-            raise bad("session.type must be 'realtime' (transcription sessions are not supported)", "session.type",
-                      "invalid_value" if "type" in s else "missing_required_parameter")
-        _known(s, SESSION_FIELDS, "session")
-        if s.get("model") not in (None, MODEL_ID):
-            raise bad(f"session.model must be {MODEL_ID!r}", "session.model", "invalid_value")
-        _no_tools(s, "session")
-        if "instructions" in s:
-            new.instructions = None if s["instructions"] is None else _text(s["instructions"], "session.instructions",
-                                                                           MAX_INSTRUCTIONS_CHARS)
-        if "output_modalities" in s:
-            new.speech = _modalities(s["output_modalities"], "session.output_modalities")
-        if "max_output_tokens" in s:
-            new.max_output_tokens = _max_tokens(s["max_output_tokens"], "session.max_output_tokens", cap)
-        for k in ("tool_choice", "tracing", "prompt", "truncation", "include", "parallel_tool_calls", "reasoning"):
-            if k in s:
-                new.echoed[k] = s[k]
-        audio = _obj(s.get("audio") or {}, "session.audio")
-        _known(audio, {"input", "output"}, "session.audio")
-        inp = _obj(audio.get("input") or {}, "session.audio.input")
-        _known(inp, {"format", "transcription", "noise_reduction", "turn_detection"}, "session.audio.input")
-        if inp.get("format") is not None:
-            _format(inp["format"], "session.audio.input.format")
-        if "turn_detection" in inp:
-            new.turn_detection = self._turn_detection(inp["turn_detection"])
-        out = _obj(audio.get("output") or {}, "session.audio.output")
-        _known(out, {"format", "voice", "speed"}, "session.audio.output")
-        if out.get("format") is not None:
-            _format(out["format"], "session.audio.output.format")
-        if out.get("voice") is not None:
-            new.voice = out["voice"]
-        if out.get("speed") is not None:
-            new.speed = float(_number(out["speed"], "session.audio.output.speed", 0.25, 1.5))
-        return new
-
-    def _turn_detection(self, v: Any) -> TurnDetection | None:
-        p = "session.audio.input.turn_detection"
-        if v is None:
-            return None
-        v = _obj(v, p)
-        if v.get("type") != "server_vad":
-            raise bad(f"{p}.type must be 'server_vad' (or turn_detection null), got {v.get('type')!r}", f"{p}.type",
-                      "invalid_value")
-        if not VAD_AVAILABLE:
-            raise bad("server_vad is not available on this server (pip install silero-vad); set turn_detection null "
-                      "and commit the buffer yourself", p, "unsupported_parameter")
-        _known(v, {"type", *TurnDetection.__dataclass_fields__}, p)
-        td = dataclasses.replace(self.turn_detection or TurnDetection())
-        checks = {"threshold": (0.0, 1.0, False), "prefix_padding_ms": (0, 10_000, True),
-                  "silence_duration_ms": (0, 10_000, True), "idle_timeout_ms": (0, 10**8, True)}
-        for k, (lo, hi, integer) in checks.items():
-            if v.get(k) is not None:
-                setattr(td, k, _number(v[k], f"{p}.{k}", lo, hi, integer))
-        for k in ("create_response", "interrupt_response"):
-            if v.get(k) is not None:
-                setattr(td, k, _flag(v[k], f"{p}.{k}"))
-        return td
-
-
 @dataclass
 class Item:
     """One conversation item: what the model reads (``text``, ``audio_ND``) and what the client is shown."""
@@ -288,15 +95,6 @@ class Response:
                 "metadata": self.metadata, "usage": usage}
 
 
-def _usage(end: AnswerEnd) -> dict:
-    audio_out = end.frames * end.codec_channels
-    return {"total_tokens": end.prompt_tokens + end.text_tokens + audio_out, "input_tokens": end.prompt_tokens,
-            "output_tokens": end.text_tokens + audio_out,
-            "input_token_details": {"cached_tokens": end.cached_tokens, "audio_tokens": end.audio_prompt_tokens,
-                                    "text_tokens": end.prompt_tokens - end.audio_prompt_tokens, "image_tokens": 0},
-            "output_token_details": {"text_tokens": end.text_tokens, "audio_tokens": audio_out}}
-
-
 def _turns(items: list[Item]) -> tuple[ConversationTurn, ...]:
     """User and assistant items as the model reads them: a speaker's consecutive items are one turn; a
     conversation starts and ends with the user's (an empty one where there is none)."""
@@ -320,59 +118,26 @@ def _turns(items: list[Item]) -> tuple[ConversationTurn, ...]:
     return tuple(turns)
 
 
-# ------------------------------------------------------------------------------------------ server VAD
-class SileroVad:
-    """Speech probabilities of 32 ms windows (512 samples at 16 kHz) of a stream of 24 kHz pcm16 chunks."""
-
-    WINDOW = 512
-
-    def __init__(self):
-        import soxr
-        from silero_vad import load_silero_vad
-
-        self.model = load_silero_vad(onnx=False)  # the TorchScript model inside the wheel
-        self.resample = soxr.ResampleStream(RATE, 16000, 1, dtype="float32")
-        self.pending = np.zeros(0, dtype=np.float32)
-
-    def probs(self, pcm: bytes) -> list[float]:
-        import torch
-
-        x = self.resample.resample_chunk(pcm_s16le_to_float(pcm))
-        self.pending = np.concatenate([self.pending, x]) if len(self.pending) else x
-        n = len(self.pending) // self.WINDOW
-        out = []
-        with torch.no_grad():
-            for i in range(n):
-                w = torch.from_numpy(np.ascontiguousarray(self.pending[i * self.WINDOW:(i + 1) * self.WINDOW]))
-                out.append(float(self.model(w, 16000).item()))
-        self.pending = self.pending[n * self.WINDOW:]
-        return out
-
-
 # ------------------------------------------------------------------------------------------ the session
 class RealtimeSession:
     """One ``/v1/realtime`` connection. The receive loop handles client events in order; a response runs as a
     task (one at a time), so the loop keeps reading while it streams."""
 
-    def __init__(self, ingress: Ingress, ws: WebSocket):
-        self.ing, self.ws = ingress, ws
+    def __init__(self, answers: Answers, ws: WebSocket):
+        self.answers, self.ws = answers, ws
         self.cfg = SessionConfig()
         self.items: list[Item] = []
         self.response: Response | None = None
         self.buf = bytearray()  # the input audio buffer (24 kHz pcm16)
         self.buf_start = 0  # its first byte's offset in all the audio appended this session
-        self.vad: SileroVad | None = None
-        self.vad_ms = 0  # audio the VAD has judged, from the session's start
-        self.speech_start: int | None = None  # ms of the pending speech's start (with its padding)
-        self.silence_ms = 0
-        self.vad_item: str | None = None
+        self.vad: SpeechDetector | None = None  # while server VAD is on (loaded at the first audio)
 
     # ---------------------------------------------------------------------------- plumbing
     async def send(self, type_: str, **fields: Any) -> None:
         await self.ws.send_text(json.dumps({"type": type_, "event_id": new_id("event"), **fields}))
 
     async def error(self, e: OpenAIError, event_id: str | None = None) -> None:
-        self.ing._rejected(e, "realtime")
+        self.answers.rejected(e, "realtime")
         await self.send("error", error={"type": e.type, "code": e.code, "message": e.message, "param": e.param,
                                         "event_id": event_id})
 
@@ -396,14 +161,7 @@ class RealtimeSession:
                     return
                 event_id = None
                 try:
-                    if msg.get("text") is None:
-                        raise bad("send client events as JSON text frames", None, "invalid_json")
-                    try:
-                        data = json.loads(msg["text"])
-                    except (ValueError, RecursionError) as e:
-                        raise bad(f"the event is not valid JSON: {e}", None, "invalid_json") from e
-                    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-                        raise bad("an event is a JSON object with a string 'type'", "type", "invalid_json")
+                    data = client_event(msg.get("text"))
                     event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
                     await self.handle(data)
                 except OpenAIError as e:
@@ -418,18 +176,19 @@ class RealtimeSession:
     async def handle(self, ev: dict) -> None:
         kind = ev["type"]
         if kind == "session.update":
-            self.set_session(_obj(ev.get("session"), "session"))
+            self.set_session(object_field(ev.get("session"), "session"))
             await self.send("session.updated", session=self.cfg.body())
         elif kind == "input_audio_buffer.append":
-            await self.append(_pcm(ev.get("audio"), "audio"))
+            await self.append(pcm_field(ev.get("audio"), "audio"))
         elif kind == "input_audio_buffer.commit":
             await self.commit(len(self.buf))
         elif kind == "input_audio_buffer.clear":
             self.drop_buffer(len(self.buf))
-            self.speech_start = None
+            if self.vad is not None:  # the pending speech went with the buffer
+                self.vad.forget()
             await self.send("input_audio_buffer.cleared")
         elif kind == "conversation.item.create":
-            await self.create_item(_obj(ev.get("item"), "item"), ev.get("previous_item_id"))
+            await self.create_item(object_field(ev.get("item"), "item"), ev.get("previous_item_id"))
         elif kind == "conversation.item.delete":
             it = self.find(ev.get("item_id"))
             self.items.remove(it)
@@ -437,7 +196,7 @@ class RealtimeSession:
         elif kind == "conversation.item.truncate":
             await self.truncate(ev)
         elif kind == "response.create":
-            await self.create_response(_obj(ev.get("response") or {}, "response"))
+            await self.create_response(object_field(ev.get("response") or {}, "response"))
         elif kind == "response.cancel":
             rid = ev.get("response_id")
             if not self.active or (rid is not None and rid != self.response.id):
@@ -450,49 +209,39 @@ class RealtimeSession:
             raise bad(f"Invalid value: {kind!r} is not a client event type", "type", "invalid_value")
 
     def set_session(self, s: dict) -> None:
-        new = self.cfg.updated(s, self.ing.cfg.max_steps_limit)
+        new = self.cfg.updated(s, self.answers.cfg.max_steps_limit)
         if (new.turn_detection is None) != (self.cfg.turn_detection is None):
-            self.vad, self.speech_start, self.silence_ms = None, None, 0
+            self.vad = None
         self.cfg = new
 
     # ---------------------------------------------------------------------------- input audio
     async def append(self, pcm: bytes) -> None:
-        if len(self.buf) + len(pcm) > self.ing.cfg.max_body_bytes:
-            raise bad(f"the input audio buffer would be over {self.ing.cfg.max_body_bytes} bytes: commit or clear it",
-                      "audio", "input_audio_buffer_too_large")
+        if len(self.buf) + len(pcm) > self.answers.cfg.max_body_bytes:
+            raise bad(f"the input audio buffer would be over {self.answers.cfg.max_body_bytes} bytes: commit or "
+                      "clear it", "audio", "input_audio_buffer_too_large")
         self.buf += pcm
         td = self.cfg.turn_detection
         if td is None or not pcm:
             return
         if self.vad is None:  # a fresh detector whenever server VAD is switched on
             try:
-                self.vad = await asyncio.to_thread(SileroVad)
+                self.vad = await SpeechDetector.load((self.buf_start + len(self.buf) - len(pcm)) // MS)
             except Exception as e:  # a broken install: say so, and the session goes on without VAD
                 self.cfg.turn_detection = None
                 raise bad(f"server VAD could not be loaded ({e}); turn_detection is now null", None,
                           "server_vad_unavailable", status=500) from e
-            self.vad_ms, self.speech_start = (self.buf_start + len(self.buf) - len(pcm)) // MS, None
-        neg = max(td.threshold - 0.15, 0.01)
-        for p in await asyncio.to_thread(self.vad.probs, pcm):
-            self.vad_ms += SileroVad.WINDOW * 1000 // 16000
-            if self.speech_start is None and p >= td.threshold:
-                start = self.vad_ms - 32
-                self.speech_start = max(self.buf_start // MS, start - td.prefix_padding_ms)
-                self.silence_ms, self.vad_item = 0, new_id("item")
-                await self.send("input_audio_buffer.speech_started", audio_start_ms=self.speech_start,
-                                item_id=self.vad_item)
+        for p in await self.vad.probs(pcm):
+            said = self.vad.step(p, td, self.buf_start // MS, (self.buf_start + len(self.buf)) // MS)
+            if isinstance(said, SpeechStarted):
+                await self.send("input_audio_buffer.speech_started", audio_start_ms=said.start_ms, item_id=said.item_id)
                 if td.interrupt_response:
                     await self.cancel_response("turn_detected")
-            elif self.speech_start is not None:
-                self.silence_ms = self.silence_ms + 32 if p < neg else 0
-                if self.silence_ms >= td.silence_duration_ms:
-                    end = min(self.vad_ms, (self.buf_start + len(self.buf)) // MS)
-                    await self.send("input_audio_buffer.speech_stopped", audio_end_ms=end, item_id=self.vad_item)
-                    self.drop_buffer(self.speech_start * MS - self.buf_start)
-                    self.speech_start = None
-                    await self.commit(end * MS - self.buf_start, self.vad_item, auto=True)
-        if self.speech_start is None:  # no speech: keep only what the next start's padding may need
-            self.drop_buffer(max(0, self.vad_ms - td.prefix_padding_ms) * MS - self.buf_start)
+            elif isinstance(said, SpeechStopped):
+                await self.send("input_audio_buffer.speech_stopped", audio_end_ms=said.end_ms, item_id=said.item_id)
+                self.drop_buffer(said.start_ms * MS - self.buf_start)
+                await self.commit(said.end_ms * MS - self.buf_start, said.item_id, auto=True)
+        if self.vad.start_ms is None:  # no speech: keep only what the next start's padding may need
+            self.drop_buffer(self.vad.padding_from_ms(td) * MS - self.buf_start)
 
     def drop_buffer(self, n: int) -> None:
         n = max(0, min(n, len(self.buf)))
@@ -509,14 +258,14 @@ class RealtimeSession:
         pcm = bytes(self.buf[:n])
         self.drop_buffer(n)
         td = self.cfg.turn_detection
-        if not auto:
-            self.speech_start = None
+        if not auto and self.vad is not None:  # the client committed the buffer: the pending speech with it
+            self.vad.forget()
         item = Item(item_id or new_id("item"), "user", [{"type": "input_audio", "transcript": None}])
         if not auto or td is None or td.interrupt_response:
             await self.cancel_response("turn_detected")  # barge-in: a new turn stops the answer that is playing
         prev = self.items[-1].id if self.items else None
         await self.send("input_audio_buffer.committed", item_id=item.id, previous_item_id=prev)
-        item.audio_ND = (await self.ing._encode_speech(pcm, RATE)).audio_ND
+        item.audio_ND = (await self.answers.encode(pcm, RATE)).audio_ND
         await self.add_item(item, prev)
         if auto and td is not None and td.create_response and not self.active:
             await self.create_response({})
@@ -537,43 +286,15 @@ class RealtimeSession:
         await self.send("conversation.item.done", item=item.body(), previous_item_id=prev)
 
     async def create_item(self, it: dict, previous_item_id: Any) -> None:
-        if it.get("type", "message") != "message":
-            raise bad(f"item.type {it.get('type')!r} is not supported: messages only (this model does not call "
-                      "tools)", "item.type", "unsupported_item")
-        role, content = it.get("role"), it.get("content")
-        if role not in ("user", "assistant", "system"):
-            raise bad("item.role must be 'user', 'assistant' or 'system'", "item.role", "invalid_value")
-        if not isinstance(content, list) or not content:
-            raise bad("item.content must be a non-empty list of content parts", "item.content", "invalid_value")
+        role, content = item_role(it)
         if previous_item_id is not None and previous_item_id != "root":
             self.find(previous_item_id)
         iid = it.get("id")
         if iid is not None and (not isinstance(iid, str) or not iid or any(x.id == iid for x in self.items)):
             raise bad(f"item.id {iid!r} must be a new non-empty string", "item.id", "invalid_value")
-        allowed = {"user": ("input_text", "input_audio"), "assistant": ("output_text", "output_audio"),
-                   "system": ("input_text",)}[role]
-        texts, audio, shown = [], [], []
-        for j, part in enumerate(content):
-            p = f"item.content[{j}]"
-            kind = _obj(part, p).get("type")
-            if kind not in allowed:
-                raise bad(f"{p}.type {kind!r} is not supported in a {role} item ({', '.join(allowed)})", f"{p}.type",
-                          "unsupported_content")
-            if kind in ("input_text", "output_text"):
-                texts.append(_text(part.get("text"), f"{p}.text", self.ing.max_text_chars))
-                shown.append({"type": kind, "text": texts[-1]})
-            elif kind == "input_audio":
-                audio.append(_pcm(part.get("audio"), f"{p}.audio"))
-                shown.append({"type": kind, "transcript": part.get("transcript")})
-            else:  # output_audio: the model reads an earlier spoken answer as its transcript
-                t = part.get("transcript")
-                if not isinstance(t, str):
-                    raise bad(f"{p}.transcript is needed: the model reads earlier answers as text", f"{p}.transcript",
-                              "missing_required_parameter")
-                texts.append(_text(t, f"{p}.transcript", self.ing.max_text_chars))
-                shown.append({"type": kind, "transcript": t})
+        texts, audio, shown = item_parts(role, content, self.answers.max_text_chars)
         item = Item(iid or new_id("item"), role, shown, "\n".join(texts) if texts else None)
-        heard = await asyncio.gather(*[self.ing._encode_speech(a, RATE) for a in audio])
+        heard = await self.answers.encode_all(audio, RATE)
         if heard:
             item.audio_ND = np.concatenate([h.audio_ND for h in heard])
         await self.add_item(item, previous_item_id)
@@ -586,7 +307,7 @@ class RealtimeSession:
             raise bad("content_index must be 0 (an answer has one audio part)", "content_index", "invalid_value")
         if it.status == "in_progress":  # still playing: stopped first, so that its transcript is final
             await self.cancel_response("client_cancelled")
-        end = int(_number(ev.get("audio_end_ms"), "audio_end_ms", 0, it.audio_bytes // MS, integer=True))
+        end = int(number_field(ev.get("audio_end_ms"), "audio_end_ms", 0, it.audio_bytes // MS, integer=True))
         text = it.text or ""
         it.text = text[:round(len(text) * end * MS / it.audio_bytes)] if it.audio_bytes else ""
         it.text_ids = None  # what was heard is only part of what the model said
@@ -600,25 +321,10 @@ class RealtimeSession:
             raise bad(f"Conversation already has an active response in progress: {self.response.id}. Wait until "
                       "the response is finished before creating a new one.", None,
                       "conversation_already_has_active_response")
-        _known(r, RESPONSE_FIELDS, "response")
-        _no_tools(r, "response")
-        if r.get("conversation") not in (None, "auto") or r.get("input") is not None:
-            raise bad("out-of-band responses (conversation 'none', input) are not supported: a response answers "
-                      "this conversation", "response.conversation", "unsupported_parameter")
-        s = self.cfg
-        speech = s.speech if r.get("output_modalities") is None else \
-            _modalities(r["output_modalities"], "response.output_modalities")
-        max_steps = s.max_output_tokens if r.get("max_output_tokens") is None else \
-            _max_tokens(r["max_output_tokens"], "response.max_output_tokens", self.ing.cfg.max_steps_limit)
-        instructions = s.instructions if r.get("instructions") is None else \
-            _text(r["instructions"], "response.instructions", MAX_INSTRUCTIONS_CHARS)
-        out = _obj(_obj(r.get("audio") or {}, "response.audio").get("output") or {}, "response.audio.output")
-        if out.get("format") is not None:
-            _format(out["format"], "response.audio.output.format")
-        system = [instructions] if instructions else []
+        rs = self.cfg.response(r, self.answers.cfg.max_steps_limit)
+        system = [rs.instructions] if rs.instructions else []
         system += [it.text for it in self.items if it.role == "system" and it.text]
-        resp = Response(new_id("resp"), speech, max_steps, "\n".join(system) or None, out.get("voice") or s.voice,
-                        r.get("metadata"))
+        resp = Response(new_id("resp"), rs.speech, rs.max_steps, "\n".join(system) or None, rs.voice, rs.metadata)
         conv = Conversation(_turns(self.items), system=resp.system, keep=True)
         self.response = resp
         await self.send("response.created", response=resp.body("in_progress", []))
@@ -672,7 +378,7 @@ class RealtimeSession:
                 await self.send("response.output_audio.delta", item_id=item.id, **ids,
                                 delta=base64.b64encode(pcm).decode())
         try:
-            events = self.ing._answer(conv, GenerateOptions(speech=r.speech, max_steps=r.max_steps), t0)
+            events = self.answers.answer(conv, GenerateOptions(speech=r.speech, max_steps=r.max_steps), t0)
             async for ev in events:
                 if ev["type"] == "start":
                     resample = PcmResampler(ev["sample_rate"])
@@ -738,6 +444,6 @@ class RealtimeSession:
                 return
         try:
             await self.send("response.done", response=r.body(status, output, details,
-                                                              None if end is None else _usage(end)))
+                                                              None if end is None else response_usage(end)))
         except Exception:
             pass

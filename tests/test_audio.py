@@ -283,6 +283,21 @@ def test_logmel_feeds_speech_encoder(tiny_model, tiny_cfg):
     assert all(o.shape[1] == tiny_cfg.hidden_size and torch.isfinite(o).all() for o in out)
 
 
+def test_logmel_padded_to_the_longest_is_the_window_features():
+    """pad="longest" (an encoder reading each utterance's own frames) stops just past the longest utterance
+    in whole encoder frames, and the frames the audio covers are the window's, bit for bit."""
+    wavs = [sine(440, 16000, 1.0), sine(220, 16000, 2.5), sine(880, 16000, 0.0101)]
+    window, longest = LogMel(80, 400, "window"), LogMel(80, 400, "longest")
+    (mel_w, n_w), (mel_l, n_l) = window(wavs), longest(wavs)
+    assert n_w == n_l == [100, 250, 2] and mel_w.shape[-1] == 800
+    assert 252 <= mel_l.shape[-1] <= 256 and mel_l.shape[-1] % 2 == 0
+    for i, n in enumerate(n_w):
+        assert torch.equal(mel_w[i, :, :n], mel_l[i, :, :n])
+    assert longest([np.zeros(128_000, np.float32)])[0].shape[-1] == 800  # never past the window
+    with pytest.raises(ValueError, match="pad must be"):
+        LogMel(pad="batch")
+
+
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 def test_real_speech_from_espeak(tmp_path, logmel):
     path = tmp_path / "speech.wav"

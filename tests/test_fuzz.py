@@ -26,7 +26,7 @@ from deepomni.audio import MAX_SAMPLE_RATE, WHISPER_SAMPLE_RATE, AudioError, loa
 from serve_apps.openai_api import (CHAT_AUDIO_FORMATS, IGNORED_CHAT_FIELDS, MODEL_ID, REFUSED_CHAT_FIELDS, ChatRequest,
                                    OpenAIError, parse_chat)
 from serve_apps.protocol import REASONS, SEED_MAX, AnswerOptions, Rejection, audio_reason, parse_json_object
-from serve_apps.realtime import MAX_INSTRUCTIONS_CHARS, SessionConfig
+from serve_apps.realtime_fields import MAX_INSTRUCTIONS_CHARS, SessionConfig
 
 pytestmark = pytest.mark.timeout(120)  # a hang fails the test instead of stalling CI
 

@@ -96,3 +96,26 @@ def test_ctc_positions_need_the_encoders_ctc_head(tmp_path):
     transformers.WhisperModel(whisper_config(_small())).save_pretrained(tmp_path)  # a plain Whisper: no CTC head
     with pytest.raises(FileNotFoundError, match="ctc_head.safetensors"):
         build_whisper_encoder(_small(path=str(tmp_path), positions="ctc"))
+
+
+def test_utterances_batched_by_length_encode_as_alone():
+    """window="utterance": a batch of different lengths (padded to each bucket's longest, the padding masked)
+    gives every utterance the frames it gets encoded alone at its own length."""
+    from deepomni.config import load_preset
+    from deepomni.model.speech import SpeechInput, length_buckets
+
+    cfg = load_preset("tiny").speech_encoder
+    assert cfg.window == "utterance"
+    torch.manual_seed(0)
+    speech = SpeechInput(cfg, 64).eval()
+    lens = [37, 200, 151, 80, 199, 3, 64, 120]
+    mel_BMT = torch.randn(len(lens), cfg.num_mel_bins, 800)
+    with torch.no_grad():
+        batched = speech.encode(mel_BMT, lens)
+        alone = [speech.encode(mel_BMT[b : b + 1], [n])[0] for b, n in enumerate(lens)]
+    for b, n in enumerate(lens):
+        assert batched[b].shape[0] == (n + 1) // 2
+        torch.testing.assert_close(batched[b], alone[b], rtol=1e-4, atol=1e-5)
+    buckets = length_buckets([(n + 1) // 2 for n in lens])
+    assert sorted(i for b in buckets for i in b) == list(range(len(lens))) and 1 < len(buckets) < len(lens)
+    assert length_buckets([50] * 16) == [list(range(16))]  # equal lengths: one batch

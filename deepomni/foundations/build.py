@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..config import configclass, load_preset
+from ..weights import has_weights
 
 
 
@@ -145,7 +146,7 @@ class Build:
             if result.error is not None:
                 raise RuntimeError(f"base LLM training failed: {result.error}")
 
-        self.step("base LLM (text_pretrain)", (self.base_final / "model.safetensors").exists(), train)
+        self.step("base LLM (text_pretrain)", has_weights(self.base_final), train)
 
     @property
     def base_final(self) -> Path:

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import PROJECTOR
+from ..weights import read_tensors, weight_map
 
 SHIPPED = Path(__file__).resolve().parent  # deepomni/foundations/<name>/
 DEFAULT = "small"  # the set `deepomni pipeline` (make demo) starts from
@@ -52,8 +53,8 @@ def export_set(encoder_dir: Path, base_checkpoint: Path, out: Path) -> None:
     cfg["speech_encoder"]["positions"] = "ctc"
     (base_out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     # a base LLM has no projector: the first stage that gives it speech starts one (Stage.projector_from_text)
-    state = {k: v for k, v in load_file(str(base_checkpoint / "model.safetensors")).items()
-             if not k.startswith(("speech.encoder.", PROJECTOR))}
+    files = weight_map(base_checkpoint)
+    state = dict(read_tensors(files, [k for k in files if not k.startswith(("speech.encoder.", PROJECTOR))]))
     save_file(_bf16(state), str(base_out / "model.safetensors"), metadata={"format": "deepomni"})
 
 

@@ -72,21 +72,9 @@ class DeepOmniModel(nn.Module):
         parameter's device (one generator per device, from ``seed``)."""
         self.embed.reset_buffers()
         self.rotary.reset_buffers()
-        gens: dict[torch.device, torch.Generator] = {}
-        std = self.cfg.initializer_range
-        for name, p in self.named_parameters():
-            if ((name.startswith("speech.encoder.") and not include_encoder) or p.device.type == "meta"
-                    or not name.startswith(prefix)):
-                continue
-            if name.endswith("norm.weight") or name.endswith("layer_norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                gen = None
-                if seed is not None:
-                    gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device=p.device) * std)
+        init_parameters([(n, p) for n, p in self.named_parameters()
+                         if n.startswith(prefix) and (include_encoder or not n.startswith("speech.encoder."))],
+                        seed, self.cfg.initializer_range)
         return self
 
     @classmethod
@@ -187,6 +175,26 @@ class DeepOmniModel(nn.Module):
             ce, per_channel = channel_loss(logits, labels_BLC)
             out.loss, out.channel_losses = ce + aux, per_channel
         return out
+
+
+@torch.no_grad()
+def init_parameters(named: list[tuple[str, nn.Parameter]], seed: int | None, std: float) -> None:
+    """:meth:`DeepOmniModel.init_weights` on the given parameters, in order: norms at 1, biases at 0, the rest
+    normal(0, ``std``) drawn from one generator per device seeded with ``seed`` (so a part loaded on its own,
+    e.g. the projector, draws what it draws inside the whole model). Parameters on the meta device are skipped."""
+    gens: dict[torch.device, torch.Generator] = {}
+    for name, p in named:
+        if p.device.type == "meta":
+            continue
+        if name.endswith("norm.weight") or name.endswith("layer_norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            gen = None
+            if seed is not None:
+                gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device=p.device) * std)
 
 
 # ------------------------------------------------------------------------------------- parameter counts

@@ -49,16 +49,45 @@ def whisper_config(cfg: SpeechEncoderConfig):
     )
 
 
-def encode_frames(encoder: nn.Module, mel_BMT: torch.Tensor) -> torch.Tensor:
+def encode_frames(encoder: nn.Module, mel_BMT: torch.Tensor, frames_B: list[int] | None = None) -> torch.Tensor:
     """transformers' ``WhisperEncoder.forward`` without its fixed-length check: the same modules on any
-    even number of mel frames up to the window -> ``[B, frames / 2, d_model]``."""
-    T = math.ceil(mel_BMT.shape[-1] / MEL_FRAMES_PER_ENCODER_FRAME)
-    x_BET = F.gelu(encoder.conv2(F.gelu(encoder.conv1(mel_BMT))))
+    even number of mel frames up to the window -> ``[B, frames / 2, d_model]``.
+
+    ``frames_B``: the encoder frames each utterance covers, in a batch padded to the longest. Each is then
+    encoded exactly as if it were alone at its own length: its mel beyond its frames reads as the convs'
+    zero padding, the first conv's output there is zeroed for the second, and attention masks the padded
+    keys (the padded query rows are computed and dropped)."""
+    B, T = mel_BMT.shape[0], math.ceil(mel_BMT.shape[-1] / MEL_FRAMES_PER_ENCODER_FRAME)
+    mask_B11T = None
+    if frames_B is None:
+        x_BET = F.gelu(encoder.conv2(F.gelu(encoder.conv1(mel_BMT))))
+    else:
+        frames_B1 = torch.tensor(frames_B, device=mel_BMT.device)[:, None]
+        keep_B1M = (torch.arange(mel_BMT.shape[-1], device=mel_BMT.device) < frames_B1 * MEL_FRAMES_PER_ENCODER_FRAME)[:, None]
+        x_BEM = F.gelu(encoder.conv1(mel_BMT * keep_B1M)) * keep_B1M
+        x_BET = F.gelu(encoder.conv2(x_BEM))
+        pad_BT = torch.arange(T, device=mel_BMT.device) >= frames_B1
+        mask_B11T = torch.zeros(B, 1, 1, T, dtype=x_BET.dtype, device=x_BET.device).masked_fill(
+            pad_BT[:, None, None, :], torch.finfo(x_BET.dtype).min)
     h_BTE = x_BET.transpose(1, 2) + encoder.embed_positions.weight[:T]
     h_BTE = F.dropout(h_BTE, p=encoder.dropout, training=encoder.training)
     for layer in encoder.layers:
-        h_BTE = layer(h_BTE, None)
+        h_BTE = layer(h_BTE, mask_B11T)
     return encoder.layer_norm(h_BTE)
+
+
+def length_buckets(frames_B: list[int], max_waste: float = 0.25) -> list[list[int]]:
+    """Indices of utterances to encode together: longest first, an utterance joins the current batch while
+    padding everyone to that batch's longest costs at most ``1 + max_waste`` times their own frames."""
+    order = sorted(range(len(frames_B)), key=lambda i: -frames_B[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        b = buckets[-1] if buckets else None
+        if b and (len(b) + 1) * frames_B[b[0]] <= (1 + max_waste) * (sum(frames_B[j] for j in b) + frames_B[i]):
+            b.append(i)
+        else:
+            buckets.append([i])
+    return buckets
 
 
 def speech_encoder_config(path: str, downsample: int = 1, window: str = "full",
@@ -86,18 +115,22 @@ def build_whisper_encoder(cfg: SpeechEncoderConfig) -> nn.Module:
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    if cfg.path:
-        hf_cfg = WhisperConfig.from_pretrained(cfg.path)
-        enc = WhisperEncoder(hf_cfg)
-        enc.load_state_dict(_encoder_state_dict(cfg.path), strict=True)
-    else:
-        enc = WhisperEncoder(whisper_config(cfg))
+    enc = WhisperEncoder(WhisperConfig.from_pretrained(cfg.path) if cfg.path else whisper_config(cfg))
     if cfg.positions == "ctc":
         enc.ctc_head = nn.Linear(enc.config.d_model, len(CTC_VOCAB))
-        if cfg.path:
-            enc.ctc_head.load_state_dict(ctc_head_state_dict(cfg.path))
+    if cfg.path and not enc.conv1.weight.is_meta:  # on the meta device the loader assigns them (deepomni.weights)
+        enc.load_state_dict(encoder_weights(cfg), strict=True)
     enc.requires_grad_(False)
     return enc.eval()
+
+
+def encoder_weights(cfg: SpeechEncoderConfig) -> dict[str, torch.Tensor]:
+    """The tensors of the encoder directory ``cfg.path`` under the names of :func:`build_whisper_encoder`'s
+    module: the Whisper encoder's, and its CTC head's as ``ctc_head.*`` with ``positions="ctc"``."""
+    state = _encoder_state_dict(cfg.path)
+    if cfg.positions == "ctc":
+        state |= {f"ctc_head.{k}": v for k, v in ctc_head_state_dict(cfg.path).items()}
+    return state
 
 
 def ctc_head_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -239,12 +272,16 @@ class SpeechInput(nn.Module):
         mel_BMT = mel_BMT.to(self.projector.linear1.weight.dtype)
         frames_B = [math.ceil(n / MEL_FRAMES_PER_ENCODER_FRAME) for n in num_mel_frames_B]
         self.encoder.eval()
-        if self.cfg.window == "utterance":
-            enc = []
-            for b, frames in enumerate(frames_B):
-                mel_1MT = mel_BMT[b : b + 1, :, : frames * MEL_FRAMES_PER_ENCODER_FRAME]
-                mel_1MT = F.pad(mel_1MT, (0, frames * MEL_FRAMES_PER_ENCODER_FRAME - mel_1MT.shape[-1]))
-                enc.append(encode_frames(self.encoder, mel_1MT)[0])
+        if self.cfg.window == "utterance":  # batches of similar lengths, each padded only to its longest
+            enc: list[torch.Tensor] = [None] * len(frames_B)  # type: ignore[list-item]
+            for idx in length_buckets(frames_B):
+                n = frames_B[idx[0]] * MEL_FRAMES_PER_ENCODER_FRAME
+                mel_bMT = mel_BMT[idx, :, :n]
+                mel_bMT = F.pad(mel_bMT, (0, n - mel_bMT.shape[-1]))
+                lens = [frames_B[i] for i in idx]
+                out_bTE = encode_frames(self.encoder, mel_bMT, lens if len(set(lens)) > 1 else None)
+                for j, i in enumerate(idx):
+                    enc[i] = out_bTE[j, : frames_B[i]]
             return enc
         if mel_BMT.shape[-1] < self.input_frames:
             mel_BMT = F.pad(mel_BMT, (0, self.input_frames - mel_BMT.shape[-1]))

@@ -1,1 +1,3 @@
-"""Serving internals that do not depend on Ray Serve: continuous batching of spoken answers."""
+"""Serving internals that do not depend on Ray Serve: continuous batching of spoken answers (``engine.py``),
+the answer loop every host runs (``answer_loop.py``), its messages (``messages.py``) and codec decoding
+(``vocoder.py``)."""

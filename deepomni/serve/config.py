@@ -29,6 +29,9 @@ class AppConfig:
     codec: str | None = None  # "builtin:<dir>" | "snac:<dir>"; None: the cached default built-in codec
     tokenizer: str = "bytes"  # "bytes" | "hf:<dir>" (the tokenizer the checkpoint was trained with)
     device: str = "auto"  # "cpu" | "cuda" | "auto" (cuda when available)
+    # the weights' dtype in every replica: "auto" is bfloat16 on a GPU, float32 on the CPU (whose bf16 matmuls
+    # are slower); the checkpoint's tensors are cast one at a time as they are read (deepomni.checkpoint)
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
     torch_threads: int = 1  # intra-op threads per CPU replica (several replicas share few cores)
     encoder_threads: int = 2  # the SpeechEncoder's (bursty, on the way to the first audio: 25 -> 13 ms a turn)
     seed: int = 0  # random init when there is no checkpoint
@@ -84,6 +87,8 @@ class AppConfig:
             raise ValueError(f"max_steps must be in [1, max_steps_limit={self.max_steps_limit}], got {self.max_steps}")
         if not self.stall_timeout_s > 0:
             raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.max_queued is not None and self.max_queued < 0:
@@ -99,6 +104,13 @@ class AppConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
 
     def setup_torch(self, threads: int | None = None) -> None:
         import torch

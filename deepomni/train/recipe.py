@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import configclass
+from ..weights import has_weights
 from .stages import BASELINES, MODELS, STAGES, Step, all_steps
 
 # the table's columns: (header, eval.json metric); definitions in deepomni/train/evaluate.py
@@ -167,7 +168,7 @@ class Pipeline:
         from .loop import fit
 
         if s.init is None and self.foundations is not None:
-            self.step(f"base: the pretrained base LLM of {self.foundations}", (self.final(s.run) / "model.safetensors").exists(),
+            self.step(f"base: the pretrained base LLM of {self.foundations}", has_weights(self.final(s.run)),
                       self.install_base)
             return
 
@@ -191,7 +192,7 @@ class Pipeline:
             if result.error is not None:
                 raise RuntimeError(f"step {s.run} (stage {s.stage}) failed: {result.error}")
 
-        self.step(f"train {s.run} ({s.stage})", (self.final(s.run) / "model.safetensors").exists(), go)
+        self.step(f"train {s.run} ({s.stage})", has_weights(self.final(s.run)), go)
 
     @staticmethod
     def stage_of(run: str) -> str:

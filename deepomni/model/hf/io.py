@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ...config import ModelConfig
+from ...weights import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, write_safetensors
 from .config_map import config_from_hf, hf_config_dict, hf_vocab_rows, load_hf_config_dict
 from .state_dict import ExpertLayout, HFTensor, fill_from_hf, init_new_rows, iter_hf_tensors
 
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from ..model import DeepOmniModel
 
 NewRowInit = Literal["mean", "normal"]
-INDEX_FILE = "model.safetensors.index.json"
 
 
 # ============================================================================================== import
@@ -133,7 +133,7 @@ def export_hf(
     *,
     dtype: torch.dtype | None = None,
     expert_layout: ExpertLayout = "per_expert",
-    max_shard_bytes: int = 5 * 2**30,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     text_specials: bool = False,
     **config_extra: Any,
 ) -> Path:
@@ -146,7 +146,6 @@ def export_hf(
     DeepseekV2Config fields (e.g. ``bos_token_id``). Weights are written in shards of at most
     ``max_shard_bytes`` (one ``model.safetensors`` if they fit, else ``model-0000i-of-0000N.safetensors`` +
     index), cast to ``dtype`` if given (the router stays fp32). Stale shards in ``out_dir`` are removed."""
-    from safetensors.torch import save_file
     from transformers import DeepseekV2Config
 
     cfg: ModelConfig = model.cfg
@@ -156,46 +155,14 @@ def export_hf(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("*.safetensors"), out / INDEX_FILE]:
-        old.unlink(missing_ok=True)  # a stale shard would be loaded alongside the new ones
-
     fields = hf_config_dict(cfg, text_specials=text_specials, **config_extra)
     fields.pop("model_type")  # a class attribute of DeepseekV2Config
     hf_cfg = DeepseekV2Config(**fields)
     hf_cfg.dtype = dtype or model.embed.weight.dtype
     hf_cfg.save_pretrained(out)
 
-    shards: list[list[str]] = []
-    shard: dict[str, torch.Tensor] = {}
-    size = total = 0
-
-    def flush() -> None:
-        nonlocal shard, size
-        if shard:
-            tmp = out / f"shard-{len(shards):05d}.tmp.safetensors"
-            save_file(shard, str(tmp), metadata={"format": "pt"})
-            shards.append(list(shard))
-            shard, size = {}, 0
-
-    for key, t in iter_hf_tensors(model, expert_layout, dtype, text_specials=text_specials):
-        nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-        shard[key] = t
-        size += nbytes
-        total += nbytes
-    flush()
-
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for i, name in enumerate(names):
-        (out / f"shard-{i:05d}.tmp.safetensors").rename(out / name)
-    if n > 1:
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": {k: names[i] for i, keys in enumerate(shards) for k in keys},
-        }
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+    write_safetensors(iter_hf_tensors(model, expert_layout, dtype, text_specials=text_specials), out,
+                      max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
     return out
 
 

@@ -1,4 +1,9 @@
-"""What crosses a deployment boundary: plain dataclasses (numpy arrays, numbers, strings), pickled by Ray.
+"""The messages of an answer: plain dataclasses (numpy arrays, numbers, strings), Ray-free.
+
+The answer loop (:class:`deepomni.serve.answer_loop.AnswerLoop`) takes a :class:`Conversation` and
+:class:`GenerateOptions` and streams :class:`AnswerChunk`; it hands codec frames to its vocoder as
+:class:`VocodeItem` and gets :class:`VocodedAudio` or :class:`VocodeFailed` back. In the Ray Serve app
+(``serve_apps/``) the same types cross the deployment boundaries, pickled by Ray:
 
     Ingress --encode(audio, pcm_sample_rate)--> SpeechEncoder   -> EncodedSpeech | AudioRejected
     Ingress --generate(Conversation, GenerateOptions)--> Backbone   -> stream of AnswerChunk
@@ -50,8 +55,8 @@ class ConversationTurn:
 
 @dataclass(frozen=True)
 class Conversation:
-    """What the model answers: the turns so far (the last the user's). The Backbone turns it into the
-    prompt of :func:`deepomni.model.prompt.conversation`; earlier answers count as their text."""
+    """What the model answers: the turns so far (the last the user's). The answer loop turns it into
+    the prompt of :func:`deepomni.model.prompt.conversation`; earlier answers count as their text."""
 
     turns: tuple[ConversationTurn, ...]
     system: str | None = None  # the client's system text; None: the instruction of ``task``
@@ -65,7 +70,7 @@ class Conversation:
 
 @dataclass(frozen=True)
 class GenerateOptions:
-    speech: bool = True  # False (or a Backbone without a vocoder): a text answer only
+    speech: bool = True  # False (or a loop without a vocoder): a text answer only
     max_steps: int | None = None  # None: the app's max_steps
     seed: int | None = None  # codec sampling seed (None: random)
     temperature: float | None = None  # codec sampling temperature (None: the model's default); text is greedy
@@ -89,6 +94,9 @@ class AnswerEnd:
     text_ids: tuple[int, ...] = ()  # the answer's text token ids (for ConversationTurn.text_ids)
 
 
+RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 30  # the Retry-After an overloaded server suggests, clamped
+
+
 @dataclass(frozen=True)
 class AnswerError:
     reason: str  # prompt_too_long | overloaded | internal_error | unavailable
@@ -98,7 +106,8 @@ class AnswerError:
 
 @dataclass(frozen=True)
 class AnswerChunk:
-    """One item of ``Backbone.generate``'s stream: everything produced since the caller last read."""
+    """One item of ``AnswerLoop.generate``'s stream (``Backbone.generate``'s): everything produced since the
+    caller last read."""
 
     text: str = ""  # text delta
     pcm: np.ndarray | None = None  # float32 audio at the codec's sample rate
@@ -130,7 +139,7 @@ class BackboneInfo:
 
 @dataclass(frozen=True)
 class VocodeItem:
-    """One stream's step in a batched ``Vocoder.decode`` call."""
+    """One stream's step in a batched vocoder call (``Vocoder.decode``)."""
 
     state: Any  # the codec's stream state from the last call; None starts a stream
     codes_KF: np.ndarray | None  # int64 [K, F] codec frames (None or F == 0: none this time)

@@ -1,0 +1,245 @@
+"""The one answering API of the Ingress: what every surface calls, and the only code that calls the
+SpeechEncoder and the Backbone.
+
+    answers = Answers(encoder, backbone, cfg)                    # one per Ingress replica
+    speech = await answers.encode(audio, pcm_rate)               # audio bytes -> EncodedSpeech ([n, D])
+    turn = ConversationTurn("user", None, speech.audio_ND)
+    first, events = await answers.start(Conversation((*history, turn)), options, t0)
+    async for ev in events: ...                                  # text, audio, end (``first`` is start)
+
+The surfaces are thin adapters over it, as vLLM's servers are over its engine: each turns its requests
+into a :class:`~deepomni.serve.messages.Conversation` and
+:class:`~deepomni.serve.messages.GenerateOptions` and the events into its own wire format, and none calls
+a deployment itself:
+
+    ingress.py         POST /v1/dialogue, WS /v1/dialogue/ws (our protocol), GET /healthz
+    openai_routes.py   POST /v1/chat/completions, /v1/audio/transcriptions, /v1/audio/speech
+    realtime.py        WS /v1/realtime (OpenAI Realtime)
+
+One answer (:meth:`Answers.answer`) is a stream of events, whichever surface asked for it: ``start``
+(``sample_rate``, ``format``, ``speech``), ``text`` (``delta``), ``audio`` (``wav``: float32 at the codec's
+``sample_rate``, ``seq``), ``end`` (the counts, latencies and ``dropped_turns``, with the Backbone's
+:class:`~deepomni.serve.messages.AnswerEnd` as ``summary``). The Backbone sends the codec frames of all its
+sessions to the Vocoder deployment in batched calls and streams the PCM that comes back; while a surface
+sends one chunk on, the Backbone goes on, so the next event holds everything produced meanwhile and chunks
+grow when the client is slow.
+
+Every refusal is a :class:`~serve_apps.protocol.Rejection` (HTTP status + reason), each surface's own
+format of it aside (``OpenAIError``), counted by :meth:`Answers.rejected` in ``deepomni_rejected_requests``
+by reason and endpoint: audio the encoder refuses (``not_audio``, ``audio_too_long``, ...), a prompt the
+Backbone refuses, Serve's backpressure on a handle (a deployment's ``max_queued_requests``, config.yaml)
+and a Backbone too busy to queue another session (``overloaded``: 503 + ``Retry-After``), a deployment
+lost mid-answer (its replica died, or stopped answering: every wait is bounded, ``serve_apps/faults.py``)
+as ``unavailable``. A refusal before ``start`` is raised by :meth:`Answers.start`, so a surface can still
+answer it with a plain 4xx / 5xx; one after it ends the stream in the surface's format.
+
+A turn reaches the encoder and the Backbone through :meth:`Answers.encode` and :meth:`Answers.answer` only,
+next to each other (:meth:`Answers.info` and :meth:`Answers.health` ask them for their settings and stats):
+sending the encoder's result straight to the Backbone (a ``DeploymentResponse`` passed as an argument, so
+the speech does not travel through the Ingress) is a change of these two methods. The surfaces hold the
+encoded speech only as a turn's ``audio_ND`` (Realtime also joins a speaker's consecutive items').
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from deepomni.serve.messages import (AnswerChunk, AudioRejected, BackboneInfo, Conversation, EncodedSpeech, EncoderInfo,
+                                     GenerateOptions)
+
+from .faults import START_TIMEOUT_S, cause_of, unavailable
+from .loading import AppConfig
+from .metrics import ingress_metrics
+from .protocol import AUDIO_FORMAT, REASONS, Rejection, reject
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from .openai_api import OpenAIError
+
+log = logging.getLogger("ray.serve")
+MAX_TEXT_CHARS = 4000  # a written turn's limit, on every surface
+
+
+def _overloaded(e: Exception) -> Rejection:
+    """Serve's own backpressure (a deployment's ``max_queued_requests``, config.yaml) as our refusal."""
+    retry = getattr(e, "retry_after_s", None)
+    return reject("overloaded", "the server is overloaded: too many requests wait for the model; try again "
+                  "shortly", max(1, math.ceil(retry)) if retry else 1)
+
+
+class Answers:
+    """Encoding and answering for one Ingress replica, over the handles of its SpeechEncoder and Backbone
+    deployments (see the module docstring). ``cfg``'s limits are the surfaces' too: ``max_body_bytes``,
+    ``max_steps_limit``, ``stall_timeout_s``."""
+
+    def __init__(self, encoder: DeploymentHandle, backbone: DeploymentHandle, cfg: AppConfig):
+        self.encoder, self.backbone, self.cfg = encoder, backbone, cfg
+        self.max_text_chars = MAX_TEXT_CHARS
+        self.metrics = ingress_metrics()
+        self._info: dict | None = None
+
+    # ------------------------------------------------------------------------------------ the server
+    async def info(self) -> dict:
+        """Sample rate and limits, asked of the deployments once (the Vocoder refuses, when it starts, a codec
+        that does not fit the model). :class:`Rejection` ``unavailable`` when they do not answer."""
+        if self._info is None:
+            enc: EncoderInfo
+            bb: BackboneInfo
+            try:  # bounded, as every wait on another deployment (faults.py)
+                enc, bb = await asyncio.wait_for(asyncio.gather(self.encoder.info.remote(),
+                                                                self.backbone.info.remote()), START_TIMEOUT_S)
+            except Exception as e:
+                if cause_of(e) is None:
+                    raise
+                raise unavailable("Backbone", cause_of(e), e) from e
+            self._info = {"sample_rate": bb.codec.sample_rate, "format": AUDIO_FORMAT, "codec": bb.codec.codec,
+                          "frame_rate": bb.codec.frame_rate, "codec_channels": bb.num_codec_channels,
+                          "max_seconds": enc.max_seconds, "max_body_bytes": self.cfg.max_body_bytes,
+                          "max_steps": self.cfg.max_steps, "max_steps_limit": self.cfg.max_steps_limit}
+        return self._info
+
+    async def health(self) -> dict:
+        """:meth:`info` and the Backbone's ``stats``, within ``stall_timeout_s``: while a replica is being
+        replaced a probe says so (:class:`Rejection` ``unavailable``) instead of hanging."""
+        try:
+            info, stats = await asyncio.wait_for(asyncio.gather(self.info(), self.backbone.stats.remote()),
+                                                 self.cfg.stall_timeout_s)
+        except Exception as e:
+            if isinstance(e, Rejection) or cause_of(e) is None:
+                raise
+            raise unavailable("Backbone", cause_of(e), e) from e
+        return {**info, "backbone": stats}
+
+    def rejected(self, e: Rejection | OpenAIError, endpoint: str) -> None:
+        """Count a refusal (``deepomni_rejected_requests``) by its reason and the endpoint that gave it."""
+        self.metrics.rejected_requests.inc(tags={"reason": e.reason, "endpoint": endpoint})
+
+    async def read_body(self, request: Request) -> bytes:
+        """A request's body, refused (``body_too_large``) as soon as it is over ``max_body_bytes``: by its
+        ``Content-Length`` before reading, or while reading when it has none (chunked)."""
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_big = reject("body_too_large", f"the body is over the limit of {limit} bytes")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise too_big
+        return bytes(buf)
+
+    # ------------------------------------------------------------------------------------ one turn's speech
+    async def encode(self, audio: bytes, pcm_rate: int | None = None) -> EncodedSpeech:
+        """A spoken turn through the SpeechEncoder: an audio file's bytes (``pcm_rate`` None) or raw pcm16 at
+        ``pcm_rate``. Audio it refuses is a :class:`Rejection` with its reason (``not_audio``,
+        ``audio_too_long``, ...); a full queue is ``overloaded``, a lost replica ``unavailable``."""
+        response = self.encoder.encode.remote(audio, pcm_rate)
+        try:
+            out: EncodedSpeech | AudioRejected = await asyncio.wait_for(response, START_TIMEOUT_S)
+        except BackPressureError as e:
+            raise _overloaded(e) from e
+        except Exception as e:
+            cause = cause_of(e)
+            if cause is None:
+                raise
+            response.cancel()
+            raise unavailable("SpeechEncoder", cause, e) from e
+        if isinstance(out, AudioRejected):
+            raise reject(out.reason, out.message)
+        return out
+
+    async def encode_all(self, audios: Sequence[bytes], pcm_rate: int | None = None) -> list[EncodedSpeech]:
+        """:meth:`encode` of several parts at once (the encoder batches the calls that arrive together)."""
+        return list(await asyncio.gather(*[self.encode(a, pcm_rate) for a in audios]))
+
+    # ------------------------------------------------------------------------------------ one answer
+    async def start(self, conv: Conversation, opts: GenerateOptions, t0: float
+                    ) -> tuple[dict, AsyncIterator[dict]]:
+        """:meth:`answer` up to its ``start`` event: a refusal by the Backbone (prompt too long, overloaded)
+        is raised here, before a surface has sent anything, so that it is still a plain 4xx / 5xx. Returns
+        the ``start`` event and the rest of the events."""
+        events = self.answer(conv, opts, t0)
+        return await events.__anext__(), events
+
+    async def answer(self, conv: Conversation, opts: GenerateOptions, t0: float) -> AsyncIterator[dict]:
+        """Events of one answer (module docstring), ``t0`` being when the request arrived (the latency
+        metrics'). A refusal is raised as :class:`Rejection` before ``start``; a deployment lost mid-answer
+        as ``unavailable``. Closing this generator early (client gone, barge-in) cancels the Backbone stream
+        and so its session."""
+        info = await self.info()
+        sr = info["sample_rate"]
+        stream = self.backbone.options(stream=True).generate.remote(conv, opts)
+        seq, samples, finished = 0, 0, False
+        first_audio = last_audio = None
+        try:
+            started = got_any = False
+            while True:
+                try:  # bounded: the Backbone sends a keepalive every second while the answer waits (faults.py)
+                    wait = self.cfg.stall_timeout_s if got_any else START_TIMEOUT_S  # the first may wait for a replica
+                    item: AnswerChunk = await asyncio.wait_for(stream.__anext__(), wait)
+                    got_any = True
+                except StopAsyncIteration:
+                    break
+                except BackPressureError:
+                    raise
+                except Exception as e:  # the Backbone replica died or stalled: the answer ends with an error
+                    cause = cause_of(e)
+                    if cause is None:  # a bug: logged, and still a clean error for the client
+                        log.exception("Backbone stream failed")
+                        raise reject("internal_error", f"generation failed: {type(e).__name__}") from e
+                    log.warning("Backbone stream failed (%s): %s", cause, type(e).__name__)
+                    raise unavailable("Backbone", cause, e) from e
+                if item.keepalive:
+                    continue
+                if item.error is not None:
+                    reason = item.error.reason
+                    raise reject(reason if reason in REASONS else "internal_error", item.error.message,
+                                 item.error.retry_after_s)
+                if not started:
+                    started = True
+                    yield {"type": "start", "sample_rate": sr, "format": AUDIO_FORMAT, "speech": opts.speech}
+                if item.text:
+                    yield {"type": "text", "delta": item.text}
+                end, wav = item.end, item.pcm
+                if opts.speech and wav is not None and len(wav):
+                    now = time.perf_counter()
+                    if first_audio is None:
+                        first_audio = now
+                        self.metrics.time_to_first_audio_seconds.observe(now - t0)
+                    else:
+                        self.metrics.audio_chunk_gap_seconds.observe(now - last_audio)
+                    last_audio = now
+                    samples += len(wav)
+                    yield {"type": "audio", "seq": seq, "sample_rate": sr, "format": AUDIO_FORMAT,
+                           "samples": len(wav), "wav": wav}
+                    seq += 1
+                if end is not None:
+                    elapsed = time.perf_counter() - t0
+                    audio_s = samples / sr
+                    rtf = elapsed / audio_s if audio_s else None
+                    if rtf is not None:
+                        self.metrics.real_time_factor.observe(rtf)
+                    finished = True
+                    yield {"type": "end", "text": end.text, "steps": end.steps,
+                           "text_tokens": end.text_tokens, "frames": end.frames, "audio_chunks": seq,
+                           "audio_seconds": round(audio_s, 4), "elapsed_ms": round(elapsed * 1e3, 2),
+                           "ttfa_ms": None if first_audio is None else round((first_audio - t0) * 1e3, 2),
+                           "queue_ms": end.queue_ms, "rtf": None if rtf is None else round(rtf, 4),
+                           "prompt_tokens": end.prompt_tokens, "cached_tokens": end.cached_tokens,
+                           "dropped_turns": end.dropped_turns, "summary": end}
+                    return
+        except BackPressureError as e:  # Serve refused the call: the Backbone's max_queued_requests (config.yaml)
+            raise _overloaded(e) from e
+        finally:
+            if not finished:
+                stream.cancel()
