@@ -112,9 +112,10 @@ def measure(kind: str, ckpt: str) -> dict:
     out = {"baseline_mib": round(baseline, 1), "peak_mib": round(peak, 1), "added_mib": round(peak - baseline, 1),
            "seconds": round(seconds, 2)}
     if held is not None and hasattr(held, "state_dict"):
+        names = [n for n, _ in held.named_parameters()]
         out |= {"params": sum(p.numel() for p in held.parameters()), "weights_mib": round(weight_mib(held), 1),
-                "has_speech_encoder": any(n.startswith(("encoder.", "speech.encoder.")) for n, _ in held.named_parameters()),
-                "has_experts": any(".experts." in n for n, _ in held.named_parameters())}
+                "has_speech_encoder": any(n.startswith(("encoder.", "speech.encoder.")) for n in names),
+                "has_experts": any(".experts." in n for n in names)}
         out["peak_over_weights"] = round(out["added_mib"] / max(out["weights_mib"], 1e-9), 3)
     return out
 

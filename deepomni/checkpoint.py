@@ -55,7 +55,8 @@ def save_model(model: DeepOmniModel, directory: str | Path, assignment: ExpertAs
     (a stale experts.json or shard does not survive; files other than the checkpoint's own are kept).
     Tensors are written as they are (a bf16 model as bf16), in shards above ``max_shard_bytes``."""
     d = Path(directory)
-    own = (CONFIG, EXPERTS, *(p.name for p in d.iterdir() if is_weight_file(p.name))) if d.is_dir() else (CONFIG, EXPERTS)
+    stale = [p.name for p in d.iterdir() if is_weight_file(p.name)] if d.is_dir() else []
+    own = (CONFIG, EXPERTS, *stale)  # the new checkpoint's files replace these; other files are kept
     with atomic_directory(d, keep_others=own) as tmp:
         (tmp / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=1))
         write_safetensors(model.state_dict().items(), tmp, max_shard_bytes=max_shard_bytes,
@@ -97,7 +98,8 @@ def load_part(directory: str | Path, part: Part = "model", device: str | torch.d
     prefix = SPEECH if part == "speech" else ""  # checkpoint name = prefix + the part's own name
     own = set(module.state_dict())
     files = weight_map(d)
-    ours = {n for n in files if (n.startswith(SPEECH) if part == "speech" else part == "model" or not n.startswith(SPEECH))}
+    ours = {n for n in files  # the checkpoint's tensors of this part
+            if (n.startswith(SPEECH) if part == "speech" else part == "model" or not n.startswith(SPEECH))}
     unexpected = sorted(n for n in ours if n.removeprefix(prefix) not in own)
     for name, t in read_tensors(files, sorted(ours - set(unexpected))):
         assign(module, name.removeprefix(prefix), t, device)
@@ -110,7 +112,8 @@ def load_part(directory: str | Path, part: Part = "model", device: str | torch.d
                     assign(module, enc + name, t, device)
                     missing.discard(enc + name)
         projector = PROJECTOR.removeprefix(prefix)
-        if missing and all(n.startswith(projector) for n in missing) and not any(n.startswith(PROJECTOR) for n in files):
+        no_projector = not any(n.startswith(PROJECTOR) for n in files)
+        if missing and no_projector and all(n.startswith(projector) for n in missing):
             # a base LLM with the encoder it will hear through, but no projector yet (a foundation set's base/):
             # the first stage that trains one starts it (Stage.projector_from_text); seeded, so every run (and
             # every part) from this base starts from the same weights, those init_weights(seed=0) would draw

@@ -7,10 +7,10 @@
 
 Reading is the other half of the convention (vLLM, transformers' ``from_pretrained``): a module is built
 on the meta device (:func:`empty_modules`: no memory, no random init) in the dtype it will run in, then
-each tensor it owns is read from its file (memory-mapped, :func:`read_tensors`), cast, and assigned in
-place of the empty parameter (:func:`assign`), one at a time. So a process holds its part's weights once,
-in its own dtype, and never the tensors it does not own; :func:`materialize` then gives the derived
-(non-persistent) buffers real storage and recomputes them.
+each tensor it owns is read from its file (memory-mapped, :func:`read_tensors`), copied in its dtype, and
+assigned in place of the empty parameter (:func:`assign`), one at a time. So a process holds its part's
+weights once, in its own dtype, and never the tensors it does not own; :func:`materialize` then gives the
+derived (non-persistent) buffers real storage and recomputes them.
 """
 
 from __future__ import annotations
@@ -103,17 +103,20 @@ def weight_map(directory: str | Path) -> dict[str, Path]:
 
 
 def read_tensors(files: dict[str, Path], names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors ``names`` (keys of ``files``, a :func:`weight_map`), file by file, each memory-mapped only
-    while its tensors are read: the caller keeps what it needs, in its own dtype, one tensor at a time."""
+    """The tensors ``names`` (keys of ``files``, a :func:`weight_map`), in file order. Each is a view of its
+    file, memory-mapped (read-only, copy-on-write) only while the caller holds it: the file is opened per
+    tensor, so the pages read stay resident for one tensor at a time, not for a whole 5 GiB shard. The caller
+    copies what it keeps (:func:`assign` does, into aligned storage in its own dtype)."""
     from safetensors import safe_open
 
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
     for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
-            for k in keys:
-                yield k, f.get_tensor(k)
+        for k in keys:
+            with safe_open(str(path), framework="pt") as f:
+                t = f.get_tensor(k)
+            yield k, t
 
 
 # ============================================================================================== assign
@@ -139,7 +142,10 @@ def assign(module: nn.Module, name: str, tensor: torch.Tensor, device: torch.dev
     if old is None or tuple(old.shape) != tuple(tensor.shape):
         raise ValueError(f"{name}: the checkpoint's tensor has shape {tuple(tensor.shape)}, the model's "
                          f"{None if old is None else tuple(old.shape)}")
-    new = tensor.to(device=device, dtype=old.dtype)
+    # always a copy: a view of the file's memory map would keep its pages mapped and sit at the file's (8-byte)
+    # alignment, where CPU kernels take other paths than on torch's own (64-byte aligned) storage, so results
+    # (a resumed training run's, bit for bit) would depend on how the weights were loaded
+    new = tensor.to(device=device, dtype=old.dtype, copy=True)
     if isinstance(old, nn.Parameter):
         owner._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
     else:

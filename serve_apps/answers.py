@@ -2,9 +2,9 @@
 SpeechEncoder and the Backbone.
 
     answers = Answers(encoder, backbone, cfg)                    # one per Ingress replica
-    speech = await answers.encode(audio, pcm_rate)               # audio bytes -> EncodedSpeech ([n, D])
-    turn = ConversationTurn("user", None, speech.audio_ND)
-    first, events = await answers.start(Conversation((*history, turn)), options, t0)
+    heard = answers.hear(audio, pcm_rate)                        # the encoder's call, not awaited
+    turn = ConversationTurn("user", heard=0)                     # its speech: heard[0]
+    first, events = await answers.start(Conversation((*history, turn)), options, t0, [heard])
     async for ev in events: ...                                  # text, audio, end (``first`` is start)
 
 The surfaces are thin adapters over it, as vLLM's servers are over its engine: each turns its requests
@@ -33,11 +33,15 @@ lost mid-answer (its replica died, or stopped answering: every wait is bounded, 
 as ``unavailable``. A refusal before ``start`` is raised by :meth:`Answers.start`, so a surface can still
 answer it with a plain 4xx / 5xx; one after it ends the stream in the surface's format.
 
-A turn reaches the encoder and the Backbone through :meth:`Answers.encode` and :meth:`Answers.answer` only,
-next to each other (:meth:`Answers.info` and :meth:`Answers.health` ask them for their settings and stats):
-sending the encoder's result straight to the Backbone (a ``DeploymentResponse`` passed as an argument, so
-the speech does not travel through the Ingress) is a change of these two methods. The surfaces hold the
-encoded speech only as a turn's ``audio_ND`` (Realtime also joins a speaker's consecutive items').
+A turn reaches the encoder and the Backbone through :meth:`Answers.hear` / :meth:`Answers.encode` and
+:meth:`Answers.answer` only (:meth:`Answers.info` and :meth:`Answers.health` ask them for their settings and
+stats). **The features skip the Ingress** where a turn is answered at once: :meth:`Answers.hear` starts the
+encoder's call and its ``DeploymentResponse`` goes, unopened, as an argument of the Backbone's call, which
+Serve resolves there (the projected speech goes from the encoder's replica to the Backbone's; a refusal comes
+back as the Backbone's first chunk, before ``start``): ``POST /v1/dialogue``, chat completions and
+transcriptions. The sessions that keep a conversation's speech for its later turns (``WS /v1/dialogue/ws``'s
+history, Realtime's items, which it also joins per speaker and whose refusal it reports when the item is
+committed) :meth:`Answers.encode` it and hold it as a turn's ``audio_ND``.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from deepomni.serve.messages import (AnswerChunk, AudioRejected, BackboneInfo, Conversation, EncodedSpeech, EncoderInfo,
                                      GenerateOptions)
@@ -74,6 +78,19 @@ def _overloaded(e: Exception) -> Rejection:
     retry = getattr(e, "retry_after_s", None)
     return reject("overloaded", "the server is overloaded: too many requests wait for the model; try again "
                   "shortly", max(1, math.ceil(retry)) if retry else 1)
+
+
+async def _any_failed(responses: Sequence[DeploymentResponse]) -> bool:
+    """Whether one of these encoder calls failed because its replica was lost (one still running is not)."""
+    for r in responses:
+        try:
+            await asyncio.wait_for(r, 0.1)
+        except asyncio.TimeoutError:
+            continue
+        except Exception as e:
+            if cause_of(e) is not None:
+                return True
+    return False
 
 
 class Answers:
@@ -158,27 +175,36 @@ class Answers:
             raise reject(out.reason, out.message)
         return out
 
+    def hear(self, audio: bytes, pcm_rate: int | None = None) -> DeploymentResponse:
+        """Start encoding a spoken turn, without waiting for it: the response goes to :meth:`answer` in its
+        ``heard`` (the turn names it by index, ``ConversationTurn.heard``) and on to the Backbone unopened, so
+        the features travel from the encoder to the Backbone, not through this replica. A refusal comes back
+        from :meth:`start` with the encoder's reason, as :meth:`encode`'s would."""
+        return self.encoder.encode.remote(audio, pcm_rate)
+
     async def encode_all(self, audios: Sequence[bytes], pcm_rate: int | None = None) -> list[EncodedSpeech]:
         """:meth:`encode` of several parts at once (the encoder batches the calls that arrive together)."""
         return list(await asyncio.gather(*[self.encode(a, pcm_rate) for a in audios]))
 
     # ------------------------------------------------------------------------------------ one answer
-    async def start(self, conv: Conversation, opts: GenerateOptions, t0: float
-                    ) -> tuple[dict, AsyncIterator[dict]]:
-        """:meth:`answer` up to its ``start`` event: a refusal by the Backbone (prompt too long, overloaded)
-        is raised here, before a surface has sent anything, so that it is still a plain 4xx / 5xx. Returns
-        the ``start`` event and the rest of the events."""
-        events = self.answer(conv, opts, t0)
+    async def start(self, conv: Conversation, opts: GenerateOptions, t0: float,
+                    heard: Sequence[DeploymentResponse] = ()) -> tuple[dict, AsyncIterator[dict]]:
+        """:meth:`answer` up to its ``start`` event: a refusal by the Backbone (prompt too long, overloaded) or
+        of a heard turn's audio is raised here, before a surface has sent anything, so that it is still a
+        plain 4xx / 5xx. Returns the ``start`` event and the rest of the events."""
+        events = self.answer(conv, opts, t0, heard)
         return await events.__anext__(), events
 
-    async def answer(self, conv: Conversation, opts: GenerateOptions, t0: float) -> AsyncIterator[dict]:
+    async def answer(self, conv: Conversation, opts: GenerateOptions, t0: float,
+                     heard: Sequence[DeploymentResponse] = ()) -> AsyncIterator[dict]:
         """Events of one answer (module docstring), ``t0`` being when the request arrived (the latency
-        metrics'). A refusal is raised as :class:`Rejection` before ``start``; a deployment lost mid-answer
-        as ``unavailable``. Closing this generator early (client gone, barge-in) cancels the Backbone stream
+        metrics'). ``heard``: :meth:`hear`'s responses, named by the turns (``ConversationTurn.heard``). A
+        refusal is raised as :class:`Rejection` before ``start``; a deployment lost mid-answer as
+        ``unavailable``. Closing this generator early (client gone, barge-in) cancels the Backbone stream
         and so its session."""
         info = await self.info()
         sr = info["sample_rate"]
-        stream = self.backbone.options(stream=True).generate.remote(conv, opts)
+        stream = self.backbone.options(stream=True).generate.remote(conv, opts, *heard)
         seq, samples, finished = 0, 0, False
         first_audio = last_audio = None
         try:
@@ -197,8 +223,11 @@ class Answers:
                     if cause is None:  # a bug: logged, and still a clean error for the client
                         log.exception("Backbone stream failed")
                         raise reject("internal_error", f"generation failed: {type(e).__name__}") from e
-                    log.warning("Backbone stream failed (%s): %s", cause, type(e).__name__)
-                    raise unavailable("Backbone", cause, e) from e
+                    # before the first item, the heard turns' encoder calls may be what failed (Serve resolves
+                    # them for the Backbone call): name the deployment that was lost
+                    lost = "SpeechEncoder" if not got_any and await _any_failed(heard) else "Backbone"
+                    log.warning("%s call failed (%s): %s", lost, cause, type(e).__name__)
+                    raise unavailable(lost, cause, e) from e
                 if item.keepalive:
                     continue
                 if item.error is not None:
@@ -236,7 +265,7 @@ class Answers:
                            "ttfa_ms": None if first_audio is None else round((first_audio - t0) * 1e3, 2),
                            "queue_ms": end.queue_ms, "rtf": None if rtf is None else round(rtf, 4),
                            "prompt_tokens": end.prompt_tokens, "cached_tokens": end.cached_tokens,
-                           "dropped_turns": end.dropped_turns, "summary": end}
+                           "dropped_turns": end.dropped_turns, "expert_share": end.expert_share, "summary": end}
                     return
         except BackPressureError as e:  # Serve refused the call: the Backbone's max_queued_requests (config.yaml)
             raise _overloaded(e) from e

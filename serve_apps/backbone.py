@@ -18,6 +18,7 @@ Replicas and autoscaling: ``config.yaml``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,8 +27,8 @@ import torch
 from ray import serve
 
 from deepomni.serve.answer_loop import AnswerLoop, LoopMetrics, VocoderUnavailable
-from deepomni.serve.messages import (AnswerChunk, AnswerError, BackboneInfo, CodecInfo, Conversation, GenerateOptions,
-                                     VocodedAudio, VocodeFailed, VocodeItem)
+from deepomni.serve.messages import (AnswerChunk, AnswerError, AudioRejected, BackboneInfo, CodecInfo, Conversation,
+                                     EncodedSpeech, GenerateOptions, VocodedAudio, VocodeFailed, VocodeItem)
 
 from .faults import KEEPALIVE_S, START_TIMEOUT_S, VOCODER_LOSS_WAIT_S, cause_of, unavailable
 from .loading import AppConfig, load_serving_model
@@ -42,8 +43,23 @@ class Backbone:
         cfg.setup_torch()
         self.cfg, self.vocoder = cfg, vocoder
         self.model = load_serving_model(cfg, "backbone")  # no speech encoder: the SpeechEncoder replicas hold it
+        # the checkpoint's modality experts (experts.json; the random preset has none): each answer's end says
+        # which share of its routed tokens went to speech and to text experts, per MoE layer (the page draws
+        # it). Only a summary: an assignment that does not fit the model is logged and left out.
+        from pathlib import Path
+
+        from deepomni.model.modality import ExpertAssignment, moe_layers
+
+        experts, path = None, Path(cfg.checkpoint or "") / "experts.json"
+        if cfg.checkpoint and path.is_file():
+            try:
+                experts = ExpertAssignment.load(path)
+                experts.validate(sorted(moe_layers(self.model)))
+            except ValueError as e:
+                log.warning("%s left out: %s", path, e)
+                experts = None
         self.loop = AnswerLoop.from_config(self.model, cfg, vocoder=None if vocoder is None else _VocoderCalls(vocoder),
-                                           metrics=_ServeMetrics(), keepalive_s=KEEPALIVE_S, log=log)
+                                           metrics=_ServeMetrics(), keepalive_s=KEEPALIVE_S, log=log, experts=experts)
         self._codec_info: CodecInfo | None = None
         self.loop.warm_up()
 
@@ -59,14 +75,28 @@ class Backbone:
         them as they are)."""
         return self.loop.stats()
 
-    async def generate(self, conv: Conversation, options: GenerateOptions = GenerateOptions()
-                       ) -> AsyncIterator[AnswerChunk]:
+    async def generate(self, conv: Conversation, options: GenerateOptions = GenerateOptions(),
+                       *heard: EncodedSpeech | AudioRejected) -> AsyncIterator[AnswerChunk]:
         """Stream the answer to a conversation (:meth:`AnswerLoop.generate`): chunks, each with everything
         produced since the last one; the last has ``end`` or ``error``. Audio needs a vocoder; without one,
-        ``speech`` is off. A caller that stops consuming (client gone) cancels its session."""
+        ``speech`` is off. A caller that stops consuming (client gone) cancels its session.
+
+        ``heard``: the SpeechEncoder's results for the turns that name them (``ConversationTurn.heard``),
+        passed by the Ingress as the encoder's responses, which Serve resolves here: the features come from
+        the encoder's replica (its node's object store), not through the Ingress. Audio the encoder refused
+        ends the answer at once with its reason (the Ingress answers 422, as for any refusal before start)."""
+        seconds = 0.0
+        if heard:
+            heard_conv = conv.with_heard(heard)
+            if isinstance(heard_conv, AudioRejected):
+                yield AnswerChunk(error=AnswerError(heard_conv.reason, heard_conv.message))
+                return
+            conv, seconds = heard_conv, sum(h.seconds for h in heard)
         answer = self.loop.generate(conv, options)
         try:
             async for chunk in answer:
+                if chunk.end is not None and seconds:  # the audio's duration, which only the encoder measured
+                    chunk = dataclasses.replace(chunk, end=dataclasses.replace(chunk.end, heard_seconds=seconds))
                 yield chunk
         finally:  # closed mid-answer (client gone): the loop's stream frees the session's rows now, not at GC
             await answer.aclose()

@@ -217,9 +217,11 @@ class Ingress:
         t0 = time.perf_counter()
         try:
             audio, pcm_rate, text, opts = await self._parse_dialogue(request)
-            audio_ND = (await self.answers.encode(audio, pcm_rate)).audio_ND if audio is not None else None
-            # the answer up to its start: a refusal by the backbone is still a plain 4xx here
-            first, events = await self.answers.start(Conversation.single(audio_ND, text), opts.generate_options(), t0)
+            # the question's features go from the encoder straight to the Backbone (Answers.hear); the answer up
+            # to its start: a refusal (of the audio, or by the backbone) is still a plain 4xx here
+            heard = [] if audio is None else [self.answers.hear(audio, pcm_rate)]
+            first, events = await self.answers.start(Conversation.single(text=text, heard=0 if heard else None),
+                                                     opts.generate_options(), t0, heard)
         except Rejection as e:
             self.answers.rejected(e, "dialogue")
             return _status(e)

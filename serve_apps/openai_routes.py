@@ -115,14 +115,15 @@ class OpenAIRoutes:
             if req.stream and req.speech and req.audio_format != "pcm16":
                 raise bad("streamed audio is pcm16 (24 kHz, 16-bit, mono): set audio.format to pcm16",
                           "audio.format", code="unsupported_parameter")
-            heard = await ans.encode_all([m.audio for m in req.messages if m.audio is not None])
-            it = iter(heard)
-            turns = tuple(ConversationTurn(m.role, m.text, next(it).audio_ND if m.audio is not None else None)
+            # each spoken message's features go from the encoder straight to the Backbone (Answers.hear)
+            heard = [ans.hear(m.audio) for m in req.messages if m.audio is not None]
+            index = iter(range(len(heard)))
+            turns = tuple(ConversationTurn(m.role, m.text, heard=next(index) if m.audio is not None else None)
                           for m in req.messages)
             conv = Conversation(turns, system=req.system, keep=True)
             opts = GenerateOptions(speech=req.speech, max_steps=req.max_steps, seed=req.seed,
                                    temperature=req.temperature)
-            first, events = await ans.start(conv, opts, t0)
+            first, events = await ans.start(conv, opts, t0, heard)
         except (OpenAIError, Rejection) as e:
             return await _refused(ans, e, "chat_completions")
         shape = ChatShape()
@@ -211,9 +212,8 @@ class OpenAIRoutes:
                 raise bad(f"response_format must be one of {list(TRANSCRIPTION_FORMATS)}, got {fmt!r}",
                           "response_format", code="unsupported_parameter")
             stream = str(form.get("stream") or "false").lower() in ("true", "1")
-            speech = await ans.encode(audio)
-            _, events = await ans.start(Conversation.single(speech.audio_ND, task="asr"),
-                                        GenerateOptions(speech=False), t0)
+            _, events = await ans.start(Conversation.single(heard=0, task="asr"), GenerateOptions(speech=False), t0,
+                                        [ans.hear(audio)])
         except (OpenAIError, Rejection) as e:
             return await _refused(ans, e, "transcriptions")
         if stream:
@@ -227,7 +227,7 @@ class OpenAIRoutes:
         if fmt == "text":
             return PlainTextResponse(text + "\n")
         if fmt == "verbose_json":
-            return JSONResponse({"task": "transcribe", "language": "english", "duration": round(speech.seconds, 3),
+            return JSONResponse({"task": "transcribe", "language": "english", "duration": round(end.heard_seconds, 3),
                                  "text": text})
         return JSONResponse({"text": text, "usage": _transcription_usage(end)})
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_serve import readable_text_head
 from deepomni.codec.builtin import BuiltinCodec, BuiltinConfig
 from deepomni.config import load_preset
 from deepomni.data.sequences import INSTRUCTIONS
@@ -32,23 +33,10 @@ from deepomni.text import ByteTokenizer
 SAMPLES = 8  # the fake vocoder's samples per frame (and at a flush)
 
 
-def _readable(model: DeepOmniModel) -> DeepOmniModel:
-    """Text head limited to printable ASCII (specials too are zeroed, so answers end at max_steps), so the
-    byte tokenizer turns the random answers into visible text (as tests/test_serve.py's checkpoint)."""
-    keep = torch.zeros(model.layout.total_size, dtype=torch.bool)
-    keep[32:127] = True
-    keep[model.layout.channel_size(0):] = True  # codec channels untouched
-    with torch.no_grad():
-        for w in (model.embed.weight, model.embed.head_weight):
-            if w is not None:
-                w[~keep] = 0.0
-    return model
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return _readable(DeepOmniModel(load_preset("tiny")).init_weights(seed=0)).eval()  # a whole checkpoint's model
+    return readable_text_head(DeepOmniModel(load_preset("tiny")).init_weights(seed=0)).eval()  # a whole checkpoint's model
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +210,37 @@ def test_a_failed_vocoder_call_ends_its_answers_with_an_error(model, fail, reaso
     assert err is not None and err.reason == reason and chunks[-1].end is None
     assert err == fail.error if reason == "unavailable" else "codec exploded" in err.message
     assert loop.stats()["sessions"] == 0 and loop.stats()["vocoder_calls"] == 0
+
+
+def test_an_answers_end_says_where_its_tokens_were_routed(model):
+    """``AnswerEnd.expert_share``: per MoE layer the pairs of the tokens the answer ran (both items read the
+    prompt, each decodes a row a step but the last), and against the checkpoint's modality assignment the
+    shares on speech and on text experts, which sum to 1; without one, the shares are None."""
+    from deepomni.model.modality import ExpertAssignment, moe_layers
+
+    E, k = model.cfg.n_routed_experts, model.cfg.num_experts_per_tok
+    layers = sorted(moe_layers(model))
+    experts = ExpertAssignment(E, {l: list(range(i, E, 3)) for i, l in enumerate(layers)})
+    audio = _speech(model, 6, seed=2)
+    for assignment in (experts, None):
+        loop = _loop(model, FakeVocoder(), experts=assignment)
+        spoken = asyncio.run(_collect(loop.generate(Conversation.single(audio_ND=audio),
+                                                    GenerateOptions(max_steps=16, seed=1)))).pop().end
+        typed = asyncio.run(_collect(loop.generate(Conversation.single(text="What is it?"),
+                                                   GenerateOptions(speech=False, max_steps=12)))).pop().end
+        # the readable model's text never ends: both items decode every step
+        assert spoken.expert_share["tokens"] == {"speech": 2 * 6 + spoken.steps - 1,
+                                                 "text": 2 * (spoken.prompt_tokens - 6) + spoken.steps - 1}
+        assert typed.expert_share["tokens"] == {"speech": 0, "text": typed.prompt_tokens + typed.steps - 1}
+        for end in (spoken, typed):
+            share = end.expert_share
+            assert share["layers"] == layers and share["num_experts"] == E
+            assert share["routed"] == [k * sum(share["tokens"].values())] * len(layers)
+            assert all(0 < n <= E for n in share["experts_used"])
+            if assignment is None:
+                assert share["speech"] is None and share["text"] is None
+            else:
+                assert all(0 <= s <= 1 and s + t == pytest.approx(1.0) for s, t in zip(share["speech"], share["text"]))
 
 
 def test_a_prompt_that_cannot_fit_is_refused(model):

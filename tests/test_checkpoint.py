@@ -194,7 +194,8 @@ def test_part_errors(tmp_path, tiny_model):
     (tmp_path / "small" / "config.json").write_text((d / "config.json").read_text())  # config says more layers
     with pytest.raises(ValueError, match="missing .*layers"):
         load_part(tmp_path / "small", "backbone")
-    (d / "model.safetensors.index.json").write_text('{"weight_map": {"embed.weight": "model-00001-of-00002.safetensors"}}')
+    index = '{"weight_map": {"embed.weight": "model-00001-of-00002.safetensors"}}'
+    (d / "model.safetensors.index.json").write_text(index)
     with pytest.raises(FileNotFoundError, match="shards listed"):
         load_part(d, "speech")
 

@@ -201,6 +201,76 @@ def test_expert_load_by_modality(model):
     assert all(int(t.sum()) == 0 for t in engine.take_expert_load().values())  # reset by take
 
 
+def test_expert_load_per_session_adds_up_to_the_replicas(model):
+    """Each session's routed pairs (``expert_load_of`` at the step it ends) add up to the replica's counts for
+    the same steps: sessions of both kinds, prompts in several chunks, more sessions than rows (slots are
+    reused), a take of the replica's counts mid-answer; a cancelled session's pairs count for the replica
+    only. With an assignment each answer's shares per MoE layer sum to 1."""
+    from deepomni.model.modality import ExpertAssignment
+    from deepomni.model.routing_stats import expert_share
+
+    lay, k, L = model.layout, model.cfg.num_experts_per_tok, len(model.moe_layers)
+    n_audio = [5, 0, 9, 0, 3, 0]
+    reqs = [Request(user_turn(lay, audio_positions=n) if n else user_turn(lay, list(range(10, 14 + 4 * i))),
+                    torch.randn(n, model.cfg.hidden_size) if n else None,
+                    GenerationConfig(max_steps=20 + 3 * i, speech=i % 3 != 1, seed=i)) for i, n in enumerate(n_audio)]
+    engine = BatchEngine(model, max_rows=5, prefill_chunk=8)
+    ended, taken, step = {}, [], 0
+    sids = [engine.submit(r) for r in reqs]
+    while not engine.idle:
+        for sid, ev in engine.step():
+            if ev.kind == "end":
+                ended[sid] = engine.expert_load_of(sid)
+        step += 1
+        if step == 6:
+            taken.append(engine.take_expert_load())  # mid-answer: the live sessions keep theirs
+    taken.append(engine.take_expert_load())
+    assert sorted(ended) == sorted(sids) and engine.expert_load_of(sids[0]) is None  # only for the last step
+    for m in ("text", "speech"):
+        replica_LE = sum(t[m] for t in taken)
+        assert torch.equal(sum(load[m] for load in ended.values()), replica_LE), m
+        assert int(replica_LE.sum()) > 0
+    for sid, n, r in zip(sids, n_audio, reqs):
+        speech_L = ended[sid]["speech"].sum(1)
+        assert bool((speech_L == speech_L[0]).all()) and int(speech_L[0]) % k == 0  # whole tokens, every layer
+        items = 2 if r.gen.speech else 1  # each item reads the prompt
+        assert int(speech_L[0]) >= items * n * k and (r.gen.speech or int(speech_L[0]) == n * k)
+
+    # a cancelled session: its pairs count for the replica, the others' end as theirs
+    engine = BatchEngine(model, max_rows=4)
+    a, b = engine.submit(reqs[0]), engine.submit(reqs[1])
+    ended = {}
+    for step in range(200):
+        if step == 3:
+            engine.cancel(a)
+        for sid, ev in engine.step():
+            if ev.kind == "end":
+                ended[sid] = engine.expert_load_of(sid)
+        if engine.idle:
+            break
+    total = engine.take_expert_load()
+    assert list(ended) == [b]
+    left_LE = sum(total.values()) - sum(ended[b].values())
+    assert int(left_LE.min()) >= 0 and int(left_LE.sum()) > 0 and int(left_LE.sum()) % (k * L) == 0
+
+    # the shares against an assignment: per layer, speech + text = 1, as counted by hand
+    E = model.cfg.n_routed_experts
+    gen = torch.Generator().manual_seed(0)
+    layers = engine.moe_layer_ids
+    experts = ExpertAssignment(E, {l: sorted(torch.randperm(E, generator=gen)[:E // 3].tolist()) for l in layers})
+    load = {"text": ended[b]["text"], "speech": ended[b]["speech"]}
+    share = expert_share(load, layers, k, experts)
+    all_LE = load["text"] + load["speech"]
+    assert share["layers"] == layers and share["num_experts"] == E and share["routed"] == all_LE.sum(1).tolist()
+    assert share["tokens"] == {m: int(c[0].sum()) // k for m, c in load.items()}
+    for i, l in enumerate(layers):
+        assert share["speech"][i] + share["text"][i] == pytest.approx(1.0, abs=1e-9)
+        assert share["speech"][i] == pytest.approx(float(all_LE[i, experts.speech[l]].sum() / all_LE[i].sum()),
+                                                   abs=1e-4)
+    bare = expert_share(load, layers, k)  # no assignment: routed pairs and experts used only
+    assert bare["speech"] is None and bare["text"] is None and 0 < min(bare["experts_used"]) <= E
+
+
 def test_bad_requests(model):
     engine = BatchEngine(model, max_rows=2, max_len=64)
     lay = model.layout

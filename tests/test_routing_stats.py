@@ -103,3 +103,21 @@ def test_no_module_keeps_an_autograd_graph(model):
     leaks = [p for name, mod in model.named_modules() for p in _graph_tensors(vars(mod), name or "model")]
     assert leaks == []
     assert isinstance(model.moe_layers[0], MoE) and not model.moe_layers[0].tokens_per_expert_GE.requires_grad
+
+
+def test_a_counter_takes_its_layers_back_from_a_newer_one(tiny_model):
+    """Two engines on one model (a benchmark's): the older counter, counting again after a newer one with fewer
+    groups took the layers over, gets counters of its own size back (from zero) instead of indexing past them."""
+    from deepomni.model.routing_stats import ExpertCounter
+
+    tok = torch.randint(0, 50, (1, 6, tiny_model.layout.num_channels))
+    wide = ExpertCounter(tiny_model, [f"g{i}" for i in range(8)])
+    narrow = ExpertCounter(tiny_model, ["a", "b"])
+    with narrow.count(1), torch.no_grad():
+        tiny_model(tok)
+    with wide.count(7), torch.no_grad():  # group 7 is past the narrow counter's 2 groups
+        tiny_model(tok)
+    got_LGE = wide.take_LGE()
+    assert got_LGE.shape[1] == 8 and got_LGE[:, 7].sum() > 0 and got_LGE[:, :7].sum() == 0
+    assert narrow.take_LGE().sum() == 0  # its counts were lost when the wide one took the layers back
+    wide.close()

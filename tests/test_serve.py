@@ -41,6 +41,20 @@ def speech_wav(text: str = "What is the capital of France?") -> np.ndarray:
     return synthetic_utterance(1.2)
 
 
+def readable_text_head(model: DeepOmniModel) -> DeepOmniModel:
+    """The model's text head limited to printable ASCII (specials too are zeroed, so answers end at
+    max_steps), so the byte tokenizer turns a random model's answers into visible text; codec channels
+    untouched. In place; returns the model."""
+    keep = torch.zeros(model.layout.total_size, dtype=torch.bool)
+    keep[32:127] = True
+    keep[model.layout.channel_size(0):] = True
+    with torch.no_grad():
+        for w in (model.embed.weight, model.embed.head_weight):
+            if w is not None:
+                w[~keep] = 0.0
+    return model
+
+
 def readable_checkpoint(directory) -> str:
     """The tiny preset's random weights, with the text head limited to printable ASCII (specials too are
     zeroed, so answers end at max_steps), so that the byte tokenizer turns the random answers into visible
@@ -50,14 +64,7 @@ def readable_checkpoint(directory) -> str:
     from deepomni.model.model import DeepOmniModel
 
     torch.manual_seed(0)
-    model = DeepOmniModel(load_preset("tiny")).init_weights(seed=0)
-    keep = torch.zeros(model.layout.total_size, dtype=torch.bool)
-    keep[32:127] = True
-    keep[model.layout.channel_size(0):] = True  # codec channels untouched
-    with torch.no_grad():
-        for w in (model.embed.weight, model.embed.head_weight):
-            if w is not None:
-                w[~keep] = 0.0
+    model = readable_text_head(DeepOmniModel(load_preset("tiny")).init_weights(seed=0))
     return str(save_model(model, directory))
 
 

@@ -15,19 +15,31 @@ counter labels the forward's tokens; no routing tensor (and no autograd graph) i
     counter.close()                  # counting off (the counters are freed)
 
 The consumers' groups: profiling ``(speech, text)`` (positions of neither: -1); training ``(speech, text,
-other)`` (every position, so the counts also give all routed pairs); serving ``(text, speech)``.
+other)`` (every position, so the counts also give all routed pairs); serving ``(text, speech)`` for each
+session slot (below).
 
 A model counts for one counter at a time: a new :class:`ExpertCounter` on the same model restarts the
-layers' counters from zero at its own number of groups (the previous one then reads those).
+layers' counters from zero at its own number of groups, and an older one that counts again takes them back
+(from zero: what was counted meanwhile by the other is lost to both).
+
+The serving engine labels each token with its session too (group ``2 * slot + modality``, a slot per session
+holding rows: the same one ``scatter_add_`` a layer, into a larger counter) and takes a session's groups
+alone when it leaves (:meth:`ExpertCounter.take_LGE`);
+:func:`expert_share` sums up such counts against the modality expert assignment: the share of one answer's
+routed pairs that went to each MoE layer's speech experts and to its text experts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # modality imports moe, which imports this module
+    from .modality import ExpertAssignment
 
 
 @torch.no_grad()
@@ -65,8 +77,14 @@ class ExpertCounter:
         if not self.groups or len(set(self.groups)) != len(self.groups):
             raise ValueError(f"groups must be distinct names, at least one: {groups!r}")
         self.layers = _counting_layers(model)
+        self._arm()
+
+    def _arm(self) -> None:
+        """Make the layers' counters this counter's (``[groups, E]`` zeros), where another took them over."""
         for moe in self.layers:
-            moe.tokens_per_expert_GE = moe.tokens_per_expert_GE.new_zeros(len(self.groups), moe.num_experts)
+            if getattr(moe, "counter_id", None) != id(self):
+                moe.tokens_per_expert_GE = moe.tokens_per_expert_GE.new_zeros(len(self.groups), moe.num_experts)
+                moe.counter_id = id(self)
 
     @contextmanager
     def count(self, group: torch.Tensor | int = 0) -> Iterator["ExpertCounter"]:
@@ -78,6 +96,7 @@ class ExpertCounter:
             raise TypeError(f"token groups must be integer indices, got {group.dtype}")
         if isinstance(group, torch.Tensor) and self.layers:  # once here, not in every layer
             group = group.to(self.layers[0].tokens_per_expert_GE.device, torch.long)
+        self._arm()  # a counter made since on the same model (another engine, a profiler) took the layers over
         for moe in self.layers:
             moe.token_group = group
         try:
@@ -90,13 +109,55 @@ class ExpertCounter:
         """Counts since the last take: group -> ``[moe layers, E]`` int64 (CPU); the counters restart at 0."""
         if not self.layers:
             return {g: torch.zeros(0, 0, dtype=torch.long) for g in self.groups}
-        counts_LGE = torch.stack([moe.tokens_per_expert_GE for moe in self.layers]).cpu()
-        for moe in self.layers:
-            moe.tokens_per_expert_GE.zero_()
+        counts_LGE = self.take_LGE()
         return {g: counts_LGE[:, i].clone() for i, g in enumerate(self.groups)}
+
+    def take_LGE(self, groups: Sequence[int] | None = None) -> torch.Tensor:
+        """Counts since their last take as one int64 CPU tensor ``[moe layers, groups, E]``: of the groups at
+        the indices ``groups`` (in that order; None: all), whose counters restart at 0 (the others go on)."""
+        G = len(self.groups) if groups is None else len(groups)
+        if not self.layers:
+            return torch.zeros(0, G, 0, dtype=torch.long)
+        self._arm()
+        if groups is None:
+            counts_LGE = torch.stack([moe.tokens_per_expert_GE for moe in self.layers]).cpu()
+            for moe in self.layers:
+                moe.tokens_per_expert_GE.zero_()
+            return counts_LGE
+        idx_G = torch.tensor(list(groups), dtype=torch.long, device=self.layers[0].tokens_per_expert_GE.device)
+        counts_LGE = torch.stack([moe.tokens_per_expert_GE.index_select(0, idx_G) for moe in self.layers]).cpu()
+        for moe in self.layers:
+            moe.tokens_per_expert_GE.index_fill_(0, idx_G, 0)
+        return counts_LGE
 
     def close(self) -> None:
         """Stop counting: the layers' counters go back to ``[0, E]``."""
         for moe in self.layers:
             moe.token_group = None
             moe.tokens_per_expert_GE = moe.tokens_per_expert_GE.new_zeros(0, moe.num_experts)
+            moe.counter_id = None
+
+
+# ------------------------------------------------------------------------------- where an answer's tokens went
+def expert_share(routed: dict[str, torch.Tensor], layer_ids: Sequence[int], top_k: int,
+                 assignment: ExpertAssignment | None = None) -> dict:
+    """Routed pairs (``routed``: modality of the token -> ``[moe layers, E]``; ``layer_ids[l]``: row l's model
+    layer; ``top_k``: experts per token) summed up as plain JSON, per MoE layer: the pairs (``routed``), the
+    experts that got any (``experts_used``) and, with the modality ``assignment``, the share of the pairs on
+    the layer's speech experts and on its text experts (``speech``, ``text``: they sum to 1; None without an
+    assignment); ``tokens``: the tokens of each modality the counts hold."""
+    all_LE = sum(routed.values())
+    L, E = all_LE.shape
+    routed_L = all_LE.sum(1)
+    out = {"layers": [int(i) for i in layer_ids], "num_experts": E, "routed": routed_L.tolist(),
+           "experts_used": (all_LE > 0).sum(1).tolist(),
+           "tokens": {m: int(c_LE[0].sum()) // top_k if L else 0 for m, c_LE in routed.items()},
+           "speech": None, "text": None}
+    if assignment is not None:
+        on_speech_LE = torch.zeros(L, E, dtype=torch.bool)
+        for l, layer in enumerate(layer_ids):
+            on_speech_LE[l, assignment.speech[int(layer)]] = True
+        share_L = (all_LE * on_speech_LE).sum(1).double() / routed_L.clamp(min=1)
+        out["speech"] = [round(float(x), 4) for x in share_L]
+        out["text"] = [round(1.0 - x, 4) if n else 0.0 for x, n in zip(out["speech"], routed_L.tolist())]
+    return out

@@ -24,6 +24,10 @@ thin Ray adapter over it), in ``benchmarks/serve_latency.py``'s in-process pipel
   everything that arrived since the caller last read; the last has ``end`` or ``error``. With
   ``keepalive_s``, a keepalive chunk goes out that often while the answer waits (for rows, for audio), so a
   caller can bound its wait for the next chunk.
+* **Experts.** The engine counts each session's routed (token, expert) pairs per MoE layer
+  (:meth:`~deepomni.serve.engine.BatchEngine.expert_load_of`); an answer's end carries them summed up against
+  the checkpoint's modality expert assignment (``experts``: the share of each layer's pairs on its speech
+  experts and on its text experts, :func:`~deepomni.model.routing_stats.expert_share`), ``AnswerEnd.expert_share``.
 
 What differs between hosts is injected: the vocoder (:class:`Vocoder`; the Backbone's calls the Vocoder
 deployment with a bounded wait and maps Ray's failures to :class:`VocoderUnavailable`, in-process it is a
@@ -46,11 +50,13 @@ import numpy as np
 import torch
 
 from ..model.generate import Event, GenerationConfig
+from ..model.routing_stats import expert_share
 from .engine import BatchEngine, Overloaded, Request
 from .messages import (RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S, AnswerChunk, AnswerEnd, AnswerError, Conversation,
                        GenerateOptions, VocodedAudio, VocodeFailed, VocodeItem)
 
 if TYPE_CHECKING:
+    from ..model.modality import ExpertAssignment
     from ..model.model import DeepOmniModel
     from ..text import TextTokenizer
     from .config import AppConfig
@@ -115,6 +121,7 @@ class _Session:
     codec_state: Any = None  # the codec's stream state, between vocoder calls (VocodeItem.state)
     vocoding: bool = False  # a vocoder call holds this session's stream state
     prefill: Event | None = None  # the engine's "prefill" event: prompt and cached positions
+    expert_share: dict | None = None  # where its routed tokens went, once decoding ended (AnswerEnd.expert_share)
 
     def wants_vocoder(self) -> bool:
         """Whether this session's frames should go now (it is in no call): its first audio, a full chunk,
@@ -153,12 +160,18 @@ class AnswerLoop:
     """Answers many conversations at once over one :class:`BatchEngine` (see the module docstring).
 
     ``max_steps``: an answer's decoding steps when its options name none; ``max_context``: the prompt
-    positions a conversation may fill. ``vocoder`` None: text answers only. Lives on one event loop at a time
-    (its stepping task starts with the first :meth:`generate` there)."""
+    positions a conversation may fill. ``vocoder`` None: text answers only. ``experts``: the checkpoint's
+    modality expert assignment (``experts.json``), which answers' ``expert_share`` is measured against (None:
+    routed pairs only). Lives on one event loop at a time (its stepping task starts with the first
+    :meth:`generate` there)."""
 
     def __init__(self, model: DeepOmniModel, engine: BatchEngine, tokenizer: TextTokenizer, *, max_steps: int = 256,
                  max_context: int = 2048, vocoder: Vocoder | None = None, metrics: LoopMetrics | None = None,
-                 keepalive_s: float | None = None, log: logging.Logger | None = None):
+                 keepalive_s: float | None = None, log: logging.Logger | None = None,
+                 experts: ExpertAssignment | None = None):
+        if experts is not None:
+            experts.validate(engine.moe_layer_ids)
+        self.experts = experts
         self.model, self.engine, self.tok = model, engine, tokenizer
         self.max_steps, self.max_context = max_steps, max_context
         self.vocoder = vocoder
@@ -258,7 +271,7 @@ class AnswerLoop:
                                     audio_prompt_tokens=n_audio, dropped_turns=dropped,
                                     finish_reason="length" if steps >= max_steps else "stop",
                                     codec_channels=self.model.layout.num_codec_channels,
-                                    text_ids=tuple(texts.ids))
+                                    text_ids=tuple(texts.ids), expert_share=sess.expert_share)
                 yield AnswerChunk(text=delta, pcm=np.concatenate(pcm) if pcm else None, end=end, error=error)
         finally:
             if not done:  # the caller went away (or was cancelled) mid-answer: free the session's rows
@@ -397,6 +410,7 @@ class AnswerLoop:
                 sess.frames.append(ev.frame_K)
             elif ev.kind == "end":
                 sess.end_step = ev.step
+                sess.expert_share = self._expert_share(sid)
             elif ev.kind == "prefill":
                 sess.prefill = ev
         for sid, ids in text.items():
@@ -404,6 +418,14 @@ class AnswerLoop:
         for sess in [s for s in self._sessions.values() if s.end_step is not None]:
             if not sess.speech or (sess.frames_sent == 0 and not sess.frames and not sess.vocoding):
                 self._end(sess)
+
+    def _expert_share(self, sid: int) -> dict | None:
+        """Where the routed tokens of a session that ended at the last step went (its prompt positions run
+        and its answer), per MoE layer: :func:`~deepomni.model.routing_stats.expert_share`."""
+        load = self.engine.expert_load_of(sid)
+        if load is None:
+            return None
+        return expert_share(load, self.engine.moe_layer_ids, self.model.cfg.num_experts_per_tok, self.experts)
 
     def _deliver(self, sess: _Session, pcm: np.ndarray) -> None:
         if sess.text_ids:

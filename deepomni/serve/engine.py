@@ -27,8 +27,13 @@ already run cost nothing again.
 
 The engine also counts which experts the tokens it runs were routed to, per modality: prompt positions
 holding speech (the ``AUDIO`` placeholders) and decoding rows of speech items count as ``speech``; text
-prompt positions and text items as ``text`` (:meth:`take_expert_load`). The MoE layers count them
-(:mod:`deepomni.model.routing_stats`) while the engine's forwards run.
+prompt positions and text items as ``text`` (:meth:`take_expert_load`, the replica's), and per session
+(:meth:`expert_load_of`, each answer's: the prompt positions it ran and its decoding rows; a kept prefix
+is not run). The MoE layers count them (:mod:`deepomni.model.routing_stats`) while the engine's forwards
+run: each session holds a slot while it holds rows, and its tokens are labelled with the group
+``2 * slot + modality``, so counting per session costs the step nothing more than counting per modality
+(one ``scatter_add_`` a layer into a ``[2 * max_rows, E]`` counter instead of ``[2, E]``). The counts move
+to the tallies (a host copy) only when a session leaves and when the replica's are taken.
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ class _Session:
     prefilled: int = 0  # prompt positions in the cache (while prefilling)
     audio_used: int = 0  # speech frames of those positions
     cached: int = 0  # of which copied from a kept conversation prefix (not run)
+    slot: int = -1  # its counting slot while it holds rows (token group 2 * slot + modality): -1 none
+    load_LME: torch.Tensor | None = None  # its routed pairs taken so far [moe layers, modality, E]
 
 
 class BatchEngine:
@@ -125,7 +132,13 @@ class BatchEngine:
         self._prefilling: list[_Session] = []  # admitted, prompt not done: their rows follow the live rows
         self._sessions: dict[int, _Session] = {}
         self.moe_layer_ids = sorted(moe_layers(model))  # model layer index of each row of the load tables
-        self._load = ExpertCounter(model, LOAD_GROUPS)
+        # expert load per (session slot, modality): a session takes a slot when admitted (at most max_rows
+        # sessions hold rows) and gives it back when it leaves, its counts then taken (_release)
+        self._load = ExpertCounter(model, [f"{m}@{slot}" for slot in range(max_rows) for m in LOAD_GROUPS])
+        self._free_slots = list(range(max_rows - 1, -1, -1))  # popped from the end: slot 0 first
+        self._load_LME = torch.zeros(len(self.moe_layer_ids), len(LOAD_GROUPS), model.cfg.n_routed_experts,
+                                     dtype=torch.long)  # the replica's, since take_expert_load: layers x modality x E
+        self._ended_load: dict[int, dict[str, torch.Tensor]] = {}  # sessions that ended at the last step
         self._audio_id = model.layout.text(TextSpecial.AUDIO)
         self._no_audio_ND = torch.zeros(0, model.cfg.hidden_size, dtype=model.embed.weight.dtype)
         self.prefixes = PrefixCache(prefix_entries)
@@ -195,20 +208,36 @@ class BatchEngine:
 
     def take_expert_load(self) -> dict[str, torch.Tensor]:
         """Routed-token counts ``[moe layers, experts]`` per modality since the last call (then reset)."""
-        return self._load.take()
+        L, M, E = self._load_LME.shape
+        counts_LSME = self._load.take_LGE().view(L, -1, M, E)
+        for s in self._live + self._prefilling:  # what their slots counted is theirs too
+            mine_LME = counts_LSME[:, s.slot].clone()
+            s.load_LME = mine_LME if s.load_LME is None else s.load_LME + mine_LME
+        load_LME, self._load_LME = self._load_LME + counts_LSME.sum(1), torch.zeros_like(self._load_LME)
+        return {m: load_LME[:, i] for i, m in enumerate(LOAD_GROUPS)}
+
+    def expert_load_of(self, sid: int) -> dict[str, torch.Tensor] | None:
+        """The routed-token counts ``[moe layers, experts]`` per modality of a session that ended at the last
+        :meth:`step` (its prompt positions run and its decoding rows); None for any other session."""
+        return self._ended_load.get(sid)
 
     @torch.no_grad()
     def step(self) -> list[tuple[int, Event]]:
         """Admit what fits, then decode one step for every live session. Returns ``(session id, event)``
         pairs in order; a session's ``"end"`` event is its last."""
         events: list[tuple[int, Event]] = []
+        self._ended_load.clear()
         self._drop_cancelled()
         self._admit()
+        holding = self._live + self._prefilling  # the sessions with rows (and slots) this step
         with prepacked(self.prepacked):
             if self._prefilling:
                 self._prefill(events)
             if self._live:
                 self._decode(events)
+        ended = {sid for sid, ev in events if ev.kind == "end"}
+        if ended:
+            self._release([s for s in holding if s.sid in ended], keep_load=True)
         return events
 
     # ------------------------------------------------------------------------------------ internals
@@ -216,6 +245,7 @@ class BatchEngine:
         if any(s.cancelled for s in self._queue):
             self._queue = deque(s for s in self._queue if not s.cancelled)
         if any(s.cancelled for s in self._live + self._prefilling):
+            self._release([s for s in self._live + self._prefilling if s.cancelled], keep_load=False)
             self._compact(self._rows(), [s for s in self._live if not s.cancelled], dropped_text=set(),
                           prefilling=[s for s in self._prefilling if not s.cancelled])
         self._sessions = {k: s for k, s in self._sessions.items() if not s.cancelled}
@@ -260,6 +290,7 @@ class BatchEngine:
                 sess.prefilled = sess.cached = prefix.tokens_LC.shape[0]
                 sess.audio_used = 0 if prefix.audio_ND is None else prefix.audio_ND.shape[0]
             sess.decoder = dec
+            sess.slot = self._free_slots.pop()  # never short: a session holding a slot holds one of max_rows rows
             self._prefilling.append(sess)
 
     def _prefill(self, events: list[tuple[int, Event]]) -> None:
@@ -282,8 +313,10 @@ class BatchEngine:
                              device=self.device)
         tokens = torch.cat([torch.cat([c, pad_C.expand(c.shape[0], L - c.shape[1], -1)], dim=1) for c in chunks])
         last_B = torch.tensor(lasts)
-        group_BL = (tokens[..., 0] == self._audio_id).long()  # AUDIO positions: speech; the rest text
-        group_BL[torch.arange(L)[None, :] > last_B[:, None]] = -1  # padding: not counted
+        slot_B = torch.tensor([s.slot for s in self._prefilling for _ in range(s.decoder.n_items)])
+        # AUDIO positions: speech (1), the rest text (0), in the row's session slot; padding: not counted
+        group_BL = (tokens[..., 0] == self._audio_id).long() + len(LOAD_GROUPS) * slot_B.to(self.device)[:, None]
+        group_BL[torch.arange(L)[None, :] > last_B[:, None]] = -1
         first = sum(s.decoder.n_items for s in self._live)  # the prefilling rows follow the live ones
         has_audio = any(a.shape[0] for a in audio)
         with self.cache.window(first, self.cache.n, ragged=True), self._load.count(group_BL):
@@ -354,11 +387,27 @@ class BatchEngine:
 
     # ---------------------------------------------------------------------------------- expert load
     def _decode_groups(self, rows: dict[int, list[int]]) -> torch.Tensor:
-        """Load group of every decoding row: the speech item of a speech session is speech (1), the text
-        item of any session text (0)."""
-        group_N = torch.zeros(sum(len(rows[s.sid]) for s in self._live), dtype=torch.long)
+        """Load group of every decoding row, in its session's slot: the speech item of a speech session is
+        speech (1), the text item of any session text (0)."""
+        M, text, speech = len(LOAD_GROUPS), LOAD_GROUPS.index(TEXT), LOAD_GROUPS.index(SPEECH)
+        groups = []
         for s in self._live:
-            r = rows[s.sid]
-            if s.decoder.speech:
-                group_N[r[0]] = LOAD_GROUPS.index(SPEECH)  # a text item (r[1]) stays text
-        return group_N
+            if s.decoder.speech:  # its speech item first (r[0]); a text item (r[1]) stays text
+                groups += [M * s.slot + speech] + [M * s.slot + text] * (len(rows[s.sid]) - 1)
+            else:
+                groups.append(M * s.slot + text)
+        return torch.tensor(groups, dtype=torch.long)
+
+    def _release(self, leaving: list[_Session], keep_load: bool) -> None:
+        """Take the counts of ``leaving``'s slots (to the replica's tally, and with ``keep_load`` to
+        :meth:`expert_load_of`), then free the slots."""
+        M = len(LOAD_GROUPS)
+        counts_LGE = self._load.take_LGE([s.slot * M + m for s in leaving for m in range(M)])
+        counts_LSME = counts_LGE.view(self._load_LME.shape[0], len(leaving), M, self._load_LME.shape[2])
+        self._load_LME += counts_LSME.sum(1)
+        for i, s in enumerate(leaving):
+            if keep_load:
+                load_LME = counts_LSME[:, i] if s.load_LME is None else s.load_LME + counts_LSME[:, i]
+                self._ended_load[s.sid] = {m: load_LME[:, j] for j, m in enumerate(LOAD_GROUPS)}
+            self._free_slots.append(s.slot)
+            s.slot = -1

@@ -6,7 +6,9 @@ The answer loop (:class:`deepomni.serve.answer_loop.AnswerLoop`) takes a :class:
 (``serve_apps/``) the same types cross the deployment boundaries, pickled by Ray:
 
     Ingress --encode(audio, pcm_sample_rate)--> SpeechEncoder   -> EncodedSpeech | AudioRejected
-    Ingress --generate(Conversation, GenerateOptions)--> Backbone   -> stream of AnswerChunk
+    Ingress --generate(Conversation, GenerateOptions, *heard)--> Backbone   -> stream of AnswerChunk
+             (``heard``: the SpeechEncoder's responses, passed on unopened: Ray hands the Backbone their
+              results, EncodedSpeech | AudioRejected, which the turns name by index, ConversationTurn.heard)
     Backbone --decode([VocodeItem, ...])--> Vocoder   -> [VocodedAudio | VocodeFailed, ...], one per item
     info():  SpeechEncoder -> EncoderInfo, Vocoder -> CodecInfo, Backbone -> BackboneInfo (with the CodecInfo)
 
@@ -17,6 +19,8 @@ A refusal the client should hear (bad audio, a prompt too long) is a *result* (:
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +55,10 @@ class ConversationTurn:
     # an answer's own token ids (AnswerEnd.text_ids): read instead of re-encoding ``text``, so the prompt
     # holds exactly what the answer's text item read (the kept context matches, whatever the tokenizer)
     text_ids: tuple[int, ...] | None = None
+    # a user's speech still on its way from the encoder: the index, among the ``heard`` results that travel
+    # with the conversation (``Backbone.generate(conv, options, *heard)``: the Ingress passes the SpeechEncoder's
+    # responses on unopened, so the features go from encoder to Backbone), of this turn's EncodedSpeech
+    heard: int | None = None
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,24 @@ class Conversation:
     keep: bool = False  # keep this context cached in the replica for the conversation's next turn
 
     @classmethod
-    def single(cls, audio_ND: np.ndarray | None = None, text: str | None = None, **kw) -> Conversation:
-        return cls((ConversationTurn("user", text, audio_ND),), **kw)
+    def single(cls, audio_ND: np.ndarray | None = None, text: str | None = None, heard: int | None = None,
+               **kw) -> Conversation:
+        return cls((ConversationTurn("user", text, audio_ND, heard=heard),), **kw)
+
+    def with_heard(self, heard: Sequence[EncodedSpeech | AudioRejected]) -> Conversation | AudioRejected:
+        """The turns whose speech is ``heard[turn.heard]`` with it as their ``audio_ND``; the first refusal
+        (audio the encoder refused) instead, if any. An index out of range is a ValueError."""
+        turns = []
+        for t in self.turns:
+            if t.heard is not None:
+                if not 0 <= t.heard < len(heard):
+                    raise ValueError(f"a turn's speech is heard[{t.heard}], but {len(heard)} came with it")
+                h = heard[t.heard]
+                if isinstance(h, AudioRejected):
+                    return h
+                t = dataclasses.replace(t, audio_ND=h.audio_ND, heard=None)
+            turns.append(t)
+        return dataclasses.replace(self, turns=tuple(turns))
 
 
 @dataclass(frozen=True)
@@ -92,6 +116,12 @@ class AnswerEnd:
     finish_reason: str = "stop"  # "stop" (the model ended) | "length" (max_steps)
     codec_channels: int = 0  # K: an audio frame is K codec tokens
     text_ids: tuple[int, ...] = ()  # the answer's text token ids (for ConversationTurn.text_ids)
+    heard_seconds: float = 0.0  # the duration of the turns' speech that came as ``heard`` (EncodedSpeech.seconds)
+    # where the answer's routed (token, expert) pairs went, per MoE layer, as plain JSON (its prompt positions
+    # run and its decoding rows; deepomni.model.routing_stats.expert_share): "layers" (model layer of each),
+    # "num_experts", "routed", "experts_used", "tokens" {"text", "speech"}, and the shares of each layer's
+    # pairs on its "speech" and "text" experts (sum 1; None without the checkpoint's experts.json)
+    expert_share: dict | None = None
 
 
 RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 30  # the Retry-After an overloaded server suggests, clamped
