@@ -29,8 +29,8 @@ def test_deployments_load_only_their_part(tmp_path, tiny_model, layout, monkeypa
     assert _names(encoder.speech) == {n.removeprefix("speech."): k for n, k in whole.items() if n.startswith("speech.")}
     assert _names(backbone.model) == {n: k for n, k in whole.items() if not n.startswith("speech.")}
     assert sum(_names(encoder.speech).values()) + sum(_names(backbone.model).values()) == sum(whole.values())
-    for got, want in ((encoder.speech.state_dict(), tiny_model.speech.state_dict()),):
-        assert all(torch.equal(got[k], want[k]) for k in want)
+    got, want = encoder.speech.state_dict(), tiny_model.speech.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_random_preset_is_one_cached_checkpoint(tmp_path, monkeypatch):
