@@ -38,10 +38,10 @@ A turn reaches the encoder and the Backbone through :meth:`Answers.hear` / :meth
 stats). **The features skip the Ingress** where a turn is answered at once: :meth:`Answers.hear` starts the
 encoder's call and its ``DeploymentResponse`` goes, unopened, as an argument of the Backbone's call, which
 Serve resolves there (the projected speech goes from the encoder's replica to the Backbone's; a refusal comes
-back as the Backbone's first chunk, before ``start``): ``POST /v1/dialogue``, chat completions and
-transcriptions. The sessions that keep a conversation's speech for its later turns (``WS /v1/dialogue/ws``'s
-history, Realtime's items, which it also joins per speaker and whose refusal it reports when the item is
-committed) :meth:`Answers.encode` it and hold it as a turn's ``audio_ND``.
+back as the Backbone's first chunk, before ``start``): ``POST /v1/dialogue``, chat completions,
+transcriptions and ``WS /v1/dialogue/ws`` (whose history keeps its spoken turns' responses, passed on with
+every answer). Realtime :meth:`Answers.encode`\ s its items and holds their speech as ``audio_ND``: it joins a
+speaker's consecutive items into one turn and reports a refused item when it is committed, as its API says.
 """
 
 from __future__ import annotations

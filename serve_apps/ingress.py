@@ -24,6 +24,7 @@ once the stream has started) and the ingress goes on serving.
 
 import asyncio
 import base64
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -77,6 +78,9 @@ class _NativeSession:
         self.buf = bytearray()
         self.task: asyncio.Task | None = None
         self.history: list[ConversationTurn] = []
+        # the encoder's responses of the spoken turns this session has sent (Answers.hear), which the history's
+        # turns name by index: every answer passes them on to the Backbone, so the features never come here
+        self.heard: list = []
 
     async def close(self, code: int, reason: str, why: str) -> None:
         self.answers.rejected(Rejection(400, why, reason), "dialogue_ws")
@@ -148,13 +152,12 @@ class _NativeSession:
         ws, events, said = self.ws, None, []
         user, dropped, ids = None, 0, None
         try:
-            audio_ND = None
+            heard = self.heard
             if audio is not None:
-                speech = await self.answers.encode(audio, self.rate if self.fmt == "pcm_s16le" else None)
-                audio_ND = speech.audio_ND
-            user = ConversationTurn("user", text, audio_ND)
+                heard = [*heard, self.answers.hear(audio, self.rate if self.fmt == "pcm_s16le" else None)]
+            user = ConversationTurn("user", text, heard=len(heard) - 1 if audio is not None else None)
             conv = Conversation((*self.history, user), keep=True)
-            events = self.answers.answer(conv, self.opts.generate_options(), t0)
+            events = self.answers.answer(conv, self.opts.generate_options(), t0, heard)
             async for ev in events:
                 if ev["type"] == "audio":
                     await ws.send_bytes(pcm_s16le(ev["wav"]))
@@ -179,7 +182,15 @@ class _NativeSession:
                 await events.aclose()
             if user is not None:  # the turns the model no longer reads are forgotten here too
                 answer = ConversationTurn("assistant", "".join(said), text_ids=ids)  # ids: a finished answer's
-                self.history = [*self.history[dropped:], user, answer]
+                self._remember([*self.history[dropped:], user, answer], heard)
+
+    def _remember(self, history: list[ConversationTurn], heard: list) -> None:
+        """Keep ``history`` and the responses its turns still name, renumbered (a forgotten or refused turn's
+        response no longer travels with the answers)."""
+        named = sorted({t.heard for t in history if t.heard is not None})
+        new = {old: i for i, old in enumerate(named)}
+        self.history = [t if t.heard is None else dataclasses.replace(t, heard=new[t.heard]) for t in history]
+        self.heard = [heard[i] for i in named]
 
 
 @serve.deployment(name="Ingress")  # replicas, autoscaling, num_cpus: config.yaml
