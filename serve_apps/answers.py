@@ -40,8 +40,9 @@ encoder's call and its ``DeploymentResponse`` goes, unopened, as an argument of 
 Serve resolves there (the projected speech goes from the encoder's replica to the Backbone's; a refusal comes
 back as the Backbone's first chunk, before ``start``): ``POST /v1/dialogue``, chat completions,
 transcriptions and ``WS /v1/dialogue/ws`` (whose history keeps its spoken turns' responses, passed on with
-every answer). Realtime :meth:`Answers.encode`\ s its items and holds their speech as ``audio_ND``: it joins a
-speaker's consecutive items into one turn and reports a refused item when it is committed, as its API says.
+every answer). Realtime encodes its items (:meth:`Answers.encode`) and holds their speech as ``audio_ND``:
+it joins a speaker's consecutive items into one turn and reports a refused item when it is committed, as
+its API says.
 """
 
 from __future__ import annotations

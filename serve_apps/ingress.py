@@ -150,7 +150,7 @@ class _NativeSession:
 
     async def answer(self, turn: int, audio: bytes | None, text: str | None, t0: float) -> None:
         ws, events, said = self.ws, None, []
-        user, dropped, ids = None, 0, None
+        user, dropped, ids, started = None, 0, None, False
         try:
             heard = self.heard
             if audio is not None:
@@ -159,6 +159,7 @@ class _NativeSession:
             conv = Conversation((*self.history, user), keep=True)
             events = self.answers.answer(conv, self.opts.generate_options(), t0, heard)
             async for ev in events:
+                started = True  # the Backbone took the turn: its audio, if any, was heard, not refused
                 if ev["type"] == "audio":
                     await ws.send_bytes(pcm_s16le(ev["wav"]))
                     continue
@@ -180,6 +181,10 @@ class _NativeSession:
         finally:
             if events is not None:
                 await events.aclose()
+            # a spoken turn cut off (barge-in) before its answer started may hold audio the encoder refuses: it is
+            # not kept, as a turn cut off while being encoded was not (a written one is)
+            if user is not None and user.heard is not None and not started:
+                user = None
             if user is not None:  # the turns the model no longer reads are forgotten here too
                 answer = ConversationTurn("assistant", "".join(said), text_ids=ids)  # ids: a finished answer's
                 self._remember([*self.history[dropped:], user, answer], heard)
