@@ -95,7 +95,7 @@ def measure(kind: str, ckpt: str) -> dict:
         Vocoder.func_or_class(cfg)  # fit the cached default codec before the baseline: a one-off, not a replica's
     baseline, t = status_mib("VmRSS"), time.perf_counter()
     if kind == "encoder_replica":
-        held = SpeechEncoder.func_or_class(cfg).speech
+        held = SpeechEncoder.func_or_class(cfg).encoding.speech
     elif kind == "backbone_replica":
         held = Backbone.func_or_class(cfg, None).model
     elif kind == "vocoder_replica":

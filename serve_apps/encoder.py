@@ -34,7 +34,6 @@ class SpeechEncoder:
         cfg.setup_torch(cfg.encoder_threads)
         # the frozen encoder + projector, nothing of the LLM (deepomni.checkpoint.load_part)
         self.encoding = SpeechEncoding(load_serving_model(cfg, "speech"), cfg.torch_device())
-        self.speech = self.encoding.speech
         self.hidden_size = cfg.model_config().hidden_size
         self._batch: CallBatcher[tuple[bytes, int | None], EncodedSpeech | AudioRejected] = \
             CallBatcher(self.encoding.encode_many, MAX_ENCODE_BATCH)

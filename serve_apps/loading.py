@@ -65,7 +65,8 @@ def random_checkpoint(cfg: AppConfig) -> Path:
     if not (target / "config.json").is_file():
         torch.manual_seed(cfg.seed)  # the Whisper encoder's random init draws from the global generator
         model = DeepOmniModel(model_cfg).init_weights(seed=cfg.seed)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=_mkdir(target.parent))) / "ckpt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent)) / "ckpt"
         save_model(model, tmp)
         try:
             tmp.rename(target)
@@ -73,11 +74,6 @@ def random_checkpoint(cfg: AppConfig) -> Path:
             pass
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return target
-
-
-def _mkdir(d: Path) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 # ------------------------------------------------------------------------------------------ codec

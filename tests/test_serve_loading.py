@@ -26,10 +26,10 @@ def test_deployments_load_only_their_part(tmp_path, tiny_model, layout, monkeypa
     whole = _names(tiny_model)
     encoder = SpeechEncoder.func_or_class(cfg)
     backbone = Backbone.func_or_class(cfg, None)
-    assert _names(encoder.speech) == {n.removeprefix("speech."): k for n, k in whole.items() if n.startswith("speech.")}
+    assert _names(encoder.encoding.speech) == {n.removeprefix("speech."): k for n, k in whole.items() if n.startswith("speech.")}
     assert _names(backbone.model) == {n: k for n, k in whole.items() if not n.startswith("speech.")}
-    assert sum(_names(encoder.speech).values()) + sum(_names(backbone.model).values()) == sum(whole.values())
-    got, want = encoder.speech.state_dict(), tiny_model.speech.state_dict()
+    assert sum(_names(encoder.encoding.speech).values()) + sum(_names(backbone.model).values()) == sum(whole.values())
+    got, want = encoder.encoding.speech.state_dict(), tiny_model.speech.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
