@@ -6,6 +6,10 @@
 #   ray job submit --working-dir . -- python -m jobs.prepare_data --out data
 #   cluster/local.sh stop      # stops this head's processes only (those of its GCS port), not other Ray instances
 #
+# Several nodes (root: each node in its own network namespace; cluster/local_cluster.py says how):
+#   cluster/local.sh start --nodes 3     # head, n1, n2; then env / status / stop as above, and
+#   cluster/local.sh add-node [NAME] | kill-node NAME | cut NAME | heal NAME | exec NODE -- COMMAND...
+#
 # Every listener of this head is on loopback (tests/test_cluster.py): RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is
 # Ray's single-machine switch (its default on macOS/Windows), which keeps the node's address 127.0.0.1 instead
 # of turning `--node-ip-address 127.0.0.1` into the machine's address; Ray 2.60 binds its servers (GCS, raylet,
@@ -39,6 +43,19 @@ if [ ! -x "$venv/bin/ray" ]; then
   exit 1
 fi
 
+# the multi-node cluster (cluster/local_cluster.py) answers for itself once started
+cluster_state="${TMPDIR:-/tmp}/deepomni-cluster-$gcs_port/cluster.json"
+multi() { exec "$venv/bin/python" "$here/cluster/local_cluster.py" "$@"; }
+nodes=1
+if [ "${1:-}" = start ] && [ $# -gt 1 ]; then
+  if [ "${2:-}" = --nodes ] && [ $# -eq 3 ] && [[ "$3" =~ ^[0-9]+$ ]]; then
+    nodes="$3"
+  else
+    echo "usage: $0 start [--nodes N]" >&2
+    exit 2
+  fi
+fi
+
 case "${1:-}" in
   start)
     # Ray Serve's high-throughput mode (HAProxy in front when installed): serve_apps/ray_mode.py
@@ -52,6 +69,7 @@ case "${1:-}" in
       fi
       (umask 077; ray get-auth-token --generate >/dev/null 2>&1)  # made readable by this user only
     fi
+    [ "$nodes" -gt 1 ] && multi start --nodes "$nodes"
     ray start --head --node-ip-address 127.0.0.1 --port "$gcs_port" --num-cpus "$num_cpus" \
       --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" \
       --dashboard-agent-listen-port "$agent_port" --ray-client-server-port "$client_port" \
@@ -76,9 +94,14 @@ case "${1:-}" in
     echo "submit jobs with: eval \"\$($0 env)\"; ray job submit --working-dir . -- python -m jobs.<name>"
     ;;
   status)
+    [ -f "$cluster_state" ] && multi status
     ray status --address "127.0.0.1:$gcs_port"
     ;;
+  add-node|kill-node|cut|heal|exec)
+    multi "$@"
+    ;;
   stop)
+    { [ -f "$cluster_state" ] || ip netns list 2>/dev/null | grep -q "^deepomni$gcs_port-"; } && multi stop
     # Not `ray stop`, which stops every Ray instance on this machine (the embedded ones of running jobs, tests
     # and `deepomni serve` too): the processes that name this head's GCS address, and their descendants
     # (workers, job drivers). In `ray stop`'s order: the raylet, then the others, then the GCS; SIGTERM, and
@@ -138,7 +161,7 @@ PY
     echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE RAY_ADDRESS=http://127.0.0.1:$dash_port PATH=\"$venv/bin:\$PATH\""
     ;;
   *)
-    echo "usage: $0 start|status|stop|env" >&2
+    echo "usage: $0 start [--nodes N]|status|stop|env|add-node [NAME]|kill-node NAME|cut NAME|heal NAME|exec NODE -- COMMAND..." >&2
     exit 2
     ;;
 esac

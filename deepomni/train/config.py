@@ -24,6 +24,7 @@ from ..data.schema import ASR, SPOKEN_QA, TEXT_QA, TTS, Task
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "train"
 FailMode = Literal["exception", "kill", "hold"]
+Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 FAIL_MODES: tuple[str, ...] = typing.get_args(FailMode)
 
 
@@ -43,6 +44,12 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers (data parallel x expert parallel)
     cpus_per_worker: float = 1.0  # on 2-core machines keep <= 1 so Ray Data has room
     use_gpu: bool = False
+    # where the workers go (Ray Train's ScalingConfig): the placement group strategy of their bundles (PACK: as
+    # few nodes as fit; STRICT_SPREAD: one worker a node, e.g. expert parallelism across nodes) and a Ray label
+    # selector every worker's node must match ({"node": "n1"} on cluster/local.sh's nodes; Ray's syntax:
+    # "!head", "in(n1,n2)"). Rank r logs where it ran to <storage>/<run>/placement_rank<r>.jsonl
+    placement: Placement = "PACK"
+    worker_labels: dict[str, str] = field(default_factory=dict)
     ep_size: int = 1  # expert-parallel group size (divides num_workers and n_routed_experts)
     zero_stage: int = 2  # DeepSpeed ZeRO stage (ep_size == 1 path)
     batch_size: int = 4  # sequences per worker per step

@@ -273,6 +273,19 @@ def _follow_progress(path: Path, desc: str, done) -> None:
 
 
 # -------------------------------------------------------------------------------------- train_func
+def log_placement(run_dir: Path, rank: int, step: int) -> None:
+    """Where this worker runs, appended to ``placement_rank<rank>.jsonl`` at each (re)start: Ray's node id,
+    the node's address and labels, the process, the step it starts from."""
+    import ray
+
+    rt = ray.get_runtime_context()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / f"placement_rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"rank": rank, "node_id": rt.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                            "labels": rt.get_node_labels(), "pid": os.getpid(), "start_step": step,
+                            "time": time.time()}) + "\n")
+
+
 def train_func(config: dict) -> None:
     import ray.train  # Ray: the worker's context
     import ray.train.torch
@@ -313,6 +326,7 @@ def train_func(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")  # Ray: this worker's rows
     layout = model.layout
     run_dir = Path(cfg.storage_path) / cfg.run_name
+    log_placement(run_dir, rank, step)
     faults = FaultInjector(cfg, rank, run_dir)
     progress_file = run_dir / PROGRESS_FILE
     epoch, skip = resume_position(train_state, rank, world)
@@ -456,7 +470,9 @@ def fit(cfg: TrainConfig, dataset=None, progress: bool = True):
         train_func,
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     placement_strategy=cfg.placement,
+                                     label_selector=dict(cfg.worker_labels) or None),
         torch_config=TorchConfig(backend="gloo" if not cfg.use_gpu else "nccl"),
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
