@@ -45,6 +45,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,17 +260,38 @@ async def until_recovered(clients: Clients, t_kill: float, poll: float, bound: f
     return {"recovered_s": None, "recovered_first_chunk_s": None, "tries": tries, "failed_tries": failures}
 
 
-async def watch_replacement(deployment: str, before: list[int], t_kill: float, bound: float) -> float | None:
-    """Seconds from the kill until a new replica process of the deployment (not one of ``before``) is there."""
+@dataclass
+class Kill:
+    """What :func:`one_kill` kills: ``what`` says it, ``do()`` kills, ``replaced()`` says whether a new replica
+    of the deployment is there (blocking calls: run in a thread)."""
+
+    what: str
+    do: Callable[[], None]
+    replaced: Callable[[], bool]
+
+
+def replica_kill(deployment: str) -> Kill:
+    """SIGKILL the process of one replica of ``deployment`` (among this process's descendants)."""
+    pids = replica_pids(deployment)
+    if not pids:
+        raise RuntimeError(f"no replica process of {deployment} found")
+    return Kill(f"SIGKILL pid {pids[0]}", lambda: os.kill(pids[0], signal.SIGKILL),
+                lambda: any(p not in pids for p in replica_pids(deployment)))
+
+
+async def watch_replacement(kill: Kill, t_kill: float, bound: float) -> float | None:
+    """Seconds from the kill until a new replica of the deployment is there."""
     while time.monotonic() - t_kill < bound:
-        pids = await asyncio.to_thread(replica_pids, deployment)
-        if any(p not in before for p in pids):
+        if await asyncio.to_thread(kill.replaced):
             return round(time.monotonic() - t_kill, 3)
         await asyncio.sleep(0.1)
     return None
 
 
-async def one_kill(clients: Clients, deployment: str, args, metrics_port: int) -> dict:
+async def one_kill(clients: Clients, deployment: str, args, metrics_port: int,
+                   kill: Callable[[], Kill] | None = None) -> dict:
+    """Answers in flight, then ``kill()`` (default: :func:`replica_kill` of ``deployment``): what each answer
+    became, when the app answered again, when a new replica was there."""
     before = await asyncio.to_thread(unavailable_count, metrics_port)
     answers = [Answer(SURFACES[i % len(SURFACES)]) for i in range(args.answers)]
     tasks = [asyncio.create_task(clients.run(a)) for a in answers]
@@ -278,16 +300,13 @@ async def one_kill(clients: Clients, deployment: str, args, metrics_port: int) -
         await asyncio.sleep(0.05)
     streaming = sum(a.first is not None and a.ended is None for a in answers)
     await asyncio.sleep(args.kill_after)
-    pids = await asyncio.to_thread(replica_pids, deployment)
-    if not pids:
-        raise RuntimeError(f"no replica process of {deployment} found")
-    victim = pids[0]
+    victim = await asyncio.to_thread(kill or (lambda: replica_kill(deployment)))
     in_flight = [a for a in answers if a.ended is None]
-    os.kill(victim, signal.SIGKILL)
-    t_kill = time.monotonic()
-    print(f"[faults] {deployment}: SIGKILL pid {victim} with {len(in_flight)} of {len(answers)} answers in flight "
+    t_kill = time.monotonic()  # (a node's kill takes a moment: its answers may end while it runs)
+    await asyncio.to_thread(victim.do)
+    print(f"[faults] {deployment}: {victim.what} with {len(in_flight)} of {len(answers)} answers in flight "
           f"({streaming} streamed before)", flush=True)
-    replaced = asyncio.create_task(watch_replacement(deployment, pids, t_kill, args.bound))
+    replaced = asyncio.create_task(watch_replacement(victim, t_kill, args.bound))
     recovery = await until_recovered(clients, t_kill, args.poll, args.bound)
     done, pending = await asyncio.wait(tasks, timeout=max(0.0, args.bound - (time.monotonic() - t_kill)))
     for t in pending:  # a hang: bounded here, counted as such
@@ -309,7 +328,7 @@ async def one_kill(clients: Clients, deployment: str, args, metrics_port: int) -
         if a.outcome != "finished":
             key = f"{a.surface} {a.outcome}: {re.sub(r'(pid|id|_)[0-9a-f]{6,}|[0-9]+', 'N', a.detail)[:110]}"
             details[key] = details.get(key, 0) + 1
-    return {"deployment": deployment, "pid": victim, "answers": len(answers), "in_flight": len(in_flight),
+    return {"deployment": deployment, "killed": victim.what, "answers": len(answers), "in_flight": len(in_flight),
             **{o: len(v) for o, v in ends.items()},
             "end_max_s": {o: max(v) if v else None for o, v in ends.items()},
             "end_s": ends, "by_surface": {s: {o: sum(a.outcome == o for a in in_flight if a.surface == s)

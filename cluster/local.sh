@@ -8,7 +8,7 @@
 #
 # Several nodes (root: each node in its own network namespace; cluster/local_cluster.py says how):
 #   cluster/local.sh start --nodes 3     # head, n1, n2; then env / status / stop as above, and
-#   cluster/local.sh add-node [NAME] | kill-node NAME | cut NAME | heal NAME | exec NODE -- COMMAND...
+#   cluster/local.sh add-node [NAME] | kill-node NAME | restart-node NAME | cut NAME | heal NAME | exec NODE -- COMMAND...
 #
 # Every listener of this head is on loopback (tests/test_cluster.py): RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is
 # Ray's single-machine switch (its default on macOS/Windows), which keeps the node's address 127.0.0.1 instead
@@ -97,7 +97,7 @@ case "${1:-}" in
     [ -f "$cluster_state" ] && multi status
     ray status --address "127.0.0.1:$gcs_port"
     ;;
-  add-node|kill-node|cut|heal|exec)
+  add-node|kill-node|restart-node|cut|heal|exec)
     multi "$@"
     ;;
   stop)
@@ -161,7 +161,7 @@ PY
     echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE RAY_ADDRESS=http://127.0.0.1:$dash_port PATH=\"$venv/bin:\$PATH\""
     ;;
   *)
-    echo "usage: $0 start [--nodes N]|status|stop|env|add-node [NAME]|kill-node NAME|cut NAME|heal NAME|exec NODE -- COMMAND..." >&2
+    echo "usage: $0 start [--nodes N]|status|stop|env|add-node [NAME]|kill-node NAME|restart-node NAME|cut NAME|heal NAME|exec NODE -- COMMAND..." >&2
     exit 2
     ;;
 esac

@@ -7,6 +7,7 @@ when asked for more than one node; docs/operations.md ("Several nodes on one mac
     cluster/local.sh status              # the nodes: name, address, label, processes, link, Ray's view
     cluster/local.sh add-node            # one more worker node (n3: a replacement, say)
     cluster/local.sh kill-node n1        # SIGKILL every process of node n1 (a machine lost)
+    cluster/local.sh restart-node n1     # Ray on n1 again: a new Ray node at the same address and label
     cluster/local.sh cut n2              # cut node n2's link (a partition) ...
     cluster/local.sh heal n2             # ... and restore it
     cluster/local.sh exec head -- ray list nodes   # a command inside a node's network
@@ -220,12 +221,25 @@ def ray_start(c: Cluster, node: Node) -> None:
                  "--ray-client-server-port", str(p.client), "--metrics-export-port", str(p.metrics)]
     else:
         args += ["--address", f"{c.head.address}:{c.ports.gcs}"]
+    env = {**c.env(), **node_failure_detection()}
     log = c.dir / f"{node.name}.log"
     with open(log, "w") as out:
-        r = subprocess.run(c.in_node(node.name, *args), env=c.env(), stdout=out, stderr=subprocess.STDOUT,
+        r = subprocess.run(c.in_node(node.name, *args), env=env, stdout=out, stderr=subprocess.STDOUT,
                            timeout=180)
     if r.returncode:
         raise RuntimeError(f"ray start on node {node.name} failed ({log}):\n{log.read_text()[-2000:]}")
+
+
+def node_failure_detection() -> dict[str, str]:
+    """How soon the head's GCS marks a silent node dead (Ray's health checks of each raylet): every period, a
+    check that fails after the timeout; dead after threshold failures in a row. Ray's defaults (3 s, 10 s, 5)
+    take ~50 s for a partitioned node (a killed one, whose checks fail at once, ~15 s); here 1 s, 2 s, 3: a
+    partitioned node is dead within ~9 s, its actors' calls fail and Serve replaces its replicas elsewhere
+    (docs/operations.md). The environment's RAY_health_check_* win."""
+    defaults = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+                "RAY_health_check_failure_threshold": "3",
+                "RAY_grpc_client_keepalive_time_ms": "1000", "RAY_grpc_client_keepalive_timeout_ms": "2000"}
+    return {k: os.environ.get(k, v) for k, v in defaults.items()}
 
 
 def auth_header(mode: str | None = None) -> dict[str, str]:
@@ -376,20 +390,48 @@ def add_node(ports: Ports, name: str | None) -> None:
     print(f"node {name} {address} up")
 
 
+def sigkill_all(c: Cluster, name: str, timeout: float = 10) -> set[int]:
+    """SIGKILL every process of the node until none is left (one may be starting as the others die)."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while (pids := c.pids(name)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    if c.pids(name):
+        raise RuntimeError(f"node {name}: processes {c.pids(name)} still there {timeout:.0f} s after SIGKILL")
+    return killed
+
+
 def kill_node(ports: Ports, name: str) -> None:
     c = _cluster(ports)
     node = _node(c, name)
     if node.head:
         sys.exit("the head is the cluster: `cluster/local.sh stop` stops it")
-    pids = c.pids(name)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    killed = sigkill_all(c, name)
     node.killed = True
     c.save()
-    print(f"node {name}: SIGKILL sent to its {len(pids)} processes")
+    print(f"node {name}: its {len(killed)} processes SIGKILLed")
+
+
+def restart_node(ports: Ports, name: str) -> None:
+    """Ray on a worker node again, in its namespace, at its address: a new Ray node (Ray never takes back a node
+    it marked dead: after a partition its raylet exits once the link returns). What is left of the old one is
+    SIGKILLed first."""
+    c = _cluster(ports)
+    node = _node(c, name)
+    if node.head:
+        sys.exit("the head is the cluster: `cluster/local.sh stop`, then `start`")
+    sigkill_all(c, name)
+    node.killed = False
+    c.save()
+    ray_start(c, node)
+    wait_alive(c, [name])
+    print(f"node {name} {node.address} up again")
 
 
 def set_link(ports: Ports, name: str, up: bool) -> None:
@@ -476,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("start").add_argument("--nodes", type=int, required=True, help="Ray nodes, the head included")
     sub.add_parser("add-node").add_argument("name", nargs="?", help="default: the next free n<k>")
-    for cmd in ("kill-node", "cut", "heal"):
+    for cmd in ("kill-node", "restart-node", "cut", "heal"):
         sub.add_parser(cmd).add_argument("name")
     sub.add_parser("status")
     sub.add_parser("stop")
@@ -496,6 +538,8 @@ def main(argv: list[str] | None = None) -> None:
         add_node(ports, a.name)
     elif a.cmd == "kill-node":
         kill_node(ports, a.name)
+    elif a.cmd == "restart-node":
+        restart_node(ports, a.name)
     elif a.cmd in ("cut", "heal"):
         set_link(ports, a.name, up=a.cmd == "heal")
     elif a.cmd == "status":
