@@ -53,7 +53,9 @@ pytestmark = [
 STEPS, EVERY, HOLD_AT = 8, 2, 5  # a checkpoint every 2 steps; rank 0 holds after step 5: resume from step 4
 
 
-class Cluster:
+class Client:
+    """The test's hands on the cluster: cluster/local.sh, `ray job submit`, the dashboard's REST API."""
+
     def __init__(self, env: dict[str, str], ports: local_cluster.Ports):
         self.env, self.ports = env, ports
         self.job_env = {**env, "RAY_ADDRESS": f"http://127.0.0.1:{ports.dashboard}", "RAY_AUTH_MODE": "token",
@@ -115,7 +117,7 @@ def cluster():
     env = clean_env(DEEPOMNI_GCS_PORT=str(ports.gcs), DEEPOMNI_DASHBOARD_PORT=str(ports.dashboard),
                     DEEPOMNI_METRICS_PORT=str(ports.metrics), DEEPOMNI_CLIENT_PORT=str(ports.client),
                     DEEPOMNI_AGENT_PORT=str(ports.agent), DEEPOMNI_SERVE_PORT=str(ports.serve))
-    c = Cluster(env, ports)
+    c = Client(env, ports)
     t0 = time.monotonic()
     started = c.local("start", "--nodes", "3")
     print(f"\n[multinode] 3 nodes started in {time.monotonic() - t0:.1f} s")
@@ -200,7 +202,7 @@ def test_data_prepare_across_nodes_equals_one_node(data, tmp_path):
     assert a == b
 
 
-def _train(cluster: Cluster, data: Path, storage: Path, run: str, *extra: str, wait: bool = True) -> str:
+def _train(cluster: Client, data: Path, storage: Path, run: str, *extra: str, wait: bool = True) -> str:
     return cluster.submit("python", "-m", "jobs.train", "--stage", "text_pretrain", "--config", "tiny",
                           "--data", str(data), "--storage-path", str(storage), "--run-name", run,
                           "--num-workers", "2", "--ep-size", "2", "--cpus-per-worker", "1", "--batch-size", "2",
@@ -284,7 +286,7 @@ ANSWER_STEPS = 300  # long enough to be in flight at a kill
 
 
 class App:
-    def __init__(self, cluster: Cluster, url: str, where: dict[str, str]):
+    def __init__(self, cluster: Client, url: str, where: dict[str, str]):
         self.cluster, self.url, self.where = cluster, url, where
 
     def replicas(self, deployment: str) -> list[dict]:
@@ -307,7 +309,7 @@ class App:
         return Clients(self.url, encode_audio(samples, 16000, "WAV"), pcm24, ANSWER_STEPS)
 
 
-def _serve_config(cluster: Cluster, checkpoint: str, where: dict[str, str]) -> dict:
+def _serve_config(cluster: Client, checkpoint: str, where: dict[str, str]) -> dict:
     """serve_apps/config.yaml on the cluster: the Ingress on the head, the SpeechEncoder and the Vocoder on
     ``where["speech"]``, the Backbone on ``where["backbone"]``, each else on any other worker node (Ray's
     fallback), one Backbone replica a node, scaling up at 2 answers a replica."""
