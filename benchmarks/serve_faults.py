@@ -94,6 +94,17 @@ class Clients:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10),
                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
 
+    @classmethod
+    def for_speech(cls, url: str, samples16, steps: int) -> "Clients":
+        """Clients asking the question ``samples16`` (float, 16 kHz): as WAV, and as 24 kHz PCM16 for Realtime."""
+        import numpy as np
+        import soxr
+
+        from deepomni.audio import encode_audio
+
+        pcm24 = (np.clip(soxr.resample(samples16, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
+        return cls(url, encode_audio(samples16, 16000, "WAV"), pcm24, steps)
+
     async def close(self) -> None:
         await self.http.aclose()
 
@@ -337,8 +348,8 @@ async def one_kill(clients: Clients, deployment: str, args, metrics_port: int,
             "unavailable_metric_before": before, "unavailable_metric_after": after}
 
 
-async def run_all(url: str, args, wav: bytes, pcm24: bytes, metrics_port: int) -> list[dict]:
-    clients = Clients(url, wav, pcm24, args.answer_steps)
+async def run_all(url: str, args, samples16, metrics_port: int) -> list[dict]:
+    clients = Clients.for_speech(url, samples16, args.answer_steps)
     try:
         warm = [await clients.run(Answer(s)) for s in SURFACES]  # every surface once: code paths warm
         bad = [(a.surface, a.outcome, a.detail) for a in warm if a.outcome != "finished"]
@@ -447,13 +458,10 @@ def main() -> None:
     os.environ.pop("DEEPOMNI_API_KEY", None)  # no key on this private app
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # the counter reaches /metrics within 1 s
 
-    import numpy as np
-    import soxr
     from serve_latency import question_wav
     from soak import machine, readable_checkpoint
 
-    wav, samples16 = question_wav()
-    pcm24 = (np.clip(soxr.resample(samples16, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
+    _, samples16 = question_wav()
     out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "args": vars(args), **machine(),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_start": os.getloadavg()}
     tmp = tempfile.TemporaryDirectory(prefix="deepomni-faults-")
@@ -470,7 +478,7 @@ def main() -> None:
         out["deployment_options"] = deployment_options(serve_config or CONFIG_YAML)
         metrics_port = ray._private.worker.global_worker.node.metrics_export_port
         print(f"[faults] app up at {url} in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows = asyncio.run(run_all(url, args, wav, pcm24, metrics_port))
+        rows = asyncio.run(run_all(url, args, samples16, metrics_port))
         out["serve_status_end"] = {name: str(d.status) for name, d in
                                    serve.status().applications[APP].deployments.items()}
     finally:  # only what this script started: its Serve app and its embedded Ray

@@ -194,7 +194,7 @@ def make_hub(c: Cluster) -> None:
 def make_node_network(c: Cluster, node: Node) -> None:
     """The node's namespace: loopback, and eth0 (``node.address``/24) linked to the hub's bridge."""
     ns, outer = c.netns(node.name), c.link(node.name)
-    inner = f"{outer}i"[:15] if len(outer) < 15 else outer[:14] + "i"
+    inner = outer[:14] + "i"  # its peer's name while in this namespace (names: 15 characters at most)
     _ip("netns", "add", ns)
     _ip("-n", ns, "link", "set", "lo", "up")
     _ip("link", "add", inner, "type", "veth", "peer", "name", outer)

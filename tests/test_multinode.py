@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_listeners import clean_env, free_port
-from tests.test_train_faults import _last_per_step, _registered_steps
+from tests.test_train_faults import _last_per_step, _log, _registered_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "local.sh"
@@ -215,10 +215,6 @@ def _placements(run_dir: Path) -> list[dict]:
                    f.read_text().splitlines()), key=lambda p: (p["time"], p["rank"]))
 
 
-def _log(run_dir: Path, rank: int) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines()]
-
-
 def test_training_across_nodes_survives_a_node_loss(cluster, data, tmp_path):
     """Expert parallelism 2 with one worker a node equals the same run on one node, through the loss of a whole
     node (the one of rank 0, held after step 5 so the kill lands at a known point) and its replacement."""
@@ -296,17 +292,11 @@ class App:
         reps = apps["deepomni"]["deployments"][deployment]["replicas"] if "deepomni" in apps else []
         return [{**r, "node": by_id.get(r["node_id"])} for r in reps if r["state"] == "RUNNING"]
 
-    def clients(self):
-        import numpy as np
-        import soxr
-
+    def clients(self, steps: int = ANSWER_STEPS):
         from benchmarks.serve_faults import Clients
-        from deepomni.audio import encode_audio
         from tests.test_serve import speech_wav
 
-        samples = speech_wav()
-        pcm24 = (np.clip(soxr.resample(samples, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
-        return Clients(self.url, encode_audio(samples, 16000, "WAV"), pcm24, ANSWER_STEPS)
+        return Clients.for_speech(self.url, speech_wav(), steps)
 
 
 def _serve_config(cluster: Client, checkpoint: str, where: dict[str, str]) -> dict:
@@ -375,8 +365,7 @@ async def _answers(app: App, surfaces, steps: int) -> list:
     """One answer on each of ``surfaces``, one after another."""
     from benchmarks.serve_faults import Answer
 
-    c = app.clients()
-    c.steps = steps
+    c = app.clients(steps)
     try:
         return [await c.run(Answer(s)) for s in surfaces]
     finally:

@@ -62,22 +62,15 @@ def app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clients(app):
-    import numpy as np
-    import soxr
-
-    from deepomni.audio import encode_audio
-
-    samples = speech_wav()
-    pcm24 = (np.clip(soxr.resample(samples, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
-    return app, encode_audio(samples, 16000, "WAV"), pcm24
+    return app, speech_wav()
 
 
 def _kill(clients, deployment: str, answers: int = 4, steps: int = 300) -> dict:
-    (url, metrics_port), wav, pcm24 = clients
+    (url, metrics_port), samples = clients
     args = argparse.Namespace(answers=answers, kill_after=0.3, bound=RECOVER_BOUND_S, poll=0.25)
 
     async def run() -> dict:
-        c = Clients(url, wav, pcm24, steps)
+        c = Clients.for_speech(url, samples, steps)
         try:
             return await one_kill(c, deployment, args, metrics_port)
         finally:
@@ -118,10 +111,10 @@ def test_vocoder_killed_mid_answer(clients):
 
 @pytest.mark.timeout(60)
 def test_answers_after_the_kills(clients):
-    (url, _), wav, pcm24 = clients
+    (url, _), samples = clients
 
     async def run() -> list[Answer]:
-        c = Clients(url, wav, pcm24, 16)
+        c = Clients.for_speech(url, samples, 16)
         try:
             return [await c.run(Answer(s)) for s in ("dialogue", "dialogue_ws", "chat", "realtime")]
         finally:

@@ -60,9 +60,9 @@ def _cfg(tmp: Path, run: str, **kw) -> TrainConfig:
     return TrainConfig.from_dict(base)
 
 
-def _log(run_dir: Path) -> list[dict]:
-    """Every record of rank 0's sample log, in write order."""
-    return [json.loads(line) for line in (run_dir / "samples_rank0.jsonl").read_text().splitlines()]
+def _log(run_dir: Path, rank: int = 0) -> list[dict]:
+    """Every record of a rank's sample log, in write order."""
+    return [json.loads(line) for line in (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines()]
 
 
 def _seen(r: dict) -> tuple:
