@@ -69,6 +69,95 @@ def markdown(agg: dict[str, dict[str, dict]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------- paired per-item comparison
+# per-item scores the paired comparisons read from each model's eval/<model>/items.jsonl: (task, score of a record)
+ITEM_SCORES = {
+    "text_qa_accuracy": ("text_qa", lambda r: float(r["correct"])),
+    "spoken_qa_accuracy": ("spoken_qa", lambda r: float(r["correct"])),
+    "tts_consistency_wer": (None, lambda r: _consistency_wer(r)),  # every item with judged speech and text
+}
+
+
+def _consistency_wer(r: dict) -> float | None:
+    from deepomni.train.evaluate import word_edits
+    from deepomni.train.judge import normalize
+
+    if "heard" not in r or not normalize(r["prediction"]):
+        return None
+    edits, words = word_edits(r["prediction"], r["heard"])
+    return edits / words
+
+
+def item_scores(eval_dir: Path, metric: str) -> dict[str, float]:
+    """``{item id: score}`` of one evaluated model on ``metric`` (:data:`ITEM_SCORES`)."""
+    task, score = ITEM_SCORES[metric]
+    out = {}
+    for line in (eval_dir / "items.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if task is None or r["task"] == task:
+            v = score(r)
+            if v is not None:
+                out[f"{r['task']}/{r['id']}"] = v
+    return out
+
+
+def paired(out: Path, seeds: list[int], a: str, b: str, metric: str, resamples: int = 10000) -> dict | None:
+    """Model ``a`` minus model ``b`` on ``metric``, item by item on the items both scored, over seeds: the mean
+    difference, a 95% interval from a bootstrap that resamples items within each seed (each seed keeps its
+    items' count; the seeds' own training noise is in the per-seed means, and in a t-interval over them),
+    the per-seed means and the number of pairs. None where the models were not evaluated."""
+    import random
+
+    diffs: dict[int, list[float]] = {}
+    for seed in seeds:
+        ev = out / f"seed{seed}" / "eval"
+        if not ((ev / a / "items.jsonl").is_file() and (ev / b / "items.jsonl").is_file()):
+            continue
+        sa, sb = item_scores(ev / a, metric), item_scores(ev / b, metric)
+        diffs[seed] = [sa[i] - sb[i] for i in sorted(sa.keys() & sb.keys())]
+    if not diffs or not any(diffs.values()):
+        return None
+    rng = random.Random(0)
+    pooled = [d for ds in diffs.values() for d in ds]
+    boots = []
+    for _ in range(resamples):
+        tot = n = 0
+        for ds in diffs.values():
+            tot += sum(rng.choice(ds) for _ in ds) if ds else 0
+            n += len(ds)
+        boots.append(tot / n)
+    boots.sort()
+    per_seed = {s: sum(ds) / len(ds) for s, ds in diffs.items() if ds}
+    m_seed, sd_seed = mean_std(list(per_seed.values()))
+    t95 = {1: float("nan"), 2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(per_seed), 2.0)
+    half = t95 * (sd_seed or 0.0) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else float("nan")
+    return {"a": a, "b": b, "metric": metric, "mean": sum(pooled) / len(pooled), "n": len(pooled),
+            "ci95_items": [boots[int(0.025 * resamples)], boots[int(0.975 * resamples) - 1]],
+            "per_seed": per_seed, "ci95_seeds": [m_seed - half, m_seed + half]}
+
+
+# the paired comparisons the report makes (a, b, metric): what load-based assignment, DPO, MoExtend and LoRA
+# change, each against its reference
+COMPARISONS = [("deeptalk", "random_assignment", "text_qa_accuracy"),
+               ("deeptalk", "random_assignment", "spoken_qa_accuracy"),
+               ("deeptalk", "random_assignment", "tts_consistency_wer"),
+               ("deeptalk_dpo", "deeptalk", "tts_consistency_wer"),
+               ("deeptalk_dpo", "deeptalk", "text_qa_accuracy"),
+               ("deeptalk", "moextend", "text_qa_accuracy"),
+               ("deeptalk", "lora", "text_qa_accuracy")]
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    lines = ["| a - b | metric | mean difference | 95% interval (items within seeds) | per seed | 95% interval "
+             "(t over seeds) | pairs |", "|---|---|---|---|---|---|---|"]
+    for p in rows:
+        seeds = ", ".join(f"{v:+.3f}" for v in p["per_seed"].values())
+        lines.append(f"| {p['a']} - {p['b']} | {p['metric']} | {p['mean']:+.3f} | [{p['ci95_items'][0]:+.3f}, "
+                     f"{p['ci95_items'][1]:+.3f}] | {seeds} | [{p['ci95_seeds'][0]:+.3f}, {p['ci95_seeds'][1]:+.3f}] "
+                     f"| {p['n']} |")
+    return "\n".join(lines)
+
+
 def goals(agg: dict[str, dict[str, dict]]) -> list[dict]:
     """Issue 11's goals, each with the figures it compares and whether it is met (means over seeds; a
     difference counts only when it exceeds the larger of the two spreads)."""
@@ -97,12 +186,27 @@ def goals(agg: dict[str, dict[str, dict]]) -> list[dict]:
     add("load-based beats random assignment by more than the spread (text drop or spoken QA)",
         None if None in (drop, rnd, sq, rsq) else (rnd - drop > max(drop_sd, rnd_sd) or sq - rsq > max(sq_sd, rsq_sd)),
         text_drop_load=drop, text_drop_random=rnd, spoken_qa_load=sq, spoken_qa_random=rsq)
+    for other in ("moextend", "lora"):  # issue 26: the text drop against the other ways of adding speech
+        od, od_sd = g(other, "text_drop")
+        osq, _ = g(other, "spoken_qa_accuracy")
+        oca, _ = g(other, "codec_accuracy")
+        ca, _ = g("deeptalk", "codec_accuracy")
+        add(f"recipe drop below {other}'s by more than the spread (speech ability beside it)",
+            None if None in (drop, od) else od - drop > max(drop_sd, od_sd), recipe=drop, **{other: od},
+            spread=max(drop_sd, od_sd), spoken_qa_recipe=sq, **{f"spoken_qa_{other}": osq},
+            codec_acc_recipe=ca, **{f"codec_acc_{other}": oca})
+    tts, tts_sd = g("deeptalk", "tts_consistency_wer")
+    dtts, dtts_sd = g("deeptalk_dpo", "tts_consistency_wer")
+    ddrop, ddrop_sd = g("deeptalk_dpo", "text_drop")
+    add("DPO lowers TTS-consistency WER beyond the spread, text drop not raised beyond it",
+        None if None in (tts, dtts, drop, ddrop) else
+        (tts - dtts > max(tts_sd, dtts_sd) and ddrop - drop <= max(drop_sd, ddrop_sd)),
+        tts_recipe=tts, tts_dpo=dtts, drop_recipe=drop, drop_dpo=ddrop)
     asr, _ = g("deeptalk", "asr_wer")
     add("ASR WER <= 0.3", None if asr is None else asr <= 0.3, asr_wer=asr)
     text, _ = g("deeptalk", "spoken_qa_typed_accuracy")
     add("spoken-QA exact >= half the text-QA exact on the same questions", None if None in (sq, text) else sq >= text / 2,
         spoken=sq, same_questions_typed=text)
-    tts, _ = g("deeptalk", "tts_consistency_wer")
     floor, _ = g("deeptalk", "judge_floor_wer")
     add("TTS-consistency WER within 0.15 of the judge's floor", None if None in (tts, floor) else tts - floor <= 0.15,
         tts_consistency=tts, judge_floor=floor)
@@ -144,11 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     agg = aggregate(per_seed)
     table = markdown(agg, args.seeds)
     checked = goals(agg)
+    pairs = [p for p in (paired(Path(args.out).resolve(), args.seeds, *c) for c in COMPARISONS) if p is not None]
     command = "python benchmarks/recipe_table.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     result = {"command": command.strip(), "seeds": args.seeds, "wall_seconds": round(wall, 1),
               "wall_seconds_per_seed": walls, "machine": f"{platform.machine()}, {platform.processor() or '?'}",
               "settings": {k: v for k, v in vars(args).items() if k not in ("results", "out")},
-              "per_seed": {str(s): m for s, m in per_seed.items()}, "aggregate": agg, "goals": checked}
+              "per_seed": {str(s): m for s, m in per_seed.items()}, "aggregate": agg, "goals": checked,
+              "paired": pairs}
     res = Path(args.results)
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -157,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     for c in checked:
         figs = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("goal", "met"))
         lines.append(f"| {c['goal']} | {c['met']} | {figs} |")
+    if pairs:
+        lines += ["", "Paired per-item differences (a - b; for WER lower is better, so a negative difference favours a):",
+                  "", paired_markdown(pairs)]
     lines += ["", f"wall time {wall:.0f} s ({wall / 60:.1f} min) for {len(args.seeds)} seeds"]
     res.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

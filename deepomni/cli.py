@@ -1,7 +1,7 @@
 """``deepomni``: the command line of the whole system (``deepomni --help``; each command's ``--help``).
 
     data (synth | import | prepare)   datasets                   deepomni/data/cli.py
-    train | profile | evaluate        one step of the recipe     deepomni/train/cli.py
+    train | profile | pairs | evaluate  one step of the recipe   deepomni/train/cli.py
     pipeline                          the whole recipe (`make demo`)
     foundations (build | verify)      the pretrained encoder and base LLM a run starts from
     export-hf                         a checkpoint as a transformers model directory

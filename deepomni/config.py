@@ -34,7 +34,7 @@ from typing import Any, Literal, TypeVar
 
 import pydantic
 
-RoutingMode = Literal["all", "speech", "text"]
+RoutingMode = Literal["all", "speech", "text", "extend"]
 T = TypeVar("T")
 PRESETS_DIR = "presets"
 

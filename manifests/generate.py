@@ -52,7 +52,7 @@ def load_values(path: Path = VALUES) -> dict:
 def paths(v: dict) -> dict[str, str]:
     """Where things live on the shared volume."""
     m = v["storage"]["mountPath"].rstrip("/")
-    return {"data": f"{m}/data", "runs": f"{m}/runs", "profile": f"{m}/profile", "eval": f"{m}/eval",
+    return {"data": f"{m}/data", "runs": f"{m}/runs", "profile": f"{m}/profile", "pairs": f"{m}/pairs", "eval": f"{m}/eval",
             "pipeline": f"{m}/pipeline", "cache": f"{m}/cache"}
 
 
@@ -76,6 +76,10 @@ def _train(v: dict, s: Step) -> str:
         args += ["--init", f"{p['runs']}/{s.init}/final"]
     if s.assignment:
         args += ["--assignment", f"{p['profile']}/{s.assignment}/experts.json"]
+    if s.preference:  # the DPO stage's pairs
+        args += ["--pairs", f"{p['pairs']}/{s.preference}"]
+    if STAGES[s.stage].extend:  # MoExtend adds the share the recipe gives speech
+        args += ["--new-experts", str(v["train"]["n_speech"])]
     if s.steps_of:  # compute-matched baseline
         args += ["--max-steps", str(sum(_stage_steps(v, _stage_of(r)) for r in s.steps_of))]
     return _cmd(*args)
@@ -92,6 +96,12 @@ def _profile(v: dict, s: Step) -> str:
     return _cmd(*args, *(["--random", "--seed", "0"] if s.random_assignment else []))
 
 
+def _pairs(v: dict, s: Step) -> str:
+    p = paths(v)
+    return _cmd("python", "-m", "jobs.pairs", "--checkpoint", f"{p['runs']}/{s.init}/final", "--data", p["data"],
+                "--out", f"{p['pairs']}/{s.run}")
+
+
 def jobs(v: dict) -> list[dict]:
     """The RayJobs, in the order they run (file names sort the same way): data, then every step of the
     recipe and its baselines as ``deepomni.train.stages`` lists them, then evaluation and the whole
@@ -102,8 +112,9 @@ def jobs(v: dict) -> list[dict]:
                 entrypoint=_cmd("python", "-m", "jobs.prepare_data", "--raw", f"{p['data']}/raw", "--out", p["data"]))]
     for i, s in enumerate(all_steps(), start=2):
         name = f"{i * 10:03d}-{s.run.replace('_', '-')}"
-        if s.is_profile:
-            out.append(dict(file=name, component="train", replicas="driver", entrypoint=_profile(v, s)))
+        if s.is_profile or s.pairs:
+            out.append(dict(file=name, component="train", replicas="driver",
+                            entrypoint=(_pairs if s.pairs else _profile)(v, s)))
         else:
             out.append(dict(file=name, component="train", replicas="train", stage=s.stage, entrypoint=_train(v, s)))
     final = MODELS["deeptalk"]

@@ -135,7 +135,7 @@ def test_generated_has_every_resource():
     stages = {d["metadata"]["labels"].get("deepomni.io/stage") for _, d in _of_kind("RayJob")}
     assert set(STAGES) <= stages, f"stages without a RayJob: {set(STAGES) - stages}"
     entry = " ".join(d["spec"]["entrypoint"] for _, d in _of_kind("RayJob"))
-    for module in ("jobs.prepare_data", "jobs.profile_load", "jobs.evaluate", "jobs.pipeline"):
+    for module in ("jobs.prepare_data", "jobs.profile_load", "jobs.pairs", "jobs.evaluate", "jobs.pipeline"):
         assert f"-m {module} " in entry
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -25,28 +23,6 @@ from deepomni.train.profile import random_assignment
 from deepomni.train.stages import BASELINES, MODELS, RECIPE, STAGES, all_steps, get_stage, set_trainable
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-EXE = Path(sys.executable).parent / "deepomni"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train_corpus")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    subprocess.run([str(EXE), "data", "synth", "--out", str(d), "--train", "24", "--validation", "4",
-                    "--test", "4"], check=True, env=env, capture_output=True)
-    subprocess.run([str(EXE), "data", "prepare", "--out", str(d)], check=True, env=env, capture_output=True)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from deepomni.ray_env import init_ray
-
-    init_ray()
-    yield
-    ray.shutdown()
 
 
 def _cfg(corpus, tmp_path, **kw) -> TrainConfig:
@@ -129,7 +105,7 @@ def test_recipe_order_profiles_the_aligned_model():
         assert ff.init == "base" and set(ff.steps_of) == {"s1_align", "s2_speech_experts", "s2_text_experts", "s3_joint"}
     assert set(MODELS.values()) <= set(runs)
     with pytest.raises(ValueError, match="unknown baseline"):
-        all_steps(("lora",))
+        all_steps(("qlora",))
 
 
 def test_config_preset_and_overrides():

@@ -5,6 +5,9 @@ lists, saved as a JSON artifact next to the checkpoint, and the routing modes th
     mode "speech" : router logits outside the speech experts are -inf before the softmax, and of the
                     routed experts and router rows only the speech experts' get gradient      (S2.1)
     mode "text"   : the same with the text experts                                            (S2.2)
+    mode "extend" : router sees every expert; of the routed experts and router rows only the speech
+                    experts' get gradient (MoExtend: the speech experts are the added ones,
+                    deepomni.model.extend)
 
 Which other parameters train (shared experts, norms, embeddings, ...) is the stage's ``trainable``
 predicate (:mod:`deepomni.train.stages`), not the mode. Freezing with stacked expert weights: not
@@ -33,7 +36,7 @@ from ..atomic import write_atomic
 from ..config import RoutingMode
 from .moe import MoE
 
-MODES: tuple[str, ...] = typing.get_args(RoutingMode)  # ("all", "speech", "text")
+MODES: tuple[str, ...] = typing.get_args(RoutingMode)  # ("all", "speech", "text", "extend")
 
 
 @dataclass
@@ -50,7 +53,7 @@ class ExpertAssignment:
     def experts(self, layer: int, mode: str) -> list[int] | None:
         if mode == "all":
             return None
-        if mode == "speech":
+        if mode in ("speech", "extend"):
             return sorted(self.speech[layer])
         if mode == "text":
             return self.text(layer)
@@ -130,7 +133,7 @@ def set_routing_mode(model: nn.Module, mode: RoutingMode, assignment: ExpertAssi
         else:
             mask = torch.zeros(moe.num_experts, dtype=torch.bool)
             mask[ids] = True
-            moe.set_expert_masks(mask, mask)
+            moe.set_expert_masks(None if mode == "extend" else mask, mask)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,4 +1,4 @@
-"""``deepomni train | profile | evaluate | pipeline``: the training side of the command line.
+"""``deepomni train | profile | pairs | evaluate | pipeline``: the training side of the command line.
 
 Every flag of a config is derived from its dataclass (:func:`deepomni.config.add_flags`): ``--config`` names
 a preset (``deepomni/presets/<kind>/``) or a JSON/YAML file, the flags override it. The ``jobs/`` modules
@@ -77,6 +77,25 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ pairs
+def add_pairs_args(p: argparse.ArgumentParser) -> None:
+    from .preference import PreferenceConfig
+
+    p.add_argument("--checkpoint", required=True, help="the model that answers (and the frozen DPO reference)")
+    p.add_argument("--data", required=True, help="dataset directory holding tokenized/ and the codec")
+    p.add_argument("--out", required=True, help="output directory (pairs.parquet, summary.json): a dpo stage's "
+                                                "--pairs")
+    add_flags(p, PreferenceConfig)
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from .preference import PreferenceConfig, build_pairs
+
+    cfg = load_config(PreferenceConfig, None, flag_values(args, PreferenceConfig))
+    print(json.dumps(build_pairs(args.checkpoint, args.data, args.out, cfg), indent=1))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- evaluate
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     from .config import EvalConfig
@@ -140,6 +159,8 @@ COMMANDS = {
     "train-encoder": (add_encoder_args, cmd_train_encoder, "CTC-pretrain a small Whisper encoder on a corpus "
                                                            "(foundations build does this at scale; a real model uses Whisper's)"),
     "profile": (add_profile_args, cmd_profile, "measure modality load and choose the speech experts"),
+    "pairs": (add_pairs_args, cmd_pairs, "sample spoken answers, judge them and keep preferred / rejected pairs "
+                                         "for the DPO stage"),
     "evaluate": (add_evaluate_args, cmd_evaluate, "evaluate a checkpoint on a held-out split"),
     "pipeline": (add_pipeline_args, cmd_pipeline, "the whole recipe and its baselines, ending with the "
                                                   "evaluation table (`make demo`)"),

@@ -51,6 +51,16 @@ class TrainConfig:
     placement: Placement = "PACK"
     worker_labels: dict[str, str] = field(default_factory=dict)
     ep_size: int = 1  # expert-parallel group size (divides num_workers and n_routed_experts)
+    # MoExtend stages (Stage.extend): experts added to every MoE layer, a count or a percentage of the routed
+    # experts of the init model (the share the recipe gives speech: the pipeline passes its n_speech)
+    new_experts: str = "25%"
+    # LoRA stages (Stage.lora): adapter rank and scale (peft's r and lora_alpha; the update is alpha/r * B A)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    # preference stages (Stage.preference): the directory of pairs.parquet (deepomni.train.preference) and
+    # DPO's beta (the release's 0.1)
+    pairs: str | None = None
+    dpo_beta: float = 0.1
     zero_stage: int = 2  # DeepSpeed ZeRO stage (ep_size == 1 path)
     batch_size: int = 4  # sequences per worker per step
     max_steps: int | None = None  # None: the stage's default
@@ -114,6 +124,13 @@ class TrainConfig:
             raise ValueError(f"ep_size={self.ep_size} must divide num_workers={self.num_workers}")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError("zero_stage must be 0, 1 or 2 (ZeRO-3 would shard the stacked experts)")
+        stage = STAGES[self.stage]
+        if (stage.lora or stage.extend) and self.ep_size > 1:
+            raise ValueError(f"stage {self.stage} runs with ep_size 1 only (its experts change shape or are wrapped)")
+        if stage.preference and not self.pairs:
+            raise ValueError(f"stage {self.stage} trains on preference pairs: set pairs (a `deepomni pairs` output)")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, not {self.lora_rank}")
         if self.fail_mode not in FAIL_MODES:
             raise ValueError(f"fail_mode must be one of {FAIL_MODES}, not {self.fail_mode!r}")
         if self.fail_in not in ("step", "checkpoint"):

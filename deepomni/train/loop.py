@@ -62,6 +62,7 @@ from .stages import Stage, get_stage, set_trainable
 COLUMNS = ["id", "task", "input_modality", "length", "num_channels", "tokens", "labels", "audio_positions",
            "audio_segments", "mel", "mel_bins", "mel_frames"]
 TRAIN_STATE = "train_state.json"
+LORA_STATE = "lora.safetensors"  # LoRA stages: the unmerged state (base weights + adapters) beside model/
 logger = logging.getLogger(__name__)
 
 
@@ -189,8 +190,21 @@ def speech_inputs(model: DeepOmniModel, batch: dict) -> list[torch.Tensor] | Non
     return audio
 
 
+def pair_batch(rows: list[dict], layout: VocabLayout) -> dict:
+    """A DPO batch from preference pair rows (:mod:`deepomni.train.preference`): the chosen answers, then the
+    rejected ones, collated as one batch of 2B rows."""
+    from .preference import split_pair
+
+    chosen, rejected = zip(*(split_pair(r) for r in rows))
+    return collate(list(chosen) + list(rejected), layout)
+
+
 # ------------------------------------------------------------------------------------------- model
-def build_model(cfg: TrainConfig, stage: Stage, resume_dir: Path | None) -> tuple[DeepOmniModel, ExpertAssignment | None]:
+def build_model(cfg: TrainConfig, stage: Stage, resume_dir: Path | None
+                ) -> tuple[DeepOmniModel, ExpertAssignment | None, "Lora | None"]:
+    """The stage's model, routed and with its trainable parameters set: from a resumed checkpoint, the init
+    checkpoint or a fresh one of the preset; with experts added (MoExtend stages, fresh runs) or LoRA
+    adapters injected (LoRA stages; a resume loads the adapters back). Returns ``(model, assignment, lora)``."""
     torch.manual_seed(cfg.seed)
     src = resume_dir / "model" if resume_dir is not None else (Path(cfg.init) if cfg.init else None)
     if src is not None:
@@ -207,6 +221,12 @@ def build_model(cfg: TrainConfig, stage: Stage, resume_dir: Path | None) -> tupl
         model, assignment = DeepOmniModel(model_cfg).init_weights(seed=cfg.seed), None
     if cfg.assignment:
         assignment = ExpertAssignment.load(cfg.assignment)
+    if stage.extend and resume_dir is None:  # MoExtend: the added experts are the speech experts
+        from ..model.extend import extend_experts
+        from .profile import num_speech_experts
+
+        model, assignment = extend_experts(model, num_speech_experts(cfg.new_experts, model.cfg.n_routed_experts),
+                                           seed=cfg.seed)
     if stage.needs_assignment and assignment is None:
         raise ValueError(f"stage {stage.name} needs an expert assignment (experts.json in init, or --assignment)")
     if stage.projector_from_text and resume_dir is None and model.cfg.speech_encoder.positions == "ctc":
@@ -214,8 +234,17 @@ def build_model(cfg: TrainConfig, stage: Stage, resume_dir: Path | None) -> tupl
 
         model.init_projector_from_text(load_tokenizer(prepared_tokenizer(cfg.data), model.cfg.text_vocab_size))
     set_routing_mode(model, stage.mode, assignment)  # mode "all" routes to every expert, whatever the assignment
+    lora = None
+    if stage.lora:
+        from ..model.lora import apply_lora
+
+        lora = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+        if resume_dir is not None and (resume_dir / LORA_STATE).is_file():  # base weights and adapters, unmerged
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(resume_dir / LORA_STATE)))
     set_trainable(model, stage)
-    return model.train(), assignment
+    return model.train(), assignment, lora
 
 
 def full_state_dict(model: DeepOmniModel, ep_group) -> dict[str, torch.Tensor]:
@@ -302,7 +331,7 @@ def train_func(config: dict) -> None:
     resume_ctx = ckpt.as_directory() if ckpt is not None else None
     resume_dir = Path(resume_ctx.__enter__()) if resume_ctx is not None else None
 
-    model, assignment = build_model(cfg, stage, resume_dir)
+    model, assignment, lora = build_model(cfg, stage, resume_dir)
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")  # Ray: this worker's GPU
     model = model.to(device)
     ep_group = edp_group = None
@@ -336,14 +365,21 @@ def train_func(config: dict) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         sample_log = open(run_dir / f"samples_rank{rank}.jsonl", "a")
 
+    def model_state() -> dict[str, torch.Tensor]:  # what checkpoints hold: a LoRA model with its adapters merged
+        return lora.merged_state_dict() if lora is not None else full_state_dict(model, ep_group)
+
     def save_checkpoint(metrics: dict) -> None:
-        state = full_state_dict(model, ep_group)
+        state = model_state()
         positions = gather_positions(it.position(), world)  # a collective: every rank
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             engine.save(d, step)  # every rank: its optimizer partition
             if rank == 0:
                 save_full_model(model.cfg, state, d / "model", assignment)
+                if lora is not None:
+                    from safetensors.torch import save_file
+
+                    save_file(lora.state_dict(), str(d / LORA_STATE))
                 (d / TRAIN_STATE).write_text(json.dumps({"step": step, "stage": stage.name, "world_size": world,
                                                          "batch_size": cfg.batch_size, "data": positions}))
             upload = None
@@ -365,9 +401,18 @@ def train_func(config: dict) -> None:
         rows = next(it)
         batch_epoch = it.epoch  # the pass this batch came from (a pass may have ended inside next())
         t0 = time.perf_counter()  # tokens/s counts collate + forward + backward + step, not the data wait
-        batch = to_device(collate(rows, layout, stage.text_only), device)
+        batch = to_device(pair_batch(rows, layout) if stage.preference else collate(rows, layout, stage.text_only),
+                          device)
         with counter.count(token_groups(batch["masks"])):
-            out = engine.forward(batch["tokens"], audio=speech_inputs(model, batch), labels_BLC=batch["labels"])
+            out = engine.forward(batch["tokens"], audio=speech_inputs(model, batch),
+                                 labels_BLC=None if stage.preference else batch["labels"])
+        dpo_stats = {}
+        if stage.preference:  # DPO per codec channel + the text channel's CE (out.channel_losses: the text's only)
+            from .preference import preference_loss, reference_tensors
+
+            loss, dpo_stats = preference_loss(out.logits, batch["labels"], *reference_tensors(rows), cfg.dpo_beta)
+            out.loss = loss + out.aux_loss
+            out.channel_losses = torch.tensor([dpo_stats["text_loss"]] + [float("nan")] * layout.num_codec_channels)
         engine.backward(out.loss)
         engine.step()
         step += 1
@@ -381,7 +426,7 @@ def train_func(config: dict) -> None:
                    "data_wait_s": t0 - t_wait,
                    "tokens_per_s_run": run_tokens / run_time,  # this worker, since (re)start
                    "routed_outside_mode": routed_outside_mode(routed, [m.routing_mask_E for m in counter.layers]),
-                   "expert_load": expert_load(counts), "rank": rank}
+                   "expert_load": expert_load(counts), "rank": rank, **dpo_stats}
         prom.step(metrics, batch["n_tokens"], counts, layer_ids)
         if sample_log is not None:
             sample_log.write(json.dumps({"step": step, "epoch": batch_epoch, "ids": [r.get("id") for r in rows],
@@ -399,7 +444,7 @@ def train_func(config: dict) -> None:
         sample_log.close()
     if step > start_step:  # final checkpoint (skipped when resuming an already finished run)
         save_checkpoint(metrics)
-    state = full_state_dict(model, ep_group)
+    state = model_state()
     if rank == 0:
         save_full_model(model.cfg, state, Path(cfg.storage_path) / cfg.run_name / "final", assignment)
 
@@ -425,6 +470,12 @@ def read_dataset(cfg: TrainConfig, stage: Stage):
     if missing:
         raise ValueError(f"{d} lacks the columns {missing}: it was prepared by an older version; run "
                          f"`deepomni data prepare` again")
+    if stage.preference:  # the pairs a `deepomni pairs` run wrote: a small file, read here
+        path = Path(cfg.pairs) / "pairs.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"no preference pairs at {path} (run `deepomni pairs` first)")
+        table = pads.dataset(str(path), format="parquet").to_table()
+        return ray.data.from_arrow(table if cfg.max_items is None else table.slice(0, cfg.max_items))
     keep = pc.field("task").isin(list(stage.tasks))
     if stage.text_only:
         keep = keep & (pc.field("input_modality") == "text")

@@ -5,6 +5,7 @@ side of ``deepomni pipeline`` (``jobs.pipeline``) and ``benchmarks/recipe_table.
     <out>/encoder/         without foundations only: the speech encoder pretrained with CTC here (a local
                            Whisper directory), when the preset has no Whisper directory of its own
     <out>/runs/<run>/final every training step's model;  <out>/profile/<run>/ every profiling step's output
+    <out>/pairs/<run>/     every preference-pair step's pairs.parquet and summary.json
     <out>/eval/<model>/    every evaluated model's eval.json / eval.md / items.jsonl
 
 Each step is skipped when its output exists, so a re-run continues where the last one stopped.
@@ -93,6 +94,9 @@ class Pipeline:
     def experts(self, profile_run: str) -> Path:
         return self.out / "profile" / profile_run / "experts.json"
 
+    def pairs(self, pairs_run: str) -> Path:
+        return self.out / "pairs" / pairs_run
+
     def train_config(self, stage: str, overrides: dict | None = None):
         from .config import TrainConfig
 
@@ -172,6 +176,14 @@ class Pipeline:
                       self.install_base)
             return
 
+        if s.pairs:
+            from .preference import PreferenceConfig, build_pairs
+
+            self.step(f"preference pairs {s.run} (from {s.init})", (self.pairs(s.run) / "summary.json").exists(),
+                      lambda: build_pairs(self.final(s.init), self.data, self.pairs(s.run),
+                                          PreferenceConfig(seed=self.seed), progress=self.progress))
+            return
+
         if s.is_profile:
             out = self.experts(s.run).parent
             self.step(f"profile {s.run} ({'random' if s.random_assignment else 'load'})", self.experts(s.run).exists(),
@@ -182,7 +194,9 @@ class Pipeline:
         def go():
             overrides = {"run_name": s.run, "storage_path": str(self.out / "runs"), "data": str(self.data),
                          "init": str(self.final(s.init)) if s.init else None,
-                         "assignment": str(self.experts(s.assignment)) if s.assignment else None}
+                         "assignment": str(self.experts(s.assignment)) if s.assignment else None,
+                         "pairs": str(self.pairs(s.preference)) if s.preference else None,
+                         "new_experts": self.n_speech}  # MoExtend adds the share the recipe gives speech
             if s.init is None and self.own_encoder_arch() is not None:
                 overrides["speech_encoder"] = str(self.encoder)
             cfg = self.train_config(s.stage, overrides)

@@ -10,6 +10,9 @@
 | *_paper (S2, S3) | as S2.1 / S2.2 / S3             | the paper's: S2 all but speech input and MoE-layer attention; S3 all but speech input | as S2 / S3 |
 | full_finetune    | all tasks                       | all but the speech encoder (baseline "PureMoE")       | all experts |
 | speech_finetune  | asr, tts, spoken_qa             | all but the speech encoder (native speech fine-tune)  | all experts |
+| moextend         | spoken_qa, tts                  | N added experts, their router rows, codec embedding rows | all (extend) |
+| lora             | all tasks                       | low-rank adapters on attention and experts, codec rows | all experts |
+| dpo              | preference pairs (speech out)   | as S3: routed experts, router, codec embedding rows   | all experts |
 
 ``text_only`` stages (text_pretrain) read only text-input rows and see the text channel alone: codec inputs
 are replaced by the codec PAD token and codec labels ignored, so the base LLM learns text, not speech.
@@ -31,6 +34,15 @@ spoken questions before any training; 300 steps on ASR alone took that to 3 of 5
 with spoken questions mixed in to 23 (ASR 0.811): aligning speech to transcription alone teaches the
 projector a transcription mode, not text (measured 2026-12-07, docs/paper.md "Speech at the rate of text").
 
+**Baselines of the paper's comparison** (each from the aligned model, as many steps as the recipe's S2.1 + S2.2
++ S3): *MoExtend* adds ``TrainConfig.new_experts`` experts to every MoE layer, copies of existing ones with
+new router rows (:mod:`deepomni.model.extend`), and trains only those (routing mode ``"extend"``: the router
+sees every expert) on the speech tasks; *LoRA* trains low-rank adapters (peft) on the attention projections
+and the stacked experts of every layer, merged into the weights for every checkpoint
+(:mod:`deepomni.model.lora`). The *preference stage* (``dpo``) follows the recipe: DPO per codec channel on
+pairs of a preferred and a rejected spoken answer sampled from the recipe's model
+(:mod:`deepomni.train.preference`).
+
 Learning rates are the paper's (S1 2e-5, S2.1 1e-4, S2.2 2e-5, S3 5e-5); tiny models need larger ones,
 set per stage by the training preset (``deepomni/presets/train/tiny.json``).
 """
@@ -41,7 +53,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..config import RoutingMode
-from ..data.schema import ASR, SPEECH_TASKS, SPOKEN_QA, TASKS, TEXT_QA, TTS
+from ..data.schema import ASR, SPEECH_OUT_TASKS, SPEECH_TASKS, SPOKEN_QA, TASKS, TEXT_QA, TTS
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,11 @@ class Stage:
     # (not a resume) starts the projector from the base's text embedding of the characters the encoder
     # hears (DeepOmniModel.init_projector_from_text), as every model trained from the base must, to compare
     projector_from_text: bool = False
+    # MoExtend: a fresh run (not a resume) first adds TrainConfig.new_experts experts to every MoE layer of its
+    # init model; they become the assignment's speech experts (deepomni.model.extend)
+    extend: bool = False
+    lora: bool = False  # train low-rank adapters (TrainConfig.lora_rank / lora_alpha), merged in every checkpoint
+    preference: bool = False  # rows are preference pairs (TrainConfig.pairs); the loss is DPO on the codec channels
 
 
 # ------------------------------------------------------------------------------ trainable predicates
@@ -85,6 +102,12 @@ def routed_experts_and_router(name: str, cfg) -> bool:
 def experts_router_and_embeddings(name: str, cfg) -> bool:
     """S2.1 and S3: as S2.2, plus the embedding table (``codec_rows_only``: its codec rows)."""
     return routed_experts_and_router(name, cfg) or name.startswith("embed.")
+
+
+def adapters_and_embeddings(name: str, cfg) -> bool:
+    """LoRA: the adapters' weights (peft names them ``lora_A`` / ``lora_B``) and the embedding table
+    (``codec_rows_only``: its codec rows)."""
+    return ".lora_" in name or name.startswith("embed.")
 
 
 def all_but_encoder(name: str, cfg) -> bool:
@@ -116,6 +139,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("s3_joint_paper", TASKS, all_but_speech_input, "all", 5e-5, 1000),
     Stage("full_finetune", TASKS, all_but_encoder, "all", 5e-5, 1000, projector_from_text=True),
     Stage("speech_finetune", SPEECH_TASKS, all_but_encoder, "all", 5e-5, 1000, projector_from_text=True),
+    Stage("moextend", (SPOKEN_QA, TTS), experts_router_and_embeddings, "extend", 1e-4, 1000, needs_assignment=True,
+          codec_rows_only=True, extend=True),
+    Stage("lora", TASKS, adapters_and_embeddings, "all", 1e-4, 1000, codec_rows_only=True, lora=True),
+    Stage("dpo", SPEECH_OUT_TASKS, experts_router_and_embeddings, "all", 1e-5, 200, codec_rows_only=True,
+          preference=True),
 ]}
 
 
@@ -139,10 +167,12 @@ def set_trainable(model, stage: Stage) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------ the recipe
 @dataclass(frozen=True)
 class Step:
-    """One step of the recipe: train a stage, or (``stage=None``) profile modality load and assign experts.
+    """One step of the recipe: train a stage, or (``stage=None``) profile modality load and assign experts,
+    or (``stage=None, pairs=True``) sample and judge the preference pairs of a DPO stage.
 
     ``run`` names the output: ``runs/<run>/final`` for training, ``profile/<run>/experts.json`` for
-    profiling. ``init`` is the run whose final model the step starts from (``None``: a fresh model of the
+    profiling, ``pairs/<run>/pairs.parquet`` for preference pairs (``preference`` of a training step names
+    the pairs step it trains on). ``init`` is the run whose final model the step starts from (``None``: a fresh model of the
     preset). ``assignment`` is the profiling step whose experts route and freeze a stage. ``steps_of``
     makes a baseline compute-matched: it trains as many optimizer steps as those runs together."""
 
@@ -152,10 +182,12 @@ class Step:
     assignment: str | None = None
     random_assignment: bool = False  # profiling step: draw the speech experts at random (the ablation)
     steps_of: tuple[str, ...] = ()
+    pairs: bool = False  # a step that builds preference pairs from ``init`` (deepomni.train.preference)
+    preference: str | None = None  # the pairs step whose pairs a DPO stage trains on
 
     @property
     def is_profile(self) -> bool:
-        return self.stage is None
+        return self.stage is None and not self.pairs
 
 
 def _staged(prefix: str, profile: str, stages: str = "") -> tuple[Step, ...]:
@@ -175,6 +207,7 @@ RECIPE: tuple[Step, ...] = (
     *_staged("", "profile"),
 )
 _RECIPE_TRAINING = tuple(s.run for s in RECIPE if s.stage and s.run != "base")  # S1 .. S3: the recipe's compute
+_AFTER_ALIGNMENT = tuple(r for r in _RECIPE_TRAINING if r != "s1_align")  # S2.1 .. S3
 
 # the paper's comparisons, each from the same base (or the same aligned model)
 BASELINES: dict[str, tuple[Step, ...]] = {
@@ -187,6 +220,14 @@ BASELINES: dict[str, tuple[Step, ...]] = {
     "full_finetune": (Step("full_finetune", "full_finetune", init="base", steps_of=_RECIPE_TRAINING),),
     # the native case: every parameter on the speech tasks only, same steps
     "speech_finetune": (Step("speech_finetune", "speech_finetune", init="base", steps_of=_RECIPE_TRAINING),),
+    # adding experts for speech instead of splitting the existing ones: from the aligned model, as many steps
+    # as the recipe after S1
+    "moextend": (Step("moextend", "moextend", init="s1_align", steps_of=_AFTER_ALIGNMENT),),
+    # a low-rank adapter instead of the staged experts: the same start, data and steps
+    "lora": (Step("lora", "lora", init="s1_align", steps_of=_AFTER_ALIGNMENT),),
+    # the preference stage after the recipe: pairs sampled from the recipe's model, then DPO on them
+    "dpo": (Step("dpo_pairs", init="s3_joint", pairs=True),
+            Step("dpo", "dpo", init="s3_joint", preference="dpo_pairs")),
 }
 
 # the models the evaluation table compares: name -> the run that holds it
@@ -194,8 +235,9 @@ BASELINES: dict[str, tuple[Step, ...]] = {
 # show what the joint stage S3 costs or gives)
 MODELS: dict[str, str] = {"base": "base", "s1_align": "s1_align", "deeptalk": "s3_joint",
                           "deeptalk_before_s3": "s2_text_experts",
+                          "deeptalk_dpo": "dpo",
                           "random_assignment": "random_s3_joint", "paper_stages": "paper_s3_joint",
-                          "full_finetune": "full_finetune",
+                          "moextend": "moextend", "lora": "lora", "full_finetune": "full_finetune",
                           "speech_finetune": "speech_finetune"}
 
 
