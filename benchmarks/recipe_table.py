@@ -1,13 +1,16 @@
 """The paper's forgetting table at toy scale: the recipe and every baseline, several seeds, mean and spread.
 
-    python benchmarks/recipe_table.py                      # seeds 0 1 2, the full recipe and every baseline (~35 min a seed)
+    python benchmarks/recipe_table.py                      # seeds 0 1 2, the full recipe and every baseline
     python benchmarks/recipe_table.py --seeds 0 1 2 3 4 --out runs/recipe_table
     python benchmarks/recipe_table.py --baselines full_finetune --steps-scale 0.5 --eval-items 20   # the demo's size
+    python benchmarks/recipe_table.py --out runs/recipe_table26 --eval-items 60 --baselines random_assignment \
+        difference_assignment moextend lora dpo full_finetune speech_finetune     # issue 26's table
 
 Each seed is one whole `jobs.pipeline` run (its own corpus, models and random assignment, all drawn from the
 seed) under ``<out>/seed<k>``; finished steps are skipped, so an interrupted run continues. Prints and saves
 the table (mean +- sample standard deviation over seeds; the per-seed figures are in the JSON), the goals of
-issue 11 checked against it, the command and the wall time:
+issues 11 and 26 checked against it, paired per-item differences between models (:data:`COMPARISONS`: each
+model's items.jsonl, item by item, with bootstrap and over-seed intervals), the command and the wall time:
 
     benchmarks/results/recipe_table.json, benchmarks/results/recipe_table.md
 
@@ -141,6 +144,9 @@ def paired(out: Path, seeds: list[int], a: str, b: str, metric: str, resamples: 
 COMPARISONS = [("deeptalk", "random_assignment", "text_qa_accuracy"),
                ("deeptalk", "random_assignment", "spoken_qa_accuracy"),
                ("deeptalk", "random_assignment", "tts_consistency_wer"),
+               ("difference_assignment", "random_assignment", "text_qa_accuracy"),
+               ("difference_assignment", "deeptalk", "text_qa_accuracy"),
+               ("difference_assignment", "random_assignment", "spoken_qa_accuracy"),
                ("deeptalk_dpo", "deeptalk", "tts_consistency_wer"),
                ("deeptalk_dpo", "deeptalk", "text_qa_accuracy"),
                ("deeptalk", "moextend", "text_qa_accuracy"),

@@ -93,6 +93,8 @@ def _profile(v: dict, s: Step) -> str:
     p = paths(v)
     args = ["python", "-m", "jobs.profile_load", "--checkpoint", f"{p['runs']}/{s.init}/final", "--data", p["data"],
             "--out", f"{p['profile']}/{s.run}", "--n-speech", str(v["train"]["n_speech"])]
+    if s.score != "paper":
+        args += ["--score", s.score]
     return _cmd(*args, *(["--random", "--seed", "0"] if s.random_assignment else []))
 
 

@@ -41,6 +41,18 @@ def test_assign_from_load_takes_speech_heavy_experts():
     assert all(len(v) == 2 for v in a.speech.values())
 
 
+def test_difference_score_weighs_the_text_load():
+    """Shares near 1/E (E = 16 here: the first 4 experts shown), as a load-balanced router measures them: the
+    paper's rho_A * (1 - rho_T) ranks by speech load alone (expert 0: most speech, and most text too);
+    rho_A - rho_T takes the expert whose speech load exceeds its text load most (expert 1)."""
+    rho_a = torch.tensor([[0.09, 0.08, 0.05, 0.04]])
+    rho_t = torch.tensor([[0.12, 0.03, 0.06, 0.06]])
+    assert assign_from_load(rho_a, rho_t, 1, [1]).speech[1] == [0]
+    assert assign_from_load(rho_a, rho_t, 1, [1], score="difference").speech[1] == [1]
+    with pytest.raises(ValueError, match="unknown assignment score"):
+        assign_from_load(rho_a, rho_t, 1, [1], score="ratio")
+
+
 @pytest.mark.parametrize("mode", ["speech", "text"])
 def test_routing_mode_masks_router_and_freezes_other_experts(tiny_cfg, mode):
     torch.manual_seed(0)

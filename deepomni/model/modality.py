@@ -93,16 +93,25 @@ class ExpertAssignment:
         return a
 
 
+# the score an expert is ranked by for speech, from its share of the speech (rho_A) and text (rho_T) load.
+# "paper": the paper's rho_A * (1 - rho_T). With E experts the shares are ~1/E, so (1 - rho_T) is ~1 and the
+# score ranks by speech load alone (at E = 16 the experts it picked carried 30% of the text load, above the
+# 25% of chance: benchmarks/results/assignment.md); "difference": rho_A - rho_T, which weighs both alike
+SCORES = {"paper": lambda a, t: a * (1 - t), "difference": lambda a, t: a - t}
+
+
 def assign_from_load(load_speech_LE: torch.Tensor, load_text_LE: torch.Tensor, n_speech: int,
-                     layer_ids: list[int]) -> ExpertAssignment:
-    """The paper's rule: per layer, the ``n_speech`` experts with the largest ``rho_A * (1 - rho_T)``."""
+                     layer_ids: list[int], score: str = "paper") -> ExpertAssignment:
+    """Per layer, the ``n_speech`` experts with the largest score (:data:`SCORES`; the paper's rule:
+    ``rho_A * (1 - rho_T)``)."""
     if load_speech_LE.shape != load_text_LE.shape or load_speech_LE.shape[0] != len(layer_ids):
         raise ValueError("load tensors must both be [num_moe_layers, num_experts]")
+    if score not in SCORES:
+        raise ValueError(f"unknown assignment score {score!r}; expected one of {sorted(SCORES)}")
     E = load_speech_LE.shape[1]
     if not 0 < n_speech < E:
         raise ValueError(f"n_speech must be in (0, {E})")
-    score = load_speech_LE * (1 - load_text_LE)
-    top = torch.topk(score, n_speech, dim=1).indices
+    top = torch.topk(SCORES[score](load_speech_LE, load_text_LE), n_speech, dim=1).indices
     return ExpertAssignment(E, {l: sorted(top[i].tolist()) for i, l in enumerate(layer_ids)})
 
 

@@ -72,7 +72,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .profile import run
 
     cfg = load_config(ProfileConfig, None, flag_values(args, ProfileConfig))
-    summary = run(args.checkpoint, args.data, args.out, cfg.n_speech, cfg.split, cfg.max_items, cfg.random, cfg.seed)
+    summary = run(args.checkpoint, args.data, args.out, cfg.n_speech, cfg.split, cfg.max_items, cfg.random, cfg.seed,
+                  cfg.score)
     print(json.dumps(summary, indent=1))
     return 0
 

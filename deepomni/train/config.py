@@ -145,6 +145,9 @@ class ProfileConfig:
     split: str = "train"  # the split of the data directory to profile on
     max_items: int | None = None  # profile only the first N rows of the split
     random: bool = False  # draw the speech experts at random (the ablation); the load is still measured
+    # the score experts are ranked by (deepomni.model.modality.SCORES): "paper" rho_A * (1 - rho_T), or
+    # "difference" rho_A - rho_T (weighs the text load as much as the speech load)
+    score: Literal["paper", "difference"] = "paper"
     seed: int = 0  # seed of random
 
 

@@ -187,9 +187,10 @@ def num_speech_experts(spec: str | int, num_experts: int) -> int:
     return n
 
 
-def assign(table: LoadTable, n_speech: int) -> ExpertAssignment:
-    """The paper's rule on a measured load (top ``n_speech`` of ``rho_A * (1 - rho_T)`` per layer)."""
-    return assign_from_load(table.rho(SPEECH), table.rho(TEXT), n_speech, table.layer_ids)
+def assign(table: LoadTable, n_speech: int, score: str = "paper") -> ExpertAssignment:
+    """The paper's rule on a measured load (top ``n_speech`` of ``rho_A * (1 - rho_T)`` per layer; ``score``:
+    another of :data:`deepomni.model.modality.SCORES`)."""
+    return assign_from_load(table.rho(SPEECH), table.rho(TEXT), n_speech, table.layer_ids, score)
 
 
 def random_assignment(layer_ids: list[int], num_experts: int, n_speech: int, seed: int) -> ExpertAssignment:
@@ -268,7 +269,7 @@ def mean_overlap(table: LoadTable) -> float:
 
 # ------------------------------------------------------------------------------------------- job
 def run(checkpoint: str | Path, data: str | Path, out: str | Path, n_speech: str | int = "20%", split: str = "train",
-        max_items: int | None = None, random: bool = False, seed: int = 0) -> dict:
+        max_items: int | None = None, random: bool = False, seed: int = 0, score: str = "paper") -> dict:
     """Profile ``checkpoint`` on ``data``'s ``split`` and write the assignment and load table to ``out``.
     With ``random`` the load is still measured and written (to compare), but the experts are drawn."""
     from ..checkpoint import load_model
@@ -286,9 +287,10 @@ def run(checkpoint: str | Path, data: str | Path, out: str | Path, n_speech: str
         if table.tokens[m] == 0:
             raise ValueError(f"no {m} tokens in {data} split={split} (max_items={max_items}): cannot measure its load")
     n = num_speech_experts(n_speech, table.num_experts)
-    assignment = random_assignment(table.layer_ids, table.num_experts, n, seed) if random else assign(table, n)
+    assignment = random_assignment(table.layer_ids, table.num_experts, n, seed) if random else assign(table, n, score)
     meta = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "rows": counted["rows"],
             "n_speech": n, "method": "random" if random else "load", "seed": seed if random else None,
+            "score": None if random else score,
             "load_overlap": mean_overlap(table)}
     paths = write_outputs(out, table, assignment, meta)
     return {**meta, "tokens": dict(table.tokens), "outputs": {k: str(v) for k, v in paths.items()}}

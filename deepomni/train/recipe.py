@@ -186,9 +186,10 @@ class Pipeline:
 
         if s.is_profile:
             out = self.experts(s.run).parent
-            self.step(f"profile {s.run} ({'random' if s.random_assignment else 'load'})", self.experts(s.run).exists(),
+            how = "random" if s.random_assignment else "load" if s.score == "paper" else f"load, score {s.score}"
+            self.step(f"profile {s.run} ({how})", self.experts(s.run).exists(),
                       lambda: profile.run(self.final(s.init), self.data, out, n_speech=self.n_speech,
-                                          random=s.random_assignment, seed=self.seed))
+                                          random=s.random_assignment, seed=self.seed, score=s.score))
             return
 
         def go():

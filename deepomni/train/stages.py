@@ -181,6 +181,7 @@ class Step:
     init: str | None = None
     assignment: str | None = None
     random_assignment: bool = False  # profiling step: draw the speech experts at random (the ablation)
+    score: str = "paper"  # profiling step: the score experts are ranked by (deepomni.model.modality.SCORES)
     steps_of: tuple[str, ...] = ()
     pairs: bool = False  # a step that builds preference pairs from ``init`` (deepomni.train.preference)
     preference: str | None = None  # the pairs step whose pairs a DPO stage trains on
@@ -214,6 +215,10 @@ BASELINES: dict[str, tuple[Step, ...]] = {
     # the contribution's ablation: the same stages with speech experts drawn at random
     "random_assignment": (Step("profile_random", init="s1_align", random_assignment=True),
                           *_staged("random_", "profile_random")),
+    # the paper's score weighs the text load little at small shares (modality.SCORES): the same stages with
+    # the speech experts ranked by rho_A - rho_T
+    "difference_assignment": (Step("profile_difference", init="s1_align", score="difference"),
+                              *_staged("difference_", "profile_difference")),
     # our departure measured: the same assignment, steps and rates, with the paper's trainable sets in S2/S3
     "paper_stages": _staged("paper_", "profile", "_paper"),
     # "PureMoE": every parameter, every task, as many steps as the recipe after the base
@@ -236,7 +241,8 @@ BASELINES: dict[str, tuple[Step, ...]] = {
 MODELS: dict[str, str] = {"base": "base", "s1_align": "s1_align", "deeptalk": "s3_joint",
                           "deeptalk_before_s3": "s2_text_experts",
                           "deeptalk_dpo": "dpo",
-                          "random_assignment": "random_s3_joint", "paper_stages": "paper_s3_joint",
+                          "random_assignment": "random_s3_joint", "difference_assignment": "difference_s3_joint",
+                          "paper_stages": "paper_s3_joint",
                           "moextend": "moextend", "lora": "lora", "full_finetune": "full_finetune",
                           "speech_finetune": "speech_finetune"}
 
