@@ -1,13 +1,16 @@
 """The training job: ``train_func(config)`` run by Ray Train's ``TorchTrainer`` on every worker, and
 :func:`fit`, the driver side that builds the dataset and the trainer.
 
-Per worker: build/load the model -> stage (trainable parameters, routing mode) -> expert parallelism ->
-engine (DeepSpeed ZeRO-2, or the expert-parallel engine; ``deepomni.train.engine``) -> steps over this
-worker's Ray Data shard. Ray-specific lines are in the "Ray" sections only.
+Per worker: build/load the model (MoExtend stages add experts first, LoRA stages inject adapters) -> stage
+(trainable parameters, routing mode) -> expert parallelism -> engine (DeepSpeed ZeRO-2, or the
+expert-parallel engine; ``deepomni.train.engine``) -> steps over this worker's Ray Data shard (a preference
+stage's rows are pairs, its loss DPO: :mod:`deepomni.train.preference`). Ray-specific lines are in the "Ray"
+sections only.
 
 Checkpoints (every ``checkpoint_every`` steps and at the end), one Ray Train checkpoint dir holding:
 
-    model/          deepomni.checkpoint format (full weights, expert shards gathered), rank 0
+    model/          deepomni.checkpoint format (full weights, expert shards gathered; LoRA merged), rank 0
+    lora.safetensors  LoRA stages: the unmerged weights and adapters, what a resume loads back
     ds/ | optim_rank<r>.pt   optimizer state (DeepSpeed ZeRO partitions | per-rank torch AdamW)
     train_state.json  {"step", "stage", "world_size", "batch_size", "data": [per rank {"epoch", "rows"}]}
 
