@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     res = Path(args.results)
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    res.with_suffix(".md").write_text(f"# Assignment (`python benchmarks/assignment.py {' '.join(argv or [])}`)\n\n"
+    shown = " ".join(argv if argv is not None else sys.argv[1:])
+    res.with_suffix(".md").write_text(f"# Assignment (`python benchmarks/assignment.py {shown}`)\n\n"
                                       f"{md}\n\nwall time {report['wall_seconds']:.0f} s\n")
     print(md)
     return 0
