@@ -42,25 +42,23 @@ def shares(rho_LE: torch.Tensor, ids_LN: torch.Tensor) -> list[float]:
     return rho_LE.gather(1, ids_LN).sum(dim=1).tolist()
 
 
+def _row(score: str, ids_LN: torch.Tensor, A: torch.Tensor, T: torch.Tensor) -> dict:
+    n, E = ids_LN.shape[1], A.shape[1]
+    s, t = shares(A, ids_LN), shares(T, ids_LN)
+    return {"score": score, "n": n, "chance": n / E, "speech_share": sum(s) / len(s), "text_share": sum(t) / len(t),
+            "separation": (sum(s) - sum(t)) / len(s)}
+
+
 def seed_report(seed_dir: Path, ns: list[int]) -> dict:
     d = json.loads((seed_dir / "profile" / "profile" / "load.json").read_text())
     table = LoadTable.from_json(d["load"])
     A, T = table.rho(SPEECH), table.rho(TEXT)
     E = table.num_experts
-    rows = []
-    for score in SCORES:
-        for n in ns:
-            ids = picks(A, T, score, n)
-            s, t = shares(A, ids), shares(T, ids)
-            rows.append({"score": score, "n": n, "chance": n / E, "speech_share": sum(s) / len(s),
-                         "text_share": sum(t) / len(t), "separation": (sum(s) - sum(t)) / len(s)})
+    rows = [_row(score, picks(A, T, score, n), A, T) for score in SCORES for n in ns]
     random_dir = seed_dir / "profile" / "profile_random" / "experts.json"
     if random_dir.is_file():
         r = json.loads(random_dir.read_text())["layers"]
-        ids = torch.tensor([r[str(l)]["speech"] for l in table.layer_ids])
-        s, t = shares(A, ids), shares(T, ids)
-        rows.append({"score": "random (the run's)", "n": ids.shape[1], "chance": ids.shape[1] / E,
-                     "speech_share": sum(s) / len(s), "text_share": sum(t) / len(t), "separation": (sum(s) - sum(t)) / len(s)})
+        rows.append(_row("random (the run's)", torch.tensor([r[str(l)]["speech"] for l in table.layer_ids]), A, T))
     corr = [float(torch.corrcoef(torch.stack([A[i], T[i]]))[0, 1]) for i in range(len(table.layer_ids))]
     return {"num_experts": E, "n_speech": d["n_speech"], "tokens": d["load"]["tokens"], "rows": rows,
             "load_correlation": corr, "max_rho": {"speech": float(A.max()), "text": float(T.max())}}
@@ -87,21 +85,22 @@ def markdown(report: dict) -> str:
     seeds = list(report["seeds"])
     lines = [f"Load-based assignment against chance (aligned model, seeds {seeds}; shares are means over the MoE "
              "layers, then over seeds)", "",
-             "| score | n of E | chance | speech share | text share | separation (speech - text) |", "|---|---|---|---|---|---|"]
+             "| score | n of E | chance | speech share | text share | separation (speech - text) |",
+             "|---|---|---|---|---|---|"]
     keys = [(r["score"], r["n"]) for r in report["seeds"][seeds[0]]["rows"]]
     for score, n in keys:
         rs = [next(r for r in report["seeds"][s]["rows"] if (r["score"], r["n"]) == (score, n)) for s in seeds]
         avg = {k: sum(r[k] for r in rs) / len(rs) for k in ("speech_share", "text_share", "separation")}
         lines.append(f"| {score} | {n} of {report['seeds'][seeds[0]]['num_experts']} | {rs[0]['chance']:.3f} | "
                      f"{avg['speech_share']:.3f} | {avg['text_share']:.3f} | {avg['separation']:+.3f} |")
-    lines += ["", "| seed | correlation of rho_A and rho_T per layer | max rho_A | max rho_T | profile on 25% / 50% of the "
-              "rows: chosen experts kept |", "|---|---|---|---|---|"]
+    lines += ["", "| seed | correlation of rho_A and rho_T per layer | max rho_A | max rho_T | profile on 25% / 50% "
+              "of the rows: chosen experts kept |", "|---|---|---|---|---|"]
     for s in seeds:
         r = report["seeds"][s]
         st = r.get("stability")
         kept = " / ".join(f"{v['kept']:.2f}" for v in st.values()) if st else "-"
-        lines.append(f"| {s} | {', '.join(f'{c:+.2f}' for c in r['load_correlation'])} | {r['max_rho']['speech']:.3f} | "
-                     f"{r['max_rho']['text']:.3f} | {kept} |")
+        corr = ", ".join(f"{c:+.2f}" for c in r["load_correlation"])
+        lines.append(f"| {s} | {corr} | {r['max_rho']['speech']:.3f} | {r['max_rho']['text']:.3f} | {kept} |")
     return "\n".join(lines)
 
 

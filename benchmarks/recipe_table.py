@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         figs = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("goal", "met"))
         lines.append(f"| {c['goal']} | {c['met']} | {figs} |")
     if pairs:
-        lines += ["", "Paired per-item differences (a - b; for WER lower is better, so a negative difference favours a):",
-                  "", paired_markdown(pairs)]
+        lines += ["", "Paired per-item differences (a - b; for WER lower is better, so a negative difference "
+                  "favours a):", "", paired_markdown(pairs)]
     lines += ["", f"wall time {wall:.0f} s ({wall / 60:.1f} min) for {len(args.seeds)} seeds"]
     res.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -172,8 +172,8 @@ class Step:
 
     ``run`` names the output: ``runs/<run>/final`` for training, ``profile/<run>/experts.json`` for
     profiling, ``pairs/<run>/pairs.parquet`` for preference pairs (``preference`` of a training step names
-    the pairs step it trains on). ``init`` is the run whose final model the step starts from (``None``: a fresh model of the
-    preset). ``assignment`` is the profiling step whose experts route and freeze a stage. ``steps_of``
+    the pairs step it trains on). ``init`` is the run whose final model the step starts from (``None``: a
+    fresh model of the preset). ``assignment`` is the profiling step whose experts route and freeze a stage. ``steps_of``
     makes a baseline compute-matched: it trains as many optimizer steps as those runs together."""
 
     run: str
