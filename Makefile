@@ -42,9 +42,9 @@ test: setup
 	PYTHONFAULTHANDLER=1 $(PY) -m pytest  # a crash (even at exit) prints every thread's stack
 
 bench: setup
-	$(PY) benchmarks/moe_layer.py
-	$(PY) benchmarks/codec_quality.py
-	$(PY) benchmarks/data_pipeline.py
+	$(PY) -m benchmarks.moe_layer
+	$(PY) -m benchmarks.codec_quality
+	$(PY) -m benchmarks.data_pipeline
 
 info: setup
 	$(PY) -m deepomni.cli info --preset deepseek-v2-lite

@@ -2,8 +2,8 @@
 (``profile/profile/load.json`` of each seed of a ``benchmarks/recipe_table.py`` run) under the choices the
 paper leaves open, the score, the share of speech experts and the amount of profiling data.
 
-    python benchmarks/assignment.py --out runs/recipe_table26 --seeds 0 1 2          # ~1 min a seed (profiling)
-    python benchmarks/assignment.py --out runs/recipe_table26 --seeds 0 --no-stability   # the load files only
+    python -m benchmarks.assignment --out runs/recipe_table26 --seeds 0 1 2          # ~1 min a seed (profiling)
+    python -m benchmarks.assignment --out runs/recipe_table26 --seeds 0 --no-stability   # the load files only
 
 For every seed, MoE layer, score and share n (of E experts) it picks the top n experts by the score and
 reports the share of the speech load and of the text load they carry (chance: n / E for both), and their
@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.harness import RESULTS, command
 from deepomni.model import modality
-from deepomni.train.profile import SPEECH, TEXT, LoadTable, assign_from_load, iter_rows, profile_load
+from deepomni.data.tokenized import iter_rows
+from deepomni.train.profile import SPEECH, TEXT, LoadTable, assign_from_load, profile_load
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # the scores assignment offers (paper, difference) and two more to compare: the ratio, and speech load alone
 SCORES = {**modality.SCORES, "ratio": lambda a, t: a / t.clamp(min=1e-9), "speech": lambda a, t: a}
 
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     res = Path(args.results)
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    shown = " ".join(argv if argv is not None else sys.argv[1:])
-    res.with_suffix(".md").write_text(f"# Assignment (`python benchmarks/assignment.py {shown}`)\n\n"
+    res.with_suffix(".md").write_text(f"# Assignment (`{command('assignment', argv)}`)\n\n"
                                       f"{md}\n\nwall time {report['wall_seconds']:.0f} s\n")
     print(md)
     return 0

@@ -4,7 +4,7 @@ Corpus: the first 40 Harvard sentences (IEEE 1969), spoken by espeak-ng with 8 v
 16 kHz. The codec is fitted on sentences 1-32 and measured on the held-out sentences 33-40 (other text;
 the voices recur, as a deployed codec would be fitted on its own TTS voices).
 
-Measure: log-spectral distance (``deepomni.codec.metrics.log_spectral_distance``: per 32 ms frame the RMS
+Measure: log-spectral distance (``deepomni.codec.quality.log_spectral_distance``: per 32 ms frame the RMS
 over frequency of the dB difference of the power spectra, averaged over frames; floor 80 dB below the
 reference's peak), mean over held-out sentences. Rows:
 
@@ -16,8 +16,8 @@ reference's peak), mean over held-out sentences. Rows:
 Also: fit time, encode and decode real-time factors, and a check that streaming one frame at a time
 equals the whole decode bit for bit.
 
-    python benchmarks/codec_quality.py            # fit on 32 sentences, measure on 8
-    python benchmarks/codec_quality.py --quick    # smoke test: 8 + 2 sentences, writes no results
+    python -m benchmarks.codec_quality            # fit on 32 sentences, measure on 8
+    python -m benchmarks.codec_quality --quick    # smoke test: 8 + 2 sentences, writes no results
 
 The last printed line is ``log_spectral_distance_db=<held-out LSD with all K levels>``. Figures go to
 ``benchmarks/results/codec_quality.json``.
@@ -27,12 +27,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
-import json
-import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,10 +38,9 @@ import soundfile as sf
 import soxr
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deepomni.codec import BuiltinCodec, fit_builtin_codec, log_spectral_distance  # noqa: E402
+from benchmarks.harness import RESULTS, command, machine, save_result
+from deepomni.codec import BuiltinCodec, fit_builtin_codec, log_spectral_distance
 
-RESULTS = Path(__file__).resolve().parent / "results" / "codec_quality.json"
 SAMPLE_RATE = 16000
 NUM_TRAIN = 32
 VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb-scotland", "en-us+m3", "en-029", "en-us+f2", "en-gb-x-rp+m4"]
@@ -109,7 +104,7 @@ def main() -> None:
                     help="Griffin-Lim iterations per block to compare (held-out LSD, decode speed)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 training + 2 held-out sentences")
     ap.add_argument("--out", type=Path, default=None, help="JSON results file (default "
-                    f"{RESULTS.relative_to(RESULTS.parents[2])}; --quick writes none)")
+                    "benchmarks/results/codec_quality.json; --quick writes none)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
@@ -166,13 +161,8 @@ def main() -> None:
           f"streaming (1 frame per push) == whole decode: {stream_exact}")
 
     if not args.quick or args.out:
-        out = args.out or RESULTS
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "benchmark": "codec_quality",
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
+        save_result(args.out or RESULTS / "codec_quality.json", {
+            "command": command("codec_quality"), "machine": machine(),
             "threads": torch.get_num_threads(),
             "config": {**cfg.__dict__, "frame_rate_hz": codec.frame_rate},
             "corpus": {"voices": VOICES, "train_sentences": num_train, "train_seconds": train_s,
@@ -187,7 +177,7 @@ def main() -> None:
             "lsd_db_train_all_levels": train_lsd,
             "streaming_equals_decode": stream_exact,
             "griffin_lim_iters_sweep": {str(k): v for k, v in sweep.items()},
-        }, indent=2) + "\n")
+        })
     print(f"log_spectral_distance_db={per_level[K]:.3f}")
 
 

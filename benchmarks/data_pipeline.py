@@ -1,6 +1,6 @@
 """Throughput of the preprocessing pipeline (``deepomni data prepare``) on this machine.
 
-    python benchmarks/data_pipeline.py [--train 400] [--feature-actors 1] [--codec-actors 1]
+    python -m benchmarks.data_pipeline [--train 400] [--feature-actors 1] [--codec-actors 1]
 
 Synthesizes a built-in corpus, then runs, on the same raw shards and the same fitted codec:
   1. the Ray Data pipeline (embedded local Ray, actor pools), end to end including the Parquet write;
@@ -12,9 +12,6 @@ the last line is ``audio_seconds_per_second=<Ray pipeline figure>``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict
@@ -22,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 
+from benchmarks.harness import command, machine, save_result
 from deepomni.config import DataConfig, load_preset
 from deepomni.data.pipeline import CodecStage, FeatureStage, SequenceStage, prepare, resolve_codec
 from deepomni.data.synth import SynthConfig, synthesize
@@ -63,8 +61,8 @@ def main() -> None:
 
     # the Ray figure includes Ray start-up, actor construction and the Parquet write, not the codec fit
     result = {
-        "benchmark": "data_pipeline", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(), "items": s.items, "rejected": s.rejected,
+        "command": command("data_pipeline"), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+        "items": s.items, "rejected": s.rejected,
         "audio_seconds": s.audio_seconds, "codec_fit_s": fit_s, "synth_items_per_second": synth.get("items_per_second"),
         "ray": {"wall_s": s.wall_seconds, "items_per_second": s.items_per_second,
                 "audio_seconds_per_second": s.audio_seconds_per_second},
@@ -72,9 +70,7 @@ def main() -> None:
                        "audio_seconds_per_second": s.audio_seconds / ref_wall},
         "data_config": asdict(cfg),
     }
-    res_dir = Path(__file__).parent / "results"
-    res_dir.mkdir(exist_ok=True)
-    (res_dir / "data_pipeline.json").write_text(json.dumps(result, indent=1))
+    save_result("data_pipeline", result)
     print(f"corpus: {s.items} items, {s.audio_seconds / 60:.1f} min of audio ({s.rejected} rejected)")
     print(f"{'run':<34}{'wall s':>8}{'items/s':>10}{'audio s/s':>11}")
     print(f"{'Ray Data pipeline (incl. write)':<34}{s.wall_seconds:>8.1f}{s.items_per_second:>10.2f}"

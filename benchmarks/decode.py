@@ -1,7 +1,7 @@
 """Decoding speed: our continuous-batching engine against transformers' ``generate`` on the same weights.
 
-    python benchmarks/decode.py                 # hidden 512, 6 layers, 16 experts top-4; batch 1 and 16
-    python benchmarks/decode.py --device cuda --dtype bfloat16 --batches 1 16 64
+    python -m benchmarks.decode                 # hidden 512, 6 layers, 16 experts top-4; batch 1 and 16
+    python -m benchmarks.decode --device cuda --dtype bfloat16 --batches 1 16 64
 
 Text-only greedy decoding of ``--new-tokens`` tokens after ``--prompt-len``-token prompts, batch 1 and 16:
 ``transformers.DeepseekV2ForCausalLM.generate`` (greedy, no early stop) on our model exported with
@@ -24,26 +24,21 @@ its ceiling at each batch size.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import RESULTS, command, machine, save_result
 
-from deepomni.config import load_preset  # noqa: E402
-from deepomni.model.generate import GenerationConfig  # noqa: E402
-from deepomni.model.model import DeepOmniModel  # noqa: E402
-from deepomni.model.prepack import Prepacked  # noqa: E402
-from deepomni.model.prompt import user_turn  # noqa: E402
-from deepomni.serve.engine import BatchEngine, Request  # noqa: E402
+from deepomni.config import load_preset
+from deepomni.model.generate import GenerationConfig
+from deepomni.model.model import DeepOmniModel
+from deepomni.model.prepack import Prepacked
+from deepomni.model.prompt import user_turn
+from deepomni.serve.engine import BatchEngine, Request
 
 SIZES = dict(hidden_size=512, num_hidden_layers=6, n_routed_experts=16, num_experts_per_tok=4,
              moe_intermediate_size=256, intermediate_size=1024, num_attention_heads=8, kv_lora_rank=128,
@@ -170,14 +165,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"(ceiling ratio {ceiling:.2f}x)", flush=True)
     import transformers
 
-    out = {"command": "python benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+    out = {"command": command("decode", argv), "machine": machine(),
            "threads": torch.get_num_threads(), "dtype": args.dtype, "sizes": SIZES,
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "torch": torch.__version__,
            "transformers": transformers.__version__, "batches": results}
-    path = Path(args.out) if args.out else RESULTS / f"decode{'' if device.type == 'cpu' else '_' + device.type}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    save_result(Path(args.out) if args.out else RESULTS / f"decode{'' if device.type == 'cpu' else '_' + device.type}.json",
+                out)
     print("ratio ours/transformers: " + ", ".join(
         f"batch {B} {r['ratio']:.2f}x (ceiling {r['ceiling_ratio']:.2f}x"
         + (f"; prepacked {r['ratio_prepacked']:.2f}x)" if "ratio_prepacked" in r else ")") for B, r in results.items()))

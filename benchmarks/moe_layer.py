@@ -20,9 +20,13 @@ Expert FLOPs (what GFLOP/s is computed from): a SwiGLU MLP of width W over R row
 2*R*D*W in the forward and twice that in the backward; routed R = T*k, W = F; shared R = T,
 W = n_shared*F. The router (2*T*D*E per matmul) and the elementwise work are not counted.
 
-    python benchmarks/moe_layer.py                 # 4096 tokens (4 x 1024), fp32, CPU
-    python benchmarks/moe_layer.py --device cuda
-    python benchmarks/moe_layer.py --quick         # smoke test
+    python -m benchmarks.moe_layer                 # 4096 tokens (4 x 1024), fp32, CPU
+    python -m benchmarks.moe_layer --device cuda
+    python -m benchmarks.moe_layer --quick         # smoke test
+
+The layer's shape is a parameter of every function (:class:`MoEShape`; default ``DEFAULT_SHAPE``: hidden 512,
+64 experts of width 256, top-6, 2 shared experts): ``benchmarks/gpu/moe_layer.py`` times the same models at
+DeepSeek-V2-Lite's shape with ``MoEShape.from_config(cfg)``.
 
 The last printed line is ``speedup_vs_transformers=<hf eager time / ours time>``. Figures go to
 ``benchmarks/results/moe_layer.json``.
@@ -32,11 +36,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,23 +48,47 @@ import transformers
 from transformers import DeepseekV2Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deepomni.config import load_preset  # noqa: E402
-from deepomni.model.moe import MoE  # noqa: E402
+from benchmarks.harness import RESULTS as RESULTS_DIR
+from benchmarks.harness import save_result
+from deepomni.config import load_preset
+from deepomni.model.moe import MoE
 
-HIDDEN, EXPERTS, EXPERT_FFN, TOP_K, SHARED = 512, 64, 256, 6, 2
 TOLERANCE = 1e-4  # abs max, outputs and input grads of ours vs transformers
-RESULTS = Path(__file__).resolve().parent / "results" / "moe_layer.json"
+RESULTS = RESULTS_DIR / "moe_layer.json"
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """One MoE layer's shape: hidden size D, routed experts E of width F, top-k, shared experts."""
+
+    hidden: int = 512
+    experts: int = 64
+    expert_ffn: int = 256
+    top_k: int = 6
+    shared: int = 2
+
+    @classmethod
+    def from_config(cls, cfg) -> MoEShape:
+        """The shape of a :class:`deepomni.config.ModelConfig`'s MoE layers."""
+        return cls(hidden=cfg.hidden_size, experts=cfg.n_routed_experts, expert_ffn=cfg.moe_intermediate_size,
+                   top_k=cfg.num_experts_per_tok, shared=cfg.n_shared_experts)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"hidden": self.hidden, "experts": self.experts, "expert_ffn": self.expert_ffn,
+                "top_k": self.top_k, "shared": self.shared}
+
+
+DEFAULT_SHAPE = MoEShape()
 
 
 # ------------------------------------------------------------------------------------------- models
-def build_models(device: torch.device, seed: int) -> dict[str, torch.nn.Module]:
+def build_models(device: torch.device, seed: int, shape: MoEShape = DEFAULT_SHAPE) -> dict[str, torch.nn.Module]:
     """transformers' layer with seeded random weights, and ours loading its state dict."""
 
     def hf(impl: str) -> DeepseekV2Moe:
         hf_cfg = DeepseekV2Config(
-            hidden_size=HIDDEN, n_routed_experts=EXPERTS, moe_intermediate_size=EXPERT_FFN,
-            num_experts_per_tok=TOP_K, n_shared_experts=SHARED, topk_method="greedy",
+            hidden_size=shape.hidden, n_routed_experts=shape.experts, moe_intermediate_size=shape.expert_ffn,
+            num_experts_per_tok=shape.top_k, n_shared_experts=shape.shared, topk_method="greedy",
             routed_scaling_factor=1.0, norm_topk_prob=False, experts_implementation=impl,
         )
         assert hf_cfg._experts_implementation == impl
@@ -77,8 +104,9 @@ def build_models(device: torch.device, seed: int) -> dict[str, torch.nn.Module]:
     hf_grouped.load_state_dict(state, strict=True)
 
     cfg = load_preset("tiny").replace(
-        hidden_size=HIDDEN, n_routed_experts=EXPERTS, moe_intermediate_size=EXPERT_FFN,
-        num_experts_per_tok=TOP_K, n_shared_experts=SHARED, norm_topk_prob=False, routed_scaling_factor=1.0,
+        hidden_size=shape.hidden, n_routed_experts=shape.experts, moe_intermediate_size=shape.expert_ffn,
+        num_experts_per_tok=shape.top_k, n_shared_experts=shape.shared, norm_topk_prob=False,
+        routed_scaling_factor=1.0,
     )
     ours = {}
     for impl in ("grouped_mm", "loop"):
@@ -105,17 +133,18 @@ def fwd_bwd(model: torch.nn.Module, x_BLD: torch.Tensor, grad_BLD: torch.Tensor)
     return out.detach(), x.grad
 
 
-def dense_reference(tokens: int, device: torch.device, seed: int) -> Callable[[], None]:
+def dense_reference(tokens: int, device: torch.device, seed: int,
+                    shape: MoEShape = DEFAULT_SHAPE) -> Callable[[], None]:
     """Plain matmuls with the expert MLPs' shapes and FLOPs (see module doc), forward and backward."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device)
 
+    D, F = shape.hidden, shape.expert_ffn
     mlps = []
-    for rows, width in ((tokens * TOP_K, EXPERT_FFN), (tokens, SHARED * EXPERT_FFN)):
-        mlps.append((rand(rows, HIDDEN), rand(2 * width, HIDDEN), rand(HIDDEN, width), rand(rows, HIDDEN),
-                     rand(rows, 2 * width), width))
+    for rows, width in ((tokens * shape.top_k, F), (tokens, shape.shared * F)):
+        mlps.append((rand(rows, D), rand(2 * width, D), rand(D, width), rand(rows, D), rand(rows, 2 * width), width))
 
     def step() -> None:
         for x, w_gu, w_down, grad_y, grad_h, width in mlps:
@@ -130,10 +159,10 @@ def dense_reference(tokens: int, device: torch.device, seed: int) -> Callable[[]
     return step
 
 
-def expert_flops(tokens: int) -> int:
+def expert_flops(tokens: int, shape: MoEShape = DEFAULT_SHAPE) -> int:
     """Forward + backward FLOPs of the routed and shared expert MLPs (3 x forward)."""
-    routed = 3 * 2 * tokens * TOP_K * HIDDEN * EXPERT_FFN
-    shared = 3 * 2 * tokens * HIDDEN * SHARED * EXPERT_FFN
+    routed = 3 * 2 * tokens * shape.top_k * shape.hidden * shape.expert_ffn
+    shared = 3 * 2 * tokens * shape.hidden * shape.shared * shape.expert_ffn
     return 3 * (routed + shared)
 
 
@@ -203,8 +232,8 @@ def check(models: dict[str, torch.nn.Module], x: torch.Tensor, grad: torch.Tenso
 
 
 # --------------------------------------------------------------------------------------------- main
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, shape: MoEShape = DEFAULT_SHAPE) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.moe_layer", description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch x seq)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per step (seq = tokens / batch)")
     ap.add_argument("--repeats", type=int, default=9, help="timed steps per implementation (median)")
@@ -214,7 +243,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke test: 512 tokens, 2 repeats, 1 warmup")
     ap.add_argument("--out", type=Path, default=None,
                     help=f"JSON results file (default {RESULTS.relative_to(RESULTS.parents[2])}; --quick writes none)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
         args.tokens, args.batch, args.repeats, args.warmup = 512, 2, 2, 1
     if args.tokens % args.batch:
@@ -223,17 +252,17 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but CUDA is not available")
 
-    models = build_models(device, args.seed)
+    models = build_models(device, args.seed, shape)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(args.batch, args.tokens // args.batch, HIDDEN, generator=gen).to(device)
+    x = torch.randn(args.batch, args.tokens // args.batch, shape.hidden, generator=gen).to(device)
     grad = torch.randn(x.shape, generator=gen).to(device)
     checks = check(models, x, grad)
 
     steps: dict[str, Callable[[], object]] = {name: (lambda m=m: fwd_bwd(m, x, grad)) for name, m in models.items()}
-    steps["dense matmul"] = dense_reference(args.tokens, device, args.seed)
+    steps["dense matmul"] = dense_reference(args.tokens, device, args.seed, shape)
     times, faults = time_interleaved(steps, device, args.warmup, args.repeats)
 
-    flops = expert_flops(args.tokens)
+    flops = expert_flops(args.tokens, shape)
     med = {name: statistics.median(t) for name, t in times.items()}
     rate = {name: flops / (ms * 1e-3) / 1e9 for name, ms in med.items()}
     ours = "ours grouped_mm"
@@ -252,9 +281,9 @@ def main() -> None:
     }
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    print(f"MoE layer fwd+bwd: T={args.tokens} ({args.batch}x{args.tokens // args.batch}) D={HIDDEN} "
-          f"E={EXPERTS} F={EXPERT_FFN} top-{TOP_K} shared={SHARED} fp32 | {device_name} | torch "
-          f"{torch.__version__} threads={torch.get_num_threads()} | {args.repeats} repeats, median")
+    print(f"MoE layer fwd+bwd: T={args.tokens} ({args.batch}x{args.tokens // args.batch}) D={shape.hidden} "
+          f"E={shape.experts} F={shape.expert_ffn} top-{shape.top_k} shared={shape.shared} fp32 | {device_name} "
+          f"| torch {torch.__version__} threads={torch.get_num_threads()} | {args.repeats} repeats, median")
     print(f"expert FLOPs per fwd+bwd: {flops / 1e9:.2f} GFLOP")
     print(f"{'implementation':<18}{'ms':>9}{'min ms':>9}{'GFLOP/s':>9}{'vs eager':>10}{'vs hf gmm':>11}{'% dense':>9}"
           f"{'faults':>9}")
@@ -276,20 +305,17 @@ def main() -> None:
     if out_path is None:
         print(f"speedup_vs_transformers={rows[ours]['speedup_vs_hf_eager']:.2f}")
         return
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps({
+    save_result(out_path, {
         "benchmark": "moe_layer",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device), "device_name": device_name,
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "shape": {"tokens": args.tokens, "batch": args.batch, "hidden": HIDDEN, "experts": EXPERTS,
-                  "expert_ffn": EXPERT_FFN, "top_k": TOP_K, "shared": SHARED, "dtype": "float32"},
+        "shape": {"tokens": args.tokens, "batch": args.batch, **shape.as_dict(), "dtype": "float32"},
         "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
         "expert_gflop_fwd_bwd": flops / 1e9,
         "results": rows, "checks_vs_hf_eager": checks, "goals": goals,
-    }, indent=2) + "\n")
-    print(f"wrote {out_path}")
+    })
     print(f"speedup_vs_transformers={rows[ours]['speedup_vs_hf_eager']:.2f}")
 
 

@@ -1,9 +1,9 @@
 """The paper's forgetting table at toy scale: the recipe and every baseline, several seeds, mean and spread.
 
-    python benchmarks/recipe_table.py                      # seeds 0 1 2, the full recipe and every baseline
-    python benchmarks/recipe_table.py --seeds 0 1 2 3 4 --out runs/recipe_table
-    python benchmarks/recipe_table.py --baselines full_finetune --steps-scale 0.5 --eval-items 20   # the demo's size
-    python benchmarks/recipe_table.py --out runs/recipe_table26 --eval-items 60 --baselines random_assignment \
+    python -m benchmarks.recipe_table                      # seeds 0 1 2, the full recipe and every baseline
+    python -m benchmarks.recipe_table --seeds 0 1 2 3 4 --out runs/recipe_table
+    python -m benchmarks.recipe_table --baselines full_finetune --steps-scale 0.5 --eval-items 20   # the demo's size
+    python -m benchmarks.recipe_table --out runs/recipe_table26 --eval-items 60 --baselines random_assignment \
         difference_assignment moextend lora dpo full_finetune speech_finetune     # issue 26's table
 
 Each seed is one whole `jobs.pipeline` run (its own corpus, models and random assignment, all drawn from the
@@ -15,8 +15,8 @@ model's items.jsonl, item by item, with bootstrap and over-seed intervals), the 
     benchmarks/results/recipe_table.json, benchmarks/results/recipe_table.md
 
 Not part of CI. On 2 cores, from the shipped foundations: three seeds at the demo's size with the
-full_finetune and paper_stages baselines took 29.1 min (seed 0 reusing `make demo`'s run); every baseline
-at full steps is longer and not measured since the foundations.
+full_finetune and paper_stages baselines took 29.1 min (seed 0 reusing `make demo`'s run); issue 26's table
+(every baseline at full steps, 60 held-out items a task) 120 min, 36-45 min a seed.
 """
 
 from __future__ import annotations
@@ -24,19 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from deepomni.train.recipe import COLUMNS, Pipeline  # noqa: E402
-from deepomni.train.stages import BASELINES, MODELS  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.harness import RESULTS, command, machine
+from deepomni.train.config import SPEECH_EXPERTS
+from deepomni.train.recipe import COLUMNS, Pipeline, PipelineConfig
+from deepomni.train.stages import BASELINES, MODELS
 
 
 def mean_std(xs: list[float]) -> tuple[float | None, float | None]:
@@ -229,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-items", type=int, default=1500)
     ap.add_argument("--eval-items", type=int, default=40)
     ap.add_argument("--steps-scale", type=float, default=1.0)
-    ap.add_argument("--n-speech", default="25%")
+    ap.add_argument("--n-speech", default=SPEECH_EXPERTS)
     ap.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES),
                     help="baselines run beside the recipe (default: all)")
     ap.add_argument("--results", default=str(RESULTS / "recipe_table"), help="where to save .json and .md")
@@ -242,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     per_seed, walls = {}, {}
     for seed in args.seeds:
         ts = time.perf_counter()
-        pipe = Pipeline(Path(args.out).resolve() / f"seed{seed}", config=args.config, seed=seed,
-                        steps_scale=args.steps_scale, n_speech=args.n_speech, train_items=args.train_items,
-                        eval_items=args.eval_items, foundations=args.foundations)
+        pipe = Pipeline(PipelineConfig(out=str(Path(args.out) / f"seed{seed}"), config=args.config, seed=seed,
+                                       steps_scale=args.steps_scale, n_speech=args.n_speech,
+                                       train_items=args.train_items, eval_items=args.eval_items,
+                                       foundations=args.foundations))
         pipe.prepare_data()
         pipe.train_all(tuple(args.baselines))
         per_seed[seed] = pipe.evaluate_all(pipe.models(tuple(args.baselines)))
@@ -255,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(agg, args.seeds)
     checked = goals(agg)
     pairs = [p for p in (paired(Path(args.out).resolve(), args.seeds, *c) for c in COMPARISONS) if p is not None]
-    command = "python benchmarks/recipe_table.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    result = {"command": command.strip(), "seeds": args.seeds, "wall_seconds": round(wall, 1),
-              "wall_seconds_per_seed": walls, "machine": f"{platform.machine()}, {platform.processor() or '?'}",
+    result = {"command": command("recipe_table", argv), "seeds": args.seeds, "wall_seconds": round(wall, 1),
+              "wall_seconds_per_seed": walls, "machine": machine(),
               "settings": {k: v for k, v in vars(args).items() if k not in ("results", "out")},
               "per_seed": {str(s): m for s, m in per_seed.items()}, "aggregate": agg, "goals": checked,
               "paired": pairs}

@@ -1,12 +1,13 @@
 """Serve faults: SIGKILL one replica of each deployment while answers stream, on 127.0.0.1.
 
-    python benchmarks/serve_faults.py                         # 16 answers, Backbone, Vocoder, SpeechEncoder, Ingress
-    python benchmarks/serve_faults.py --answers 4 --kill Backbone,Vocoder    # a quick check
-    python benchmarks/serve_faults.py --spare 2                 # min_replicas 2 everywhere: a spare answers
+    python -m benchmarks.serve_faults                         # 16 answers, Backbone, Vocoder, SpeechEncoder, Ingress
+    python -m benchmarks.serve_faults --answers 4 --kill Backbone,Vocoder    # a quick check
+    python -m benchmarks.serve_faults --spare 2                 # min_replicas 2 everywhere: a spare answers
 
-Starts the Serve app in this process as ``benchmarks/soak.py`` does (``serve_apps/config.yaml``'s deployments,
-Ray Serve's high-throughput mode, an embedded local Ray on 127.0.0.1, the tiny preset's random weights with
-a printable-text head as the tests make them, the app's cached built-in codec). Then, for each deployment
+Starts the Serve app in this process as ``benchmarks/soak.py`` does (``benchmarks.harness.serve_app``:
+``serve_apps/config.yaml``'s deployments, Ray Serve's high-throughput mode, an embedded local Ray on
+127.0.0.1; the tiny preset's random weights with a printable-text head, the app's cached built-in codec;
+the clients of ``benchmarks.surfaces``). Then, for each deployment
 of ``--kill`` in turn:
 
 1. ``--answers`` concurrent streaming answers to a spoken question (``--answer-steps`` decoding steps, long
@@ -37,22 +38,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import re
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.harness import RESULTS, command, machine, readable_checkpoint, save_result, serve_app
+from benchmarks.soak import app_args
+from benchmarks.surfaces import Refused, Surfaces
 
 DEPLOYMENTS = ("Backbone", "Vocoder", "SpeechEncoder", "Ingress")
 SURFACES = ("dialogue", "dialogue_ws", "chat", "realtime")  # the answers cycle through them
@@ -83,133 +81,57 @@ class Answer:
             self.ended, self.outcome, self.detail = time.monotonic(), outcome, detail[:200]
 
 
-class Clients:
-    """Streaming clients of each surface; each runs one answer into an :class:`Answer` and never raises."""
+class Clients(Surfaces):
+    """The surfaces' clients (:mod:`benchmarks.surfaces`) as this benchmark runs them: long timeouts, a new
+    connection a request, 200 ms microphone chunks; :meth:`run` runs one answer into an :class:`Answer` (its
+    chunks counted) and never raises: what went wrong is the answer's outcome."""
+
+    CALLS = {"dialogue": lambda c, a: c.dialogue_wav(on_chunk=a.got),
+             "dialogue_ws": lambda c, a: c.dialogue_ws(on_chunk=a.got, turns=1),
+             "chat": lambda c, a: c.chat_audio(on_chunk=a.got),
+             "realtime": lambda c, a: c.realtime(on_chunk=a.got)}
 
     def __init__(self, url: str, wav: bytes, pcm24: bytes, steps: int):
-        import httpx
+        super().__init__(url, wav, pcm24, steps, timeout=120, connect_timeout=10, open_timeout=30, keepalive=0,
+                         chunk_ms=200)
 
-        self.url, self.ws_url = url, url.replace("http://", "ws://")
-        self.wav, self.pcm24, self.steps = wav, pcm24, steps
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10),
-                                      limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
-
-    @classmethod
-    def for_speech(cls, url: str, samples16, steps: int) -> "Clients":
-        """Clients asking the question ``samples16`` (float, 16 kHz): as WAV, and as 24 kHz PCM16 for Realtime."""
-        import numpy as np
-        import soxr
-
-        from deepomni.audio import encode_audio
-
-        pcm24 = (np.clip(soxr.resample(samples16, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
-        return cls(url, encode_audio(samples16, 16000, "WAV"), pcm24, steps)
-
-    async def close(self) -> None:
-        await self.http.aclose()
-
-    async def run(self, a: Answer) -> Answer:
+    async def run(self, a: Answer, steps: int | None = None) -> Answer:
+        """One answer of ``a.surface`` into ``a``; ``steps``: a ``POST /v1/dialogue`` answer of that many
+        decoding steps instead."""
         a.started = time.monotonic()
         try:
-            await getattr(self, a.surface)(a)
-            if a.ended is None:
-                a.end("dropped", "the stream ended without an end or an error")
+            if steps is not None:
+                await self.dialogue_wav(on_chunk=a.got, steps=steps)
+            else:
+                await self.CALLS[a.surface](self, a)
+            a.end("finished")
+        except Refused as e:  # the surface's clean error, or (a proxy's page, a cut stream) a broken answer
+            if e.kind == "error":
+                a.end("error", _error_detail(e.body))
+            else:
+                a.end("error" if e.kind == "status" and _clean_json_error(e.body) else "dropped",
+                      f"{e.status} {e.body}")
         except asyncio.CancelledError:
             a.end("hung", "no end within the bound")
         except Exception as e:  # noqa: BLE001 - a broken connection (the Ingress died) is an outcome here
             a.end("dropped", f"{type(e).__name__}: {e}")
         return a
 
-    async def dialogue(self, a: Answer, steps: int | None = None) -> None:
-        kw = {"content": self.wav, "params": {"max_steps": steps or self.steps}, "headers": {"content-type": "audio/wav"}}
-        async with self.http.stream("POST", f"{self.url}/v1/dialogue", **kw) as r:
-            if r.status_code != 200:
-                body = (await r.aread()).decode(errors="replace")
-                return a.end("error" if _clean_json_error(body) else "dropped", f"{r.status_code} {body}")
-            event = None
-            async for line in r.aiter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data = json.loads(line[5:])
-                    if event in ("text", "audio"):
-                        a.got()
-                    elif event == "error":
-                        return a.end("error", f"{data.get('reason')}: {data.get('message')}")
-                    elif event == "end":
-                        return a.end("finished")
+    async def run_probe(self, a: Answer) -> Answer:
+        """The recovery probe: the spoken question on ``POST /v1/dialogue`` (encoder, backbone, vocoder), a
+        short spoken answer (``PROBE_STEPS``)."""
+        return await self.run(a, PROBE_STEPS)
 
-    async def dialogue_ws(self, a: Answer) -> None:
-        from websockets.asyncio.client import connect
 
-        async with connect(f"{self.ws_url}/v1/dialogue/ws", open_timeout=30, max_size=2 ** 24) as ws:
-            json.loads(await ws.recv())  # ready
-            await ws.send(json.dumps({"type": "start_turn", "format": "file", "max_steps": self.steps}))
-            await ws.send(self.wav)
-            await ws.send(json.dumps({"type": "end_of_turn"}))
-            async for msg in ws:
-                if isinstance(msg, bytes):
-                    a.got()
-                    continue
-                m = json.loads(msg)
-                if m["type"] == "text":
-                    a.got()
-                elif m["type"] == "error":
-                    return a.end("error", f"{m.get('reason')}: {m.get('message')}")
-                elif m["type"] == "end":
-                    return a.end("dropped" if m.get("cancelled") else "finished", "cancelled" if m.get("cancelled")
-                                 else "")
-
-    async def chat(self, a: Answer) -> None:
-        body = {"model": "deepomni", "stream": True, "modalities": ["text", "audio"], "max_tokens": self.steps,
-                "audio": {"voice": "alloy", "format": "pcm16"},
-                "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
-                    "data": base64.b64encode(self.wav).decode(), "format": "wav"}}]}]}
-        finish = None
-        async with self.http.stream("POST", f"{self.url}/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                body = (await r.aread()).decode(errors="replace")
-                return a.end("error" if _clean_json_error(body) else "dropped", f"{r.status_code} {body}")
-            async for line in r.aiter_lines():
-                if line == "data: [DONE]":
-                    return a.end("finished") if finish else None
-                if line.startswith("data: {"):
-                    msg = json.loads(line[6:])
-                    if "error" in msg:
-                        e = msg["error"]
-                        return a.end("error", f"{e.get('code')}: {e.get('message')}")
-                    for choice in msg.get("choices", []):
-                        if choice["delta"].get("audio") or choice["delta"].get("content"):
-                            a.got()
-                        finish = finish or choice.get("finish_reason")
-
-    async def realtime(self, a: Answer) -> None:
-        from websockets.asyncio.client import connect
-
-        async with connect(f"{self.ws_url}/v1/realtime?model=deepomni", open_timeout=30, max_size=2 ** 24) as ws:
-            await ws.send(json.dumps({"type": "session.update", "session": {
-                "type": "realtime", "max_output_tokens": self.steps, "audio": {"input": {"turn_detection": None}}}}))
-            step = 24000 * 2 // 5  # 200 ms chunks
-            for i in range(0, len(self.pcm24), step):
-                await ws.send(json.dumps({"type": "input_audio_buffer.append",
-                                          "audio": base64.b64encode(self.pcm24[i:i + step]).decode()}))
-            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-            await ws.send(json.dumps({"type": "response.create"}))
-            error = None
-            async for msg in ws:
-                ev = json.loads(msg)
-                kind = ev["type"]
-                if kind in ("response.output_audio.delta", "response.output_audio_transcript.delta"):
-                    a.got()
-                elif kind == "error":
-                    error = ev["error"]
-                    if not a.chunks:  # refused before the response began (e.g. the encoder failed)
-                        return a.end("error", f"{error.get('code')}: {error.get('message')}")
-                elif kind == "response.done":
-                    status = ev["response"]["status"]
-                    if status == "failed" and error is not None:
-                        return a.end("error", f"{error.get('code')}: {error.get('message')}")
-                    return a.end("finished" if status in ("completed", "incomplete") else "dropped", status)
+def _error_detail(body: str) -> str:
+    """``reason: message`` of an in-band error, in whichever surface's shape (ours: ``reason``; OpenAI's and
+    Realtime's: ``error.code``)."""
+    try:
+        d = json.loads(body)
+    except ValueError:
+        return body
+    e = d.get("error") if isinstance(d.get("error"), dict) else d
+    return f"{e.get('reason') or e.get('code')}: {e.get('message')}"
 
 
 def _clean_json_error(body: str) -> bool:
@@ -366,22 +288,6 @@ async def run_all(url: str, args, samples16, metrics_port: int) -> list[dict]:
         await clients.close()
 
 
-async def _run_probe(self: Clients, a: Answer) -> Answer:
-    """The recovery probe: the spoken question on ``POST /v1/dialogue`` (encoder, backbone, vocoder), a short
-    spoken answer (``PROBE_STEPS``)."""
-    a.started = time.monotonic()
-    try:
-        await self.dialogue(a, steps=PROBE_STEPS)
-        if a.ended is None:
-            a.end("dropped", "the stream ended without an end or an error")
-    except Exception as e:  # noqa: BLE001 - a refused connection while the Ingress is replaced
-        a.end("dropped", f"{type(e).__name__}: {e}")
-    return a
-
-
-Clients.run_probe = _run_probe
-
-
 # -------------------------------------------------------------------------------------------- main
 def spare_config(directory: Path, n: int) -> Path:
     """``serve_apps/config.yaml`` with every deployment's ``min_replicas`` at least ``n``."""
@@ -397,27 +303,6 @@ def spare_config(directory: Path, n: int) -> Path:
     path = directory / "serve_spare.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
-
-
-def start(checkpoint: str, args, serve_config: Path | None) -> tuple[str, dict, dict]:
-    """The Serve app on an embedded local Ray, as ``benchmarks/soak.py`` starts it, with room for the answers
-    and the probe (``max_rows``) and, with ``--spare``, ``serve_config``."""
-    from soak import start_serve
-
-    import serve_apps.app as app_module
-
-    ns = argparse.Namespace(checkpoint_dir=checkpoint, answer_steps=args.answer_steps,
-                            steps_limit=max(64, args.answer_steps), threads=None)
-    extra = {"max_rows": max(32, 2 * args.answers + 4)}
-    if serve_config is not None:
-        extra["serve_config"] = str(serve_config)
-    build = app_module.build_app
-    app_module.build_app = lambda a: build({**a, **extra})  # soak's start, with these args
-    try:
-        url, mode, app_args = start_serve(ns)
-    finally:
-        app_module.build_app = build
-    return url, mode, {**app_args, **extra}
 
 
 def table(rows: list[dict]) -> None:
@@ -458,48 +343,45 @@ def main() -> None:
     os.environ.pop("DEEPOMNI_API_KEY", None)  # no key on this private app
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # the counter reaches /metrics within 1 s
 
-    from serve_latency import question_wav
-    from soak import machine, readable_checkpoint
+    from benchmarks.serve_latency import question_wav
 
     _, samples16 = question_wav()
-    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "args": vars(args), **machine(),
+    out = {"command": command("serve_faults"), "args": vars(args), **machine(),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_start": os.getloadavg()}
-    tmp = tempfile.TemporaryDirectory(prefix="deepomni-faults-")
     t0 = time.perf_counter()
-    try:
-        # the app as the soak starts it; its answers run --answer-steps (max_steps_limit just above)
-        serve_config = spare_config(Path(tmp.name), args.spare) if args.spare > 1 else None
-        url, out["ray_serve_env"], out["app_args"] = start(readable_checkpoint(Path(tmp.name)), args, serve_config)
-        import ray
-        from ray import serve
-
-        from serve_apps.app import CONFIG_YAML, deployment_options
-
-        out["deployment_options"] = deployment_options(serve_config or CONFIG_YAML)
-        metrics_port = ray._private.worker.global_worker.node.metrics_export_port
-        print(f"[faults] app up at {url} in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows = asyncio.run(run_all(url, args, samples16, metrics_port))
-        out["serve_status_end"] = {name: str(d.status) for name, d in
-                                   serve.status().applications[APP].deployments.items()}
-    finally:  # only what this script started: its Serve app and its embedded Ray
-        import ray
-
-        if ray.is_initialized():
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()
-        tmp.cleanup()
+    with tempfile.TemporaryDirectory(prefix="deepomni-faults-") as tmp:
+        # the app as the soak starts it; its answers run --answer-steps (max_steps_limit just above), with
+        # room for the answers and the probe (max_rows) and, with --spare, more replicas
+        serve_config = spare_config(Path(tmp), args.spare) if args.spare > 1 else None
+        out["app_args"] = {**app_args(readable_checkpoint(Path(tmp) / "model"), args.answer_steps,
+                                      max(64, args.answer_steps), None),
+                           "max_rows": max(32, 2 * args.answers + 4),
+                           **({"serve_config": str(serve_config)} if serve_config else {})}
+        with serve_app(out["app_args"]) as (url, out["ray_serve_env"]):  # stopped after: only what it started
+            print(f"[faults] app up at {url} in {time.perf_counter() - t0:.0f} s", flush=True)
+            rows, out["deployment_options"], out["serve_status_end"] = measure(url, args, samples16, serve_config)
     out["kills"] = rows
     out["loadavg_end"] = os.getloadavg()
     table(rows)
-    path = Path(args.out or RESULTS / f"serve_faults{f'_spare{args.spare}' if args.spare > 1 else ''}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"saved {path}")
+    save_result(Path(args.out or RESULTS / f"serve_faults{f'_spare{args.spare}' if args.spare > 1 else ''}.json"), out)
     rec = [r["recovered_s"] for r in rows]
     hung = sum(r["hung"] for r in rows)
     print(f"faults_hung={hung} recover_max_s={'nan' if None in rec else f'{max(rec):.2f}'}")
+
+
+def measure(url: str, args, samples16, serve_config: Path | None) -> tuple[list[dict], dict, dict]:
+    """Every kill of ``args.kill`` on the app at ``url``: the rows, the deployments' options, Serve's status
+    at the end."""
+    import ray
+    from ray import serve
+
+    from serve_apps.app import CONFIG_YAML, deployment_options
+
+    options = deployment_options(serve_config or CONFIG_YAML)
+    metrics_port = ray._private.worker.global_worker.node.metrics_export_port
+    rows = asyncio.run(run_all(url, args, samples16, metrics_port))
+    status = {name: str(d.status) for name, d in serve.status().applications[APP].deployments.items()}
+    return rows, options, status
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Spoken-dialogue latency: time to first audio (TTFA) and real-time factor, Serve vs in-process.
 
-    python benchmarks/serve_latency.py                    # tiny preset, CPU: in-process and Serve, 1 and 16 sessions
-    python benchmarks/serve_latency.py --only inprocess --preset deepseek-v2-lite --device cuda --codec snac-random
+    python -m benchmarks.serve_latency                    # tiny preset, CPU: in-process and Serve, 1 and 16 sessions
+    python -m benchmarks.serve_latency --only inprocess --preset deepseek-v2-lite --device cuda --codec snac-random
 
 One run measures, on the same model, codec and spoken question (espeak-ng speech, else a synthetic tone):
 
@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,9 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT))  # serve_apps (the app lives beside the package)
+from benchmarks.harness import machine, percentile, save_result, serve_app
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -284,15 +280,12 @@ async def sessions(target, wav_bytes: bytes, n: int, concurrent: bool) -> dict:
     else:
         answers = [await target.answer(wav_bytes) for _ in range(n)]
     wall = time.perf_counter() - t0
-    ttfa = sorted(a.ttfa_s * 1e3 for a in answers if a.ttfa_s is not None)
+    ttfa = [a.ttfa_s * 1e3 for a in answers if a.ttfa_s is not None]
     audio = sum(a.audio_s for a in answers)
-
-    def pct(p, values=ttfa):
-        return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] if values else None
-
-    submitted = sorted(a.submitted_s * 1e3 for a in answers if a.submitted_s is not None)
-    return {"sessions": n, "concurrent": concurrent, "ttfa_p50_ms": pct(50), "ttfa_p99_ms": pct(99),
-            "submitted_p50_ms": pct(50, submitted), "submitted_p99_ms": pct(99, submitted),
+    submitted = [a.submitted_s * 1e3 for a in answers if a.submitted_s is not None]
+    return {"sessions": n, "concurrent": concurrent, "ttfa_p50_ms": percentile(ttfa, 50),
+            "ttfa_p99_ms": percentile(ttfa, 99), "submitted_p50_ms": percentile(submitted, 50),
+            "submitted_p99_ms": percentile(submitted, 99),
             "rtf_mean": statistics.mean(a.total_s / a.audio_s for a in answers if a.audio_s) if audio else None,
             "audio_seconds": audio, "wall_s": wall, "throughput_audio_s_per_s": audio / wall}
 
@@ -391,7 +384,7 @@ def main() -> None:
     wav_bytes, wav = question_wav()
     out = {"preset": args.preset, "device": args.device, "dtype": args.dtype or "float32",
            "question_seconds": len(wav) / 16000, "answer_steps": args.answer_steps, "sessions": args.sessions,
-           "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+           "machine": machine()}
     if args.device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name()
 
@@ -404,7 +397,7 @@ def main() -> None:
     ckpt = str(save_model(model, Path(tempfile.mkdtemp(prefix="deepomni-bench-")) / "model")) \
         if args.only != "inprocess" else None
     codec_spec = args.codec or default_codec(cfg)
-    targets, stop = {}, []
+    targets = {}
     if args.only != "serve":
         if ckpt:  # exactly the weights the Serve replicas load
             model = load_model(ckpt, device=args.device)[0].eval()
@@ -418,18 +411,14 @@ def main() -> None:
               f"{p['cached_positions']} kept): first step {p['kept_ms']:.1f} ms with the context kept, "
               f"{p['reprefill_ms']:.1f} ms re-prefilling the history ({p['speedup']:.1f}x)", flush=True)
     del model
-    try:
-        if args.only != "inprocess":
-            targets["serve"], mode = start_serve(args, ckpt, codec_spec)
-            targets["openai"] = OpenAIChatClient(targets["serve"].url)
-            out["ray_serve_env"] = mode
-            from ray import serve
-
-            stop.append(serve.shutdown)
+    with contextlib.ExitStack() as stack:
+        if args.only != "inprocess":  # the Serve app (config.yaml's deployments), same checkpoint and codec
+            url, out["ray_serve_env"] = stack.enter_context(serve_app({
+                "checkpoint": ckpt, "codec": codec_spec, "max_steps": args.answer_steps,
+                "torch_threads": args.threads or 1}))
+            print(f"[serve] Ray Serve mode: {out['ray_serve_env'] or 'Ray defaults'}", flush=True)
+            targets["serve"], targets["openai"] = ServeClient(url), OpenAIChatClient(url)
         out.update(asyncio.run(measure(targets, wav_bytes, args.sessions, args.repeats)))
-    finally:
-        for f in stop:
-            f()
     for name in targets:
         report(name, out[name])
     if "serve" in out and "inprocess" in out:
@@ -441,35 +430,9 @@ def main() -> None:
         print(f"OpenAI chat completions add {out['openai_overhead_ttfa_ms']:.1f} ms to TTFA p50 against /v1/dialogue "
               f"(median of the paired differences {out['openai_overhead_ttfa_ms_paired_median']:.1f} ms)")
     suffix = "" if (args.preset, args.device) == ("tiny", "cpu") else f"_{args.preset}_{args.device.split(':')[0]}"
-    path = RESULTS / f"serve_latency{suffix}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"saved {path}")
+    save_result(f"serve_latency{suffix}", out)
     side = out.get("serve") or out["inprocess"]
     print(f"ttfa_p50_ms={side['1_session']['ttfa_p50_ms']:.1f}")
-
-
-def start_serve(args, ckpt: str, codec_spec: str) -> tuple[ServeClient, dict]:
-    """The Serve app (config.yaml's deployments) on 127.0.0.1, same checkpoint and codec as in-process."""
-    import socket
-
-    from serve_apps import ray_mode
-
-    mode = ray_mode.apply()  # as `deepomni serve` runs it (set before Ray starts)
-    print(f"[serve] Ray Serve mode: {mode or 'Ray defaults'}", flush=True)
-    from ray import serve
-
-    from deepomni.ray_env import init_ray
-    from serve_apps.app import build_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": ckpt, "codec": codec_spec, "max_steps": args.answer_steps,
-                         "torch_threads": args.threads or 1}), name="deepomni", route_prefix="/")
-    return ServeClient(f"http://127.0.0.1:{port}"), mode
 
 
 if __name__ == "__main__":

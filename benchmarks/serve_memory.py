@@ -1,7 +1,7 @@
 """Memory of the serving replicas and of checkpoint loading, at a size where the backbone dwarfs the encoder.
 
-    python benchmarks/serve_memory.py                       # ~3 min on 2 cores, ~8 GB of disk under --work
-    python benchmarks/serve_memory.py --tree /tmp/before    # the same measurements on another checkout (before/after)
+    python -m benchmarks.serve_memory                       # ~3 min on 2 cores, ~8 GB of disk under --work
+    python -m benchmarks.serve_memory --tree /tmp/before    # the same measurements on another checkout (before/after)
 
 The model is ``small`` widened to a mid size that fits a laptop (:data:`MID`: a 621M-parameter MoE backbone,
 a Whisper-base-sized 22M encoder + projector: 28x, as DeepSeek-V2-Lite's 15.7B is 25x Whisper-large's
@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -158,12 +157,11 @@ def main() -> None:
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    if args.child:
-        sys.path.insert(0, args.tree[0])
+    if args.child:  # run_child put the tree first on PYTHONPATH: its code is what this process imports
         print(json.dumps(measure(args.child, args.ckpt)))
         return
 
-    sys.path.insert(0, str(ROOT))
+    from benchmarks.harness import machine
     from deepomni.model.model import count_parameters
 
     work = Path(args.work)
@@ -172,7 +170,7 @@ def main() -> None:
     counts = count_parameters(mid_config(), include_speech_encoder=True)
     trees = [Path(t).resolve() for t in (args.tree or [str(ROOT)])]
     result = {"model": {"config": {**MID, "speech_encoder": MID_ENCODER}, **counts},
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "trees": {}}
+              "machine": machine(), "trees": {}}
     for tree in trees:
         rows = {}
         for kind in args.only.split(","):

@@ -1,7 +1,7 @@
 """Soak: many concurrent clients mixing every endpoint of the Serve app for a while, on 127.0.0.1.
 
-    python benchmarks/soak.py                              # 50 clients, 60 s, tiny preset, CPU
-    python benchmarks/soak.py --clients 8 --seconds 15     # a quick check
+    python -m benchmarks.soak                              # 50 clients, 60 s, tiny preset, CPU
+    python -m benchmarks.soak --clients 8 --seconds 15     # a quick check
 
 Starts the Serve app in this process as ``benchmarks/serve_latency.py`` does (``serve_apps/config.yaml``'s
 deployments and autoscaling, Ray Serve's high-throughput mode, an embedded local Ray on 127.0.0.1; the
@@ -44,38 +44,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import json
 import os
-import platform
 import random
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.harness import RESULTS, command, machine, percentile, readable_checkpoint, save_result, serve_app
+from benchmarks.surfaces import Refused, Surfaces
 
 # endpoint -> weight in the mix (healthz: now and then)
 MIX = {"dialogue_wav": 2, "dialogue_text": 1, "dialogue_ws": 1, "chat_audio": 2, "chat_text": 1,
        "transcriptions": 1, "speech": 1, "realtime": 1, "healthz": 0.5}
 AUDIO_OUT = ("dialogue_wav", "dialogue_text", "dialogue_ws", "chat_audio", "speech", "realtime")
-QUESTIONS = ["What is the capital of France?", "How far away is the moon?", "Tell me a short story.",
-             "Why is the sky blue?", "What time is it in Tokyo?"]
-
-
-class Refused(Exception):
-    """An HTTP status other than 200 (or an in-band error of a started answer)."""
-
-    def __init__(self, status: int, body: str, inband: bool = False):
-        super().__init__(f"{status}: {body[:200]}")
-        self.status, self.body, self.inband = status, body, inband
 
 
 def _overloaded(text: str) -> bool:
@@ -107,184 +90,7 @@ class Stats:
             self.errors[key] = self.errors.get(key, 0) + 1
 
 
-def pct(xs: list, p: float) -> float | None:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
-
-
-# -------------------------------------------------------------------------------------------- clients
-class Clients:
-    """One coroutine per endpoint; each returns its TTFA in seconds (None: no audio out) or raises."""
-
-    def __init__(self, url: str, wav: bytes, pcm24: bytes, steps: int, timeout: float):
-        import httpx
-
-        self.url, self.ws_url = url, url.replace("http://", "ws://")
-        self.wav, self.pcm24, self.steps, self.timeout = wav, pcm24, steps, timeout
-        self.http = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None,
-                                                                           max_keepalive_connections=64))
-
-    async def close(self) -> None:
-        await self.http.aclose()
-
-    async def _check(self, r) -> None:
-        if r.status_code != 200:
-            raise Refused(r.status_code, (await r.aread()).decode(errors="replace"))
-
-    async def _sse(self, rng: random.Random, **kw) -> tuple[float | None, dict]:
-        t0, ttfa, event, end = time.perf_counter(), None, None, None
-        async with self.http.stream("POST", f"{self.url}/v1/dialogue", **kw) as r:
-            await self._check(r)
-            async for line in r.aiter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    if event == "audio" and ttfa is None and json.loads(line[5:]).get("pcm_b64"):
-                        ttfa = time.perf_counter() - t0
-                    elif event == "error":
-                        raise Refused(200, line[5:], inband=True)
-                    elif event == "end":
-                        end = json.loads(line[5:])
-        if end is None:
-            raise Refused(200, "stream ended without an end event", inband=True)
-        return ttfa, end
-
-    async def dialogue_wav(self, rng: random.Random) -> float | None:
-        return (await self._sse(rng, content=self.wav, params={"max_steps": self.steps, "seed": rng.randrange(99)},
-                                headers={"content-type": "audio/wav"}))[0]
-
-    async def dialogue_text(self, rng: random.Random) -> float | None:
-        return (await self._sse(rng, json={"text": rng.choice(QUESTIONS), "max_steps": self.steps}))[0]
-
-    async def dialogue_ws(self, rng: random.Random) -> tuple[float | None, int]:
-        from websockets.asyncio.client import connect
-
-        ttfa, ends = None, []
-        async with connect(f"{self.ws_url}/v1/dialogue/ws", open_timeout=self.timeout, max_size=2 ** 24) as ws:
-            ready = json.loads(await ws.recv())
-            if ready.get("type") != "ready":
-                raise Refused(200, f"first message {ready!r}", inband=True)
-            for turn in (1, 2):
-                t0 = time.perf_counter()
-                if turn == 1:
-                    await ws.send(json.dumps({"type": "start_turn", "format": "file", "max_steps": self.steps}))
-                    await ws.send(self.wav)
-                    await ws.send(json.dumps({"type": "end_of_turn"}))
-                else:
-                    await ws.send(json.dumps({"type": "text", "text": rng.choice(QUESTIONS)}))
-                while True:
-                    msg = await ws.recv()
-                    if isinstance(msg, bytes):
-                        if ttfa is None and msg:
-                            ttfa = time.perf_counter() - t0
-                        continue
-                    m = json.loads(msg)
-                    if m.get("type") == "error":
-                        raise Refused(200, msg, inband=True)
-                    if m.get("type") == "end":
-                        if m.get("cancelled"):
-                            raise Refused(200, msg, inband=True)
-                        ends.append(m)
-                        break
-        return ttfa, ends[1].get("cached_tokens", 0)
-
-    async def chat_audio(self, rng: random.Random) -> float | None:
-        body = {"model": "deepomni", "stream": True, "modalities": ["text", "audio"], "max_tokens": self.steps,
-                "audio": {"voice": "alloy", "format": "pcm16"},
-                "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
-                    "data": base64.b64encode(self.wav).decode(), "format": "wav"}}]}]}
-        t0, ttfa, done = time.perf_counter(), None, False
-        async with self.http.stream("POST", f"{self.url}/v1/chat/completions", json=body) as r:
-            await self._check(r)
-            async for line in r.aiter_lines():
-                if line == "data: [DONE]":
-                    done = True
-                elif line.startswith("data: {"):
-                    msg = json.loads(line[6:])
-                    if "error" in msg:
-                        raise Refused(200, line[6:], inband=True)
-                    for choice in msg.get("choices", []):
-                        if (choice["delta"].get("audio") or {}).get("data") and ttfa is None:
-                            ttfa = time.perf_counter() - t0
-        if not done:
-            raise Refused(200, "stream ended without [DONE]", inband=True)
-        return ttfa
-
-    async def chat_text(self, rng: random.Random) -> float | None:
-        body = {"model": "deepomni", "max_tokens": self.steps,
-                "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}]}
-        r = await self.http.post(f"{self.url}/v1/chat/completions", json=body)
-        await self._check(r)
-        if "content" not in r.json()["choices"][0]["message"]:
-            raise Refused(200, f"no content: {r.text[:200]}", inband=True)
-        return None
-
-    async def transcriptions(self, rng: random.Random) -> float | None:
-        r = await self.http.post(f"{self.url}/v1/audio/transcriptions", data={"model": "deepomni"},
-                                 files={"file": ("question.wav", self.wav, "audio/wav")})
-        await self._check(r)
-        if "text" not in r.json():
-            raise Refused(200, f"no text: {r.text[:200]}", inband=True)
-        return None
-
-    async def speech(self, rng: random.Random) -> float | None:
-        body = {"model": "deepomni", "voice": "alloy", "input": rng.choice(QUESTIONS), "response_format": "wav"}
-        t0, ttfa, n = time.perf_counter(), None, 0
-        async with self.http.stream("POST", f"{self.url}/v1/audio/speech", json=body) as r:
-            await self._check(r)
-            async for chunk in r.aiter_bytes():
-                n += len(chunk)
-                if ttfa is None and n > 44:  # past the WAV header: samples
-                    ttfa = time.perf_counter() - t0
-        if n < 44:
-            raise Refused(200, f"{n} bytes of WAV", inband=True)
-        return ttfa
-
-    async def realtime(self, rng: random.Random) -> float | None:
-        from websockets.asyncio.client import connect
-
-        async with connect(f"{self.ws_url}/v1/realtime?model=deepomni", open_timeout=self.timeout,
-                           max_size=2 ** 24) as ws:
-            async def until(*types: str) -> dict:
-                while True:
-                    ev = json.loads(await ws.recv())
-                    if ev["type"] == "error":
-                        raise Refused(200, json.dumps(ev), inband=True)
-                    if ev["type"] in types:
-                        return ev
-
-            await until("session.created")
-            await ws.send(json.dumps({"type": "session.update", "session": {
-                "type": "realtime", "output_modalities": ["audio"], "max_output_tokens": self.steps,
-                "audio": {"input": {"turn_detection": None}}}}))
-            await until("session.updated")
-            step = 24000 * 2 // 10  # 100 ms chunks, as a microphone sends them
-            for i in range(0, len(self.pcm24), step):
-                await ws.send(json.dumps({"type": "input_audio_buffer.append",
-                                          "audio": base64.b64encode(self.pcm24[i:i + step]).decode()}))
-            t0, ttfa = time.perf_counter(), None
-            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-            await ws.send(json.dumps({"type": "response.create"}))
-            while True:
-                ev = await until("response.output_audio.delta", "response.done")
-                if ev["type"] == "response.output_audio.delta":
-                    if ttfa is None and ev.get("delta"):
-                        ttfa = time.perf_counter() - t0
-                    continue
-                status = ev["response"]["status"]
-                if status not in ("completed", "incomplete"):
-                    raise Refused(200, json.dumps(ev["response"].get("status_details")) + f" ({status})", inband=True)
-                return ttfa
-
-    async def healthz(self, rng: random.Random) -> float | None:
-        r = await self.http.get(f"{self.url}/healthz")
-        await self._check(r)
-        if r.json().get("status") != "ok":
-            raise Refused(200, r.text[:200], inband=True)
-        return None
-
-
-async def one(clients: Clients, name: str, rng: random.Random, st: Stats, timeout: float) -> None:
+async def one(clients: Surfaces, name: str, rng: random.Random, st: Stats, timeout: float) -> None:
     import httpx
     import websockets
 
@@ -342,7 +148,7 @@ async def one(clients: Clients, name: str, rng: random.Random, st: Stats, timeou
         st.note("no audio", "answer complete without audio bytes")
 
 
-async def client_loop(i: int, clients: Clients, seed: int, t_end: float, stats: dict, timeout: float,
+async def client_loop(i: int, clients: Surfaces, seed: int, t_end: float, stats: dict, timeout: float,
                       counting: asyncio.Event) -> None:
     rng = random.Random(seed * 100_003 + i)
     names, weights = list(MIX), list(MIX.values())
@@ -424,8 +230,15 @@ async def sample_memory(samples: list, every: float, stop: asyncio.Event, t_ref:
 
 
 # ---------------------------------------------------------------------------------------------- main
-async def soak(url: str, args, wav: bytes, pcm24: bytes) -> dict:
-    clients = Clients(url, wav, pcm24, args.answer_steps, args.timeout)
+def app_args(checkpoint: str | None, answer_steps: int, steps_limit: int, threads: int | None) -> dict:
+    """The app's settings here: short answers, so that the load makes many requests. max_steps_limit bounds
+    /v1/audio/speech too, which always decodes up to it (OpenAI's request has no length): the random model
+    rarely ends, so without it every speech answer would run 1024 steps."""
+    return {"checkpoint": checkpoint, "max_steps": answer_steps, "max_steps_limit": steps_limit,
+            "torch_threads": threads or 1}
+
+
+async def soak(url: str, args, clients: Surfaces) -> dict:
     try:
         # each endpoint once, one after another: every code path has run before anything is counted
         check: dict[str, Stats] = {}
@@ -485,8 +298,8 @@ def summarize(res: dict) -> dict:
     for name in MIX:
         s = counted.get(name, Stats())
         per[name] = {k: getattr(s, k) for k in COUNTS}
-        per[name]["ttfa_p50_ms"], per[name]["ttfa_p99_ms"] = pct(s.ttfa_ms, 50), pct(s.ttfa_ms, 99)
-        per[name]["latency_p50_ms"], per[name]["latency_p99_ms"] = pct(s.latency_ms, 50), pct(s.latency_ms, 99)
+        per[name]["ttfa_p50_ms"], per[name]["ttfa_p99_ms"] = percentile(s.ttfa_ms, 50), percentile(s.ttfa_ms, 99)
+        per[name]["latency_p50_ms"], per[name]["latency_p99_ms"] = percentile(s.latency_ms, 50), percentile(s.latency_ms, 99)
         if s.cached_tokens:
             per[name]["second_turn_cached_tokens_min"] = min(s.cached_tokens)
             per[name]["second_turn_cache_hits"] = sum(c > 0 for c in s.cached_tokens)
@@ -494,7 +307,7 @@ def summarize(res: dict) -> dict:
     ttfa = [x for s in counted.values() for x in s.ttfa_ms]
     warm = res["stats"]["warmup"]
     total = {k: sum(v[k] for v in per.values()) for k in COUNTS}
-    total.update(ttfa_p50_ms=pct(ttfa, 50), ttfa_p99_ms=pct(ttfa, 99), ttfa_n=len(ttfa),
+    total.update(ttfa_p50_ms=percentile(ttfa, 50), ttfa_p99_ms=percentile(ttfa, 99), ttfa_n=len(ttfa),
                  server_5xx=total["http_5xx"] + total["inband_5xx"])
     # memory: each process's first and last sample of the counted part
     first: dict[str, tuple] = {}
@@ -554,66 +367,6 @@ def table(out: dict) -> None:
               f"{m['first_seen_s']:.0f}-{m['last_seen_s']:.0f}")
 
 
-def readable_checkpoint(directory: Path) -> str:
-    """The tiny preset's random weights (seed 0) with the text head limited to printable ASCII and no
-    specials (answers end at max_steps), as tests/test_serve.py makes them: the byte tokenizer turns the
-    answers into text that reads back as the same tokens, so a conversation's next turn can extend the
-    context the Backbone kept. (The plain random model's text ids mostly decode to nothing, so an earlier
-    answer comes back as other tokens and every next turn misses the kept context.)"""
-    from tests.test_serve import readable_checkpoint as make  # the tests' own maker (pytest: a dev dependency)
-
-    return make(directory / "model")
-
-
-def start_serve(args) -> tuple[str, dict, dict]:
-    """The Serve app (config.yaml's deployments) on 127.0.0.1 and a free port, on an embedded local Ray, as
-    ``benchmarks/serve_latency.py`` starts it, with the app's default codec."""
-    import socket
-
-    from serve_apps import ray_mode
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    mode = ray_mode.apply()  # before Ray starts
-    if mode.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        # HAProxy's stats and Prometheus frontends have fixed ports (8404, 9101) that a second Serve app on this
-        # machine (another checkout's `deepomni serve`, the tests) would already hold: HAProxy would not start
-        for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-            mode[var] = os.environ.setdefault(var, str(free_port()))
-    print(f"[serve] Ray Serve mode: {mode or 'Ray defaults'}", flush=True)
-    from ray import serve
-
-    from deepomni.ray_env import init_ray
-    from serve_apps.app import build_app
-
-    port = free_port()
-    init_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # max_steps_limit bounds /v1/audio/speech too, which always decodes up to it (OpenAI's request has no
-    # length): the random model rarely ends, so without it every speech answer would run 1024 steps
-    app_args = {"checkpoint": args.checkpoint_dir, "max_steps": args.answer_steps,
-                "max_steps_limit": args.steps_limit, "torch_threads": args.threads or 1}
-    serve.run(build_app(dict(app_args)), name="deepomni", route_prefix="/")
-    return f"http://127.0.0.1:{port}", mode, app_args
-
-
-def machine() -> dict:
-    import ray
-    import torch
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
-    except OSError:
-        commit, dirty = None, None
-    return {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "platform": platform.platform(), "ray": ray.__version__,
-            "torch": torch.__version__, "git_commit": commit, "git_dirty": dirty}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=50)
@@ -637,34 +390,23 @@ def main() -> None:
         ap.error("--answer-steps must be positive and at most --steps-limit")
     os.environ.pop("DEEPOMNI_API_KEY", None)  # no key on this private app
 
-    import numpy as np
-    import soxr
-    from serve_latency import question_wav
+    from benchmarks.serve_latency import question_wav
 
-    wav, samples16 = question_wav()
-    pcm24 = (np.clip(soxr.resample(samples16, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
-    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "args": vars(args), **machine(),
+    _, samples16 = question_wav()
+    out = {"command": command("soak"), "args": vars(args), **machine(),
            "mix": MIX, "question_seconds": len(samples16) / 16000,
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "loadavg_start": os.getloadavg()}  # a shared machine: what else ran shows here
     t0 = time.perf_counter()
-    tmp = tempfile.TemporaryDirectory(prefix="deepomni-soak-")
-    args.checkpoint_dir = {"readable": None, "random": None}.get(args.checkpoint, args.checkpoint)
-    if args.checkpoint == "readable":
-        args.checkpoint_dir = readable_checkpoint(Path(tmp.name))
-    try:
-        url, out["ray_serve_env"], out["app_args"] = start_serve(args)
-        print(f"[soak] app up at {url} in {time.perf_counter() - t0:.0f} s", flush=True)
-        res = asyncio.run(soak(url, args, wav, pcm24))
-    finally:  # only what this script started: its Serve app and its embedded Ray
-        import ray
-
-        if ray.is_initialized():
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()
-        tmp.cleanup()
+    with tempfile.TemporaryDirectory(prefix="deepomni-soak-") as tmp:
+        checkpoint = {"readable": readable_checkpoint(Path(tmp) / "model") if args.checkpoint == "readable" else None,
+                      "random": None}.get(args.checkpoint, args.checkpoint)
+        out["app_args"] = app_args(checkpoint, args.answer_steps, args.steps_limit, args.threads)
+        with serve_app(out["app_args"]) as (url, out["ray_serve_env"]):  # stopped after: only what it started
+            print(f"[soak] app up at {url} in {time.perf_counter() - t0:.0f} s (Ray Serve mode: "
+                  f"{out['ray_serve_env'] or 'Ray defaults'})", flush=True)
+            res = asyncio.run(soak(url, args, Surfaces.for_speech(url, samples16, args.answer_steps,
+                                                                   timeout=args.timeout)))
     out.update(summarize(res))
     out["loadavg_end"] = os.getloadavg()
     table(out)
@@ -674,10 +416,7 @@ def main() -> None:
           f"(of them overloaded {t['overloaded']}), "
           f"timeouts {t['timeouts']}, TTFA p50 {t['ttfa_p50_ms'] or 0:.0f} ms p99 {t['ttfa_p99_ms'] or 0:.0f} ms, "
           f"drain {out['drain_s']} s, hung clients {out['hung_clients']}")
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"saved {path}")
+    save_result(Path(args.out), out)
     g = out["rss_growth_max_pct"]
     print(f"soak_5xx={t['server_5xx']} rss_growth_max_pct={'nan' if g is None else f'{g:.2f}'}")
 

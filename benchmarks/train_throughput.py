@@ -1,6 +1,6 @@
 """Training throughput per worker at expert-parallel size 1 and 2 (Ray Train, CPU/gloo or GPU/nccl).
 
-    python benchmarks/train_throughput.py [--data DIR] [--steps 40] [--stage s3_joint] [--gpu]
+    python -m benchmarks.train_throughput [--data DIR] [--steps 40] [--stage s3_joint] [--gpu]
 
 On one prepared corpus (built here if ``--data`` is not given: 120 training items), runs the same stage
 twice from the same init: ep=1 (1 worker, DeepSpeed ZeRO-2) and ep=2 (2 workers, experts sharded, all-to-all
@@ -17,14 +17,13 @@ worker, not a speedup (which needs workers with their own accelerators).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
+from benchmarks.harness import command, machine, save_result
+
 
 
 def main() -> None:
@@ -77,12 +76,11 @@ def main() -> None:
         print(f"ep={ep}: {m['tokens_per_s_run']:.0f} tokens/s per worker ({ep} worker(s), {m['step']} steps, "
               f"wall {figures[f'ep{ep}']['wall_s']:.0f} s incl. Ray Train start)", flush=True)
     ratio = figures["ep2"]["tokens_per_s_per_worker"] / figures["ep1"]["tokens_per_s_per_worker"]
-    out = {"stage": args.stage, "batch_size": args.batch_size, "device": "gpu" if args.gpu else "cpu",
-           "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), **figures, "ep2_over_ep1_per_worker": ratio}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1))
-    print(f"ep2/ep1 per worker: {ratio:.2f}  (saved {RESULTS})")
+    out = {"command": command("train_throughput"), "machine": machine(), "stage": args.stage,
+           "batch_size": args.batch_size, "device": "gpu" if args.gpu else "cpu",
+           "torch_threads": torch.get_num_threads(), **figures, "ep2_over_ep1_per_worker": ratio}
+    print(f"ep2/ep1 per worker: {ratio:.2f}")
+    save_result("train_throughput", out)
     print(f"tokens_per_s_per_worker_ep2={figures['ep2']['tokens_per_s_per_worker']:.0f}")
 
 

@@ -34,6 +34,10 @@ group's start command (``rayStartParams``), and ``/shared`` plays this machine's
 Ports and sizes (environment, as ``cluster/local.sh``): DEEPOMNI_GCS_PORT 6379, DEEPOMNI_DASHBOARD_PORT 8265,
 DEEPOMNI_METRICS_PORT 8080, DEEPOMNI_CLIENT_PORT 10001, DEEPOMNI_AGENT_PORT 52365, DEEPOMNI_SERVE_PORT 8000
 (forwarded), DEEPOMNI_NUM_CPUS 2 (logical CPUs per node), DEEPOMNI_OBJECT_STORE_MB 512 (per node).
+
+Longer than 450 lines because it is one standard-library program that ``cluster/local.sh`` runs as root
+before anything is installed (it imports nothing of the project), and its commands share the cluster's
+bookkeeping (namespaces, nodes, ports) defined once at the top.
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import yaml
 
+from deepomni.train.stages import MODELS, STAGES, Step, all_steps  # the recipe as data; no torch
+from serve_apps import ray_mode  # stdlib only: the Ray Serve environment of the pods
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from serve_apps import ray_mode  # noqa: E402  (stdlib only: the Ray Serve environment of the pods)
-from deepomni.train.stages import MODELS, STAGES, Step, all_steps  # noqa: E402  (the recipe as data; no torch)
 
 VALUES = ROOT / "manifests" / "values.yaml"
 SERVE_CONFIG = ROOT / "serve_apps" / "config.yaml"

@@ -29,7 +29,7 @@ format of it aside (``OpenAIError``), counted by :meth:`Answers.rejected` in ``d
 by reason and endpoint: audio the encoder refuses (``not_audio``, ``audio_too_long``, ...), a prompt the
 Backbone refuses, Serve's backpressure on a handle (a deployment's ``max_queued_requests``, config.yaml)
 and a Backbone too busy to queue another session (``overloaded``: 503 + ``Retry-After``), a deployment
-lost mid-answer (its replica died, or stopped answering: every wait is bounded, ``serve_apps/faults.py``)
+lost mid-answer (its replica died, or stopped answering: every wait is bounded, ``serve_apps/fault_handling.py``)
 as ``unavailable``. A refusal before ``start`` is raised by :meth:`Answers.start`, so a surface can still
 answer it with a plain 4xx / 5xx; one after it ends the stream in the surface's format.
 
@@ -57,11 +57,11 @@ from typing import TYPE_CHECKING
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from deepomni.serve.config import AppConfig
 from deepomni.serve.messages import (AnswerChunk, AudioRejected, BackboneInfo, Conversation, EncodedSpeech, EncoderInfo,
                                      GenerateOptions)
 
-from .faults import START_TIMEOUT_S, cause_of, unavailable
-from .loading import AppConfig
+from .fault_handling import START_TIMEOUT_S, cause_of, unavailable
 from .metrics import ingress_metrics
 from .protocol import AUDIO_FORMAT, REASONS, Rejection, reject
 
@@ -112,7 +112,7 @@ class Answers:
         if self._info is None:
             enc: EncoderInfo
             bb: BackboneInfo
-            try:  # bounded, as every wait on another deployment (faults.py)
+            try:  # bounded, as every wait on another deployment (fault_handling.py)
                 enc, bb = await asyncio.wait_for(asyncio.gather(self.encoder.info.remote(),
                                                                 self.backbone.info.remote()), START_TIMEOUT_S)
             except Exception as e:
@@ -211,7 +211,7 @@ class Answers:
         try:
             started = got_any = False
             while True:
-                try:  # bounded: the Backbone sends a keepalive every second while the answer waits (faults.py)
+                try:  # bounded: the Backbone sends a keepalive every second while the answer waits (fault_handling.py)
                     wait = self.cfg.stall_timeout_s if got_any else START_TIMEOUT_S  # the first may wait for a replica
                     item: AnswerChunk = await asyncio.wait_for(stream.__anext__(), wait)
                     got_any = True

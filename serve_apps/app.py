@@ -5,7 +5,7 @@
 One module per deployment: ``encoder.py`` (SpeechEncoder), ``backbone.py`` (Backbone), ``vocoder.py``
 (Vocoder), ``ingress.py`` (Ingress); what they send each other is in ``deepomni/serve/messages.py``.
 
-``args`` are :class:`~serve_apps.loading.AppConfig`'s fields (``checkpoint``, ``codec``, ``tokenizer``, ...).
+``args`` are :class:`~deepomni.serve.config.AppConfig`'s fields (``checkpoint``, ``codec``, ``tokenizer``, ...).
 Replicas, autoscaling, ``max_ongoing_requests`` and ``num_cpus`` come from ``config.yaml`` only (the
 decorators name the deployments and set nothing else): ``serve run/deploy serve_apps/config.yaml``
 applies its ``deployments`` section itself, and :func:`build_app` applies the same section when it is
@@ -20,10 +20,11 @@ from pathlib import Path
 import yaml
 from ray.serve import Application
 
+from deepomni.serve.config import AppConfig
+
 from .backbone import Backbone
 from .encoder import SpeechEncoder
 from .ingress import Ingress
-from .loading import AppConfig
 from .vocoder import Vocoder
 
 CONFIG_YAML = Path(__file__).parent / "config.yaml"

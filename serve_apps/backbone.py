@@ -7,7 +7,7 @@ what is Ray's:
 
 * its vocoder (:class:`_VocoderCalls`): a call to the Vocoder deployment per loop call, every call bounded
   (:meth:`_VocoderCalls._result`); one that fails because its replica died or stalled ends the answers in it
-  with an ``unavailable`` error at once (``serve_apps/faults.py``);
+  with an ``unavailable`` error at once (``serve_apps/fault_handling.py``);
 * its metrics (:class:`_ServeMetrics`): the Backbone's Ray Serve metrics (``serve_apps/metrics.py``);
 * the keepalive: a stream sends a keepalive chunk every ``KEEPALIVE_S`` while its answer waits, so the
   ingress can bound its wait for the next chunk.
@@ -27,11 +27,12 @@ import torch
 from ray import serve
 
 from deepomni.serve.answer_loop import AnswerLoop, LoopMetrics, VocoderUnavailable
+from deepomni.serve.config import AppConfig
 from deepomni.serve.messages import (AnswerChunk, AnswerError, AudioRejected, BackboneInfo, CodecInfo, Conversation,
                                      EncodedSpeech, GenerateOptions, VocodedAudio, VocodeFailed, VocodeItem)
 
-from .faults import KEEPALIVE_S, START_TIMEOUT_S, VOCODER_LOSS_WAIT_S, cause_of, unavailable
-from .loading import AppConfig, load_serving_model
+from .fault_handling import KEEPALIVE_S, START_TIMEOUT_S, VOCODER_LOSS_WAIT_S, cause_of, unavailable
+from .loading import load_serving_model
 
 log = logging.getLogger("ray.serve")
 

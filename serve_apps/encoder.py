@@ -20,9 +20,10 @@ import torch
 from ray import serve
 
 from deepomni.serve.messages import AudioRejected, EncodedSpeech, EncoderInfo
+from deepomni.serve.config import AppConfig
 
 from .batching import CallBatcher
-from .loading import AppConfig, load_serving_model
+from .loading import load_serving_model
 from .protocol import audio_reason, pcm_s16le_to_float
 
 MAX_ENCODE_BATCH = 16  # turns encoded together

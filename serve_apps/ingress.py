@@ -17,7 +17,7 @@ Every refusal is a :class:`~serve_apps.protocol.Rejection` (HTTP status + reason
 of the whole app refuses what comes without it (``serve_apps/auth.py``); a Backbone too busy to queue another
 session refuses it as ``overloaded`` (503 + ``Retry-After``), as does Serve's backpressure on its handles.
 An answer that loses a deployment mid-way (its replica died, or stopped answering: every wait is bounded,
-``serve_apps/faults.py``) ends with an ``unavailable`` error in its surface's format (an SSE ``error`` event
+``serve_apps/fault_handling.py``) ends with an ``unavailable`` error in its surface's format (an SSE ``error`` event
 once the stream has started) and the ingress goes on serving.
 """
 
@@ -35,10 +35,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deepomni.serve.messages import Conversation, ConversationTurn
+from deepomni.serve.config import AppConfig
 
 from . import auth
 from .answers import MAX_TEXT_CHARS, Answers
-from .loading import AppConfig
 from .openai_routes import OpenAIRoutes
 from .protocol import (WS_INPUT_FORMATS, WS_INVALID_PAYLOAD, WS_MESSAGE_TOO_BIG, WS_POLICY_VIOLATION,
                        WS_UNSUPPORTED_DATA, AnswerOptions, Rejection, decode_b64, pcm_s16le, parse_json_object, reject,

@@ -14,8 +14,9 @@ from ray import serve
 
 from deepomni.serve.messages import CodecInfo, VocodedAudio, VocodeFailed, VocodeItem
 from deepomni.serve.vocoder import CodecVocoder
+from deepomni.serve.config import AppConfig
 
-from .loading import AppConfig, default_codec_spec
+from .loading import default_codec_spec
 
 
 @serve.deployment(name="Vocoder")

@@ -1,6 +1,9 @@
+"""Fixtures shared by several test files (plain helpers: tests/helpers/)."""
+
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,14 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_cfg):
+    """The tiny preset's random weights (seed 0) saved for the module (``save_model``): its directory."""
+    from deepomni.checkpoint import save_model
+
+    return save_model(DeepOmniModel(tiny_cfg).init_weights(0), tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
 def ray_local():
     """Embedded Ray for the module (``deepomni.ray_env.init_ray``), shut down after it."""
     import ray
@@ -44,3 +55,43 @@ def ray_local():
     init_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official ``openai`` client on the module's ``server`` (a base URL)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """3 Ray nodes (head, n1, n2) on this machine for the module (``cluster/local.sh start --nodes 3``), as a
+    :class:`tests.helpers.cluster.Client`; stopped after it, leaving no namespace and no state directory."""
+    from benchmarks.harness import free_port
+    from tests.helpers.cluster import CAN, Client, local_cluster
+    from tests.helpers.net import clean_env
+
+    if not CAN:
+        pytest.fail("CI must run the multi-node tests: it runs as root with iproute2 and curl (.ci/run)")
+    ports = local_cluster.Ports(gcs=free_port(), dashboard=free_port(), metrics=free_port(), client=free_port(),
+                                agent=free_port(), serve=free_port())
+    env = clean_env(DEEPOMNI_GCS_PORT=str(ports.gcs), DEEPOMNI_DASHBOARD_PORT=str(ports.dashboard),
+                    DEEPOMNI_METRICS_PORT=str(ports.metrics), DEEPOMNI_CLIENT_PORT=str(ports.client),
+                    DEEPOMNI_AGENT_PORT=str(ports.agent), DEEPOMNI_SERVE_PORT=str(ports.serve))
+    c = Client(env, ports)
+    t0 = time.monotonic()
+    started = c.local("start", "--nodes", "3")
+    print(f"\n[multinode] 3 nodes started in {time.monotonic() - t0:.1f} s")
+    try:
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        yield c
+    finally:
+        state = c.state()
+        stopped = c.local("stop")
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"deepomni{ports.gcs}-" not in names  # every namespace gone, with every process in it
+    if state is not None:
+        assert not state.dir.exists()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_serve import readable_text_head
+from benchmarks.harness import readable_text_head
 from deepomni.codec.builtin import BuiltinCodec, BuiltinConfig
 from deepomni.config import load_preset
 from deepomni.data.sequences import INSTRUCTIONS

@@ -120,7 +120,7 @@ def _reference_pairs(corpus, init, out):
     from deepomni.text import load_tokenizer
     from deepomni.train import evaluate as ev
     from deepomni.train import preference as pf
-    from deepomni.train.profile import read_rows
+    from deepomni.data.tokenized import read_rows
 
     model, _ = load_model(init)
     tok = load_tokenizer("bytes")

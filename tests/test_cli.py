@@ -25,7 +25,7 @@ def test_serve_on_a_port_in_use_says_so_before_starting_ray(capsys, monkeypatch)
 
     import ray
 
-    monkeypatch.setattr("deepomni.cli.demo_model", lambda repo: None)
+    monkeypatch.setattr("serve_apps.cli.demo_model", lambda repo: None)
     for var in ("RAY_AUTH_MODE", "RAY_SERVE_HAPROXY_BINARY_PATH"):
         monkeypatch.delenv(var, raising=False)
     with socket.socket() as s:

@@ -17,7 +17,8 @@ def _run(*args, env, timeout=180):
 def test_start_submit_stop():
     import psutil
 
-    from tests.test_listeners import check_head, free_port
+    from benchmarks.harness import free_port
+    from tests.helpers.net import check_head
 
     gcs, client, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "DEEPOMNI_DASHBOARD_PORT": "8365", "DEEPOMNI_METRICS_PORT": "8180",
@@ -46,7 +47,7 @@ def test_start_submit_stop():
         assert line.endswith(" 128") and ".venv" in line  # the project's interpreter and package
         metrics = urllib.request.urlopen("http://127.0.0.1:8180/metrics", timeout=10).read().decode()
         assert "# TYPE" in metrics
-        # every listener of the head (and of the job's workers) on loopback, token auth on (tests/test_listeners.py)
+        # every listener of the head (and of the job's workers) on loopback, token auth on (tests/helpers/net.py)
         procs = check_head(gcs, {8365, 8180, client, agent})
     finally:
         stopped = _run("stop", env=env)

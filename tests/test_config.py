@@ -100,7 +100,7 @@ def test_every_command_has_help(cmd, capsys):
 @pytest.mark.parametrize("argv,flag", [
     (["train", "--max-steps", "ten"], "--max-steps"),
     (["train", "--use-gpu", "maybe"], "--use-gpu"),
-    (["train", "--fail-mode", "explode"], "--fail-mode"),
+    (["train", "--inject-fault", "{at_step"], "--inject-fault"),
     (["pipeline", "--steps-scale", "half"], "--steps-scale"),
     (["profile", "--checkpoint", "c", "--data", "d", "--out", "o", "--max-items", "x"], "--max-items"),
     (["evaluate", "--checkpoint", "c", "--data", "d", "--out", "o", "--margin", "1.5"], "--margin"),
@@ -125,7 +125,7 @@ def test_config_errors_from_values_are_clean(capsys):
 
 
 def test_flags_cover_every_field_and_parse_to_the_config():
-    from deepomni.train.cli import parse_train
+    from tests.helpers.train import parse_train
 
     cfg = parse_train(["--config", "tiny", "--stage", "s1_align", "--betas", "0.8", "0.9", "--use-gpu",
                        "--sample-log", "false", "--lr", "1e-4"])

@@ -207,7 +207,7 @@ def test_expert_load_per_session_adds_up_to_the_replicas(model):
     reused), a take of the replica's counts mid-answer; a cancelled session's pairs count for the replica
     only. With an assignment each answer's shares per MoE layer sum to 1."""
     from deepomni.model.modality import ExpertAssignment
-    from deepomni.model.routing_stats import expert_share
+    from deepomni.model.modality import expert_share
 
     lay, k, L = model.layout, model.cfg.num_experts_per_tok, len(model.moe_layers)
     n_audio = [5, 0, 9, 0, 3, 0]

@@ -6,25 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from deepomni.checkpoint import save_model
 from deepomni.data.tokenized import row_tensors
 from deepomni.model.channels import TextSpecial
 from deepomni.model.generate import Generation
 from deepomni.model.model import DeepOmniModel
 from deepomni.text import load_tokenizer
 from deepomni.train import evaluate as ev
-from deepomni.train.profile import read_rows
-from test_profile import ANSWER_FRAMES, write_tiny_corpus
+from deepomni.data.tokenized import read_rows
+from tests.helpers.train import ANSWER_FRAMES, write_tiny_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_cfg):
     return write_tiny_corpus(tmp_path_factory.mktemp("corpus"), tiny_cfg, "test")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_cfg):
-    return save_model(DeepOmniModel(tiny_cfg).init_weights(0), tmp_path_factory.mktemp("ckpt"))
 
 
 # ------------------------------------------------------------------------------------------- metrics

@@ -1,17 +1,31 @@
-"""``benchmarks/gpu_check.py``, the prepared GPU run (issue 15), at the tiny size on the CPU: every section
-runs and writes its figures, its correctness checks pass, and nothing it imports needs Ray or DeepSpeed
-(the device image has neither). The device runs the same code at DeepSeek-V2-Lite size."""
+"""``python -m benchmarks.gpu_check``, the prepared GPU run (issue 15), at the tiny size on the CPU: every section
+runs and writes its figures, its correctness checks (the CUDA tests ``tests/test_cuda_*.py``, through pytest or,
+without pytest, the direct runner) pass, and nothing it or those tests import needs Ray or DeepSpeed (the
+device image has neither). The device runs the same code at DeepSeek-V2-Lite size."""
 
 from __future__ import annotations
 
 import ast
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
+import torch
+
 from benchmarks import gpu_check
+from benchmarks.gpu import checks as gpu_checks
+from benchmarks.gpu.common import SIZES, Context, check_target, cuda_checks_enabled
 
 ROOT = Path(__file__).resolve().parents[1]
+CUDA_TESTS = {
+    "test_cuda_moe.py": {"test_moe_grouped_mm_matches_loop", "test_moe_layer_matches_transformers_eager"},
+    "test_cuda_decode.py": {"test_incremental_kv_cache_matches_full_forward",
+                            "test_incremental_slot_cache_matches_full_forward", "test_decode_uses_absorbed_attention",
+                            "test_absorbed_matches_expanded_1_query", "test_absorbed_matches_expanded_4_queries",
+                            "test_absorbed_matches_expanded_1_query_sharp"},
+}
 
 
 def _number(x) -> bool:
@@ -29,22 +43,24 @@ def test_gpu_check_tiny_cpu_writes_every_section(tmp_path):
     assert data["env"]["torch"] and data["env"]["transformers"] and data["env"]["dtype"] == "bfloat16"
     assert data["forbidden_modules_loaded"] == []
 
-    # 1. correctness: every check ran and passed, with real error figures
+    # 1. correctness: every CUDA test ran (through pytest) and passed, with real error figures
     checks = secs["checks"]
-    for name in ("moe_grouped_vs_loop", "incremental_vs_full", "absorbed_vs_expanded"):
-        assert checks[name]["passed"] is True, checks[name]
-    moe = checks["moe_grouped_vs_loop"]["tensors"]
+    assert checks["runner"].startswith("pytest") and checks["exit_code"] == 0 and checks["passed"] is True
+    assert checks["environment"]["DEEPOMNI_CUDA_CHECKS_DEVICE"] == "cpu"
+    figures = _check_figures(checks)
+    moe = figures["test_moe_grouped_mm_matches_loop"]["tensors"]
     assert {"out", "grad_x", "grad_experts_gate_up", "grad_experts_down", "grad_router"} <= set(moe)
     for r in moe.values():
         assert _number(r["rel_err"]) and r["rel_err"] <= r["tolerance"] < 0.1
         assert 0 < r["baseline_rel_err"]  # bf16 really differs from fp32: the comparison is not vacuous
     for cache in ("kv_cache", "slot_cache"):
-        r = checks["incremental_vs_full"][cache]
+        r = figures[f"test_incremental_{cache}_matches_full_forward"]
         assert r["bf16"]["passed"] and r["fp32"]["passed"] and r["fp32"]["rel_err"] < 1e-4
-    att = checks["absorbed_vs_expanded"]
-    assert att["decode_uses_absorbed"]
-    assert att["queries_1"]["fp32"]["rel_err"] < 1e-5 and att["queries_4"]["bf16"]["passed"]
-    assert all(_number(v) for v in att["decode_attention_ms"].values())
+    assert all(figures["test_decode_uses_absorbed_attention"].values())
+    assert figures["test_absorbed_matches_expanded_1_query"]["fp32"]["rel_err"] < 1e-5
+    assert figures["test_absorbed_matches_expanded_4_queries"]["bf16"]["passed"]
+    hf = figures["test_moe_layer_matches_transformers_eager"]
+    assert hf["out"]["passed"] and hf["grad_x"]["passed"] and hf["shape"]["tokens"] == SIZES["tiny"].moe_tokens
 
     # 2. MoE layer: every implementation timed, the check against transformers passed
     m = secs["moe_layer"]
@@ -52,19 +68,21 @@ def test_gpu_check_tiny_cpu_writes_every_section(tmp_path):
     assert all(_number(r["median_ms"]) and r["tflops"] > 0 for r in m["rows"].values())
     assert all(_number(v) for v in m["ratios"].values()) and set(m["goals"]) == {
         "at_least_1x_transformers_grouped_mm", "at_least_50pct_of_dense_rate"}
-    assert m["check"]["passed"] and m["shape"]["tokens"] == gpu_check.SIZES["tiny"].moe_tokens
+    assert m["shape"]["tokens"] == SIZES["tiny"].moe_tokens and m["shape"]["hidden"] == hf["shape"]["hidden"]
 
     # 3. serving: TTFA for 1 and N sessions, decode steps at every row count
     s = secs["serving"]
     for k in ("1_session", "concurrent", "sequential"):
         assert _number(s["ttfa"][k]["p50_ms"]) and s["ttfa"][k]["p99_ms"] >= s["ttfa"][k]["p50_ms"] > 0
     assert _number(s["ttfa"]["concurrency_gain"]) and isinstance(s["goal_ttfa_1_session_under_250ms"], bool)
-    rows = [str(r) for r in gpu_check.SIZES["tiny"].step_rows]
+    rows = [str(r) for r in SIZES["tiny"].step_rows]
     assert set(s["decode_step"]["text_rows"]) == set(s["decode_step"]["forward_only"]) == set(rows)
     for r in rows:
         assert 0 < s["decode_step"]["text_rows"][r]["rows_mean"] <= int(r)  # a session may end early (EOT)
         assert s["decode_step"]["text_rows"][r]["step_ms"] > 0 and s["decode_step"]["forward_only"][r]["forward_ms"] > 0
     assert all(x["rows_mean"] > 0 for x in s["decode_step"]["speech_sessions"].values())
+    att = s["decode_attention"]
+    assert att["decode_uses_absorbed"] and _number(att["absorbed_ms"]) and _number(att["expanded_ms"])
 
     # 4. training: a finite loss, throughput, and a plan whose shares add up
     t = secs["training"]
@@ -81,7 +99,45 @@ def test_gpu_check_tiny_cpu_writes_every_section(tmp_path):
 
     summary = data["summary"]
     assert summary["sections_ok"] == list(gpu_check.SECTIONS) and summary["checks_passed"] is True
+    assert summary["moe_check_passed"] is True
     assert rc == 0
+
+
+def _check_figures(checks: dict) -> dict[str, dict]:
+    """Every CUDA test passed and recorded its figures: ``{test name: figures}``."""
+    want = {f"tests/{f}::{name}" for f, names in CUDA_TESTS.items() for name in names}
+    assert set(checks["tests"]) == want, sorted(set(checks["tests"]) ^ want)
+    assert checks["counts"] == {"passed": len(want), "failed": 0, "error": 0, "skipped": 0}
+    for nodeid, t in checks["tests"].items():
+        assert t["outcome"] == "passed", (nodeid, t.get("longrepr"))
+        assert _number(t["duration_s"]) and "figures" in t["properties"], nodeid
+    return {nodeid.rpartition("::")[2]: t["properties"]["figures"] for nodeid, t in checks["tests"].items()}
+
+
+def test_checks_without_pytest_run_the_tests_directly(tmp_path, monkeypatch):
+    """On an image without pytest the checks section calls the test functions itself, and says so."""
+    monkeypatch.setitem(sys.modules, "pytest", None)  # `import pytest` raises ImportError from here on
+    ctx = Context(torch.device("cpu"), "tiny", SIZES["tiny"], 0, tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run above (--threads 1): tiny work, a shared machine
+    try:
+        res = gpu_checks.section_checks(ctx)
+    finally:
+        torch.set_num_threads(threads)
+    assert res["runner"].startswith("direct") and res["passed"] is True, res
+    figures = _check_figures(res)
+    assert figures["test_moe_grouped_mm_matches_loop"]["device"] == "cpu"
+    assert any("checks: direct" in line for line in ctx.log_lines)
+
+
+def test_cuda_tests_skip_without_cuda_unless_asked(monkeypatch):
+    monkeypatch.delenv("DEEPOMNI_CUDA_CHECKS_DEVICE", raising=False)
+    monkeypatch.delenv("DEEPOMNI_CUDA_CHECKS_PRESET", raising=False)
+    assert cuda_checks_enabled() == torch.cuda.is_available()
+    assert check_target().preset == "deepseek-v2-lite" and check_target().device.type == "cuda"
+    monkeypatch.setenv("DEEPOMNI_CUDA_CHECKS_DEVICE", "cpu")
+    assert cuda_checks_enabled() and check_target().preset == "tiny" and check_target().size == SIZES["tiny"]
+    assert sorted(p.name for p in gpu_checks.test_files()) == sorted(CUDA_TESTS)
 
 
 def _import_nodes(tree: ast.Module, top_level_only: bool):
@@ -130,10 +186,17 @@ def _source(module: str) -> Path | None:
 
 
 def test_gpu_check_imports_neither_ray_nor_deepspeed():
-    """What the script imports (anywhere in it: its sections import lazily), and what those modules and their
-    packages import when loaded, reaches neither Ray nor DeepSpeed."""
+    """What the run imports (anywhere in its files: its sections import lazily; ``benchmarks/gpu/*.py``, which it
+    imports by name, and the CUDA tests it runs), what pytest loads with them (``tests/conftest.py``), and what
+    those modules and their packages import when loaded, reaches neither Ray nor DeepSpeed."""
+    roots = [(ROOT / "benchmarks" / "gpu_check.py", "benchmarks.gpu_check")]
+    roots += [(p, f"benchmarks.gpu.{p.stem}".removesuffix(".__init__"))
+              for p in (ROOT / "benchmarks" / "gpu").glob("*.py")]
+    roots += [(p, p.stem) for p in gpu_checks.test_files()]
+    assert {p.name for p, _ in roots} >= set(CUDA_TESTS) | {"checks.py", "serving.py", "training.py", "moe_layer.py"}
     seen: set[str] = set()
-    todo = sorted(_imports(ROOT / "benchmarks" / "gpu_check.py", "benchmarks.gpu_check", top_level_only=False))
+    todo = sorted(m for path, module in roots for m in _imports(path, module, top_level_only=False))
+    todo += sorted(_imports(ROOT / "tests" / "conftest.py", "conftest", top_level_only=True))
     while todo:
         module = todo.pop()
         if module in seen:
@@ -146,5 +209,21 @@ def test_gpu_check_imports_neither_ray_nor_deepspeed():
             if path is not None:
                 todo.extend(_imports(path, name, top_level_only=True) - seen)
     reached = {m.split(".")[0] for m in seen}
-    assert "deepomni" in reached and "transformers" in reached
+    assert "deepomni" in reached and "transformers" in reached and "benchmarks" in reached
     assert not reached & set(gpu_check.FORBIDDEN), sorted(reached & set(gpu_check.FORBIDDEN))
+
+
+def test_gpu_run_is_a_module_without_sys_path_edits():
+    """The run's files import as modules of the repository root (``python -m benchmarks.gpu_check``): none of
+    them touches ``sys.path``; and the device command in the docstring runs it that way."""
+    files = [ROOT / "benchmarks" / "gpu_check.py", ROOT / "benchmarks" / "moe_layer.py",
+             *(ROOT / "benchmarks" / "gpu").glob("*.py"), *gpu_checks.test_files()]
+    for path in files:
+        tree = ast.parse(path.read_text())
+        touched = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "path"
+                   and isinstance(n.value, ast.Name) and n.value.id == "sys"]
+        assert not touched, f"{path.relative_to(ROOT)} uses sys.path at lines {touched}"
+        assert len(path.read_text().splitlines()) < 450, path
+    command = re.search(r"^ +command: +(.+)$", gpu_check.__doc__, re.M).group(1)
+    assert command.endswith("&& timeout 480 python3 -m benchmarks.gpu_check --device cuda"), command
+    assert "export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1" in command and "--target /tmp/site .whl/*.whl" in command

@@ -25,8 +25,8 @@ from deepomni.model.channels import CodecSpecial, TextSpecial
 from deepomni.model.generate import GenerationConfig as OurGenerationConfig
 from deepomni.model.generate import generate
 from deepomni.model.hf import hf_tokenizer, import_hf
-from deepomni.model.hf.cli import add_export_hf_command
-from deepomni.model.hf.lm_eval import text_prompt
+from deepomni.hf.cli import add_export_hf_command
+from deepomni.hf.lm_eval import text_prompt
 from deepomni.model.model import DeepOmniModel
 from deepomni.model.prompt import user_turn
 from deepomni.text import ByteTokenizer, HFTokenizer

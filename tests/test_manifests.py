@@ -1,12 +1,11 @@
-"""The cluster and Kubernetes files validate offline (docs/operations.md).
+"""The cluster and Kubernetes files validate offline (docs/operations.md); what the generated resources say
+(names, GPUs, the Serve and training configs, the jobs' command lines): tests/test_manifests_contents.py.
 
 * KubeRay resources (``manifests/generated/``) against the CRDs' OpenAPI schemas in
   ``../shared/schemas/kuberay/`` (or ``$DEEPOMNI_KUBERAY_SCHEMAS``; else the gzipped copy in
   ``manifests/schemas/kuberay/``), strictly: unknown fields fail, as with
   ``kubectl apply --validate=strict``; core kinds and every pod template with ``kubernetes-validate``.
-* The generated files are what ``manifests/generate.py`` renders now; the RayService's ``serveConfigV2`` is
-  ``serve_apps/config.yaml`` with only the changes values.yaml names; every job's command line parses with
-  the job's own argument parser.
+* The generated files are what ``manifests/generate.py`` renders now.
 * ``cluster/launcher.yaml`` passes Ray's own cluster-launcher validation (``ray/autoscaler/ray-schema.json``).
 * ``manifests/generated/kustomization.yaml`` lists exactly the generated files with their image and namespace,
   and (where ``kubectl`` is installed) an overlay retargets both with ``kubectl kustomize``.
@@ -14,60 +13,23 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import gzip
-import importlib.util
-import json
 import os
-import re
-import runpy
-import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-GENERATED = ROOT / "manifests" / "generated"
+from tests.helpers.manifests import (CRD_FILES, DOCS, GENERATED, KUBERAY, ROOT, Loader, cluster_spec, gen, of_kind,
+                                     pod_templates)
+
 SCHEMAS = Path(os.environ.get("DEEPOMNI_KUBERAY_SCHEMAS", ROOT.parent / "shared" / "schemas" / "kuberay"))
 VENDORED = ROOT / "manifests" / "schemas" / "kuberay"  # KubeRay v1.7 CRDs (Apache-2.0), gzipped
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayService": "ray.io_rayservices.yaml"}
-Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("deepomni_manifests_generate", ROOT / "manifests" / "generate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gen = _load_generator()
-
-
-def _docs() -> list[tuple[str, dict]]:
-    out = []
-    for p in sorted(GENERATED.rglob("*.yaml")):
-        if p.name == gen.KUSTOMIZATION:  # not a resource (tests of its own below)
-            continue
-        for d in yaml.load_all(p.read_text(), Loader=Loader):
-            if d is not None:
-                out.append((str(p.relative_to(GENERATED)), d))
-    return out
-
-
-DOCS = _docs()
-
-
-def _of_kind(*kinds: str) -> list[tuple[str, dict]]:
-    return [(p, d) for p, d in DOCS if d["kind"] in kinds]
 
 
 # ------------------------------------------------------------------------------- CRD schema validation
@@ -132,14 +94,14 @@ def test_generated_has_every_resource():
     assert {"Namespace", "PersistentVolumeClaim", "ConfigMap"} <= set(kinds)
     from deepomni.train.stages import STAGES
 
-    stages = {d["metadata"]["labels"].get("deepomni.io/stage") for _, d in _of_kind("RayJob")}
+    stages = {d["metadata"]["labels"].get("deepomni.io/stage") for _, d in of_kind("RayJob")}
     assert set(STAGES) <= stages, f"stages without a RayJob: {set(STAGES) - stages}"
-    entry = " ".join(d["spec"]["entrypoint"] for _, d in _of_kind("RayJob"))
+    entry = " ".join(d["spec"]["entrypoint"] for _, d in of_kind("RayJob"))
     for module in ("jobs.prepare_data", "jobs.profile_load", "jobs.pairs", "jobs.evaluate", "jobs.pipeline"):
         assert f"-m {module} " in entry
 
 
-@pytest.mark.parametrize("path,doc", _of_kind(*CRD_FILES), ids=[p for p, _ in _of_kind(*CRD_FILES)])
+@pytest.mark.parametrize("path,doc", of_kind(*CRD_FILES), ids=[p for p, _ in of_kind(*CRD_FILES)])
 def test_kuberay_resource_validates_against_crd(path, doc):
     errors = crd_errors(doc)
     assert not errors, f"{path}:\n" + "\n".join(errors)
@@ -147,11 +109,6 @@ def test_kuberay_resource_validates_against_crd(path, doc):
 
 def _first(kind: str) -> dict:
     return copy.deepcopy(next(d for _, d in DOCS if d["kind"] == kind))
-
-
-def _cluster(doc: dict) -> dict:
-    return {"RayCluster": lambda: doc["spec"], "RayJob": lambda: doc["spec"]["rayClusterSpec"],
-            "RayService": lambda: doc["spec"]["rayClusterConfig"]}[doc["kind"]]()
 
 
 BREAKAGES = {
@@ -175,7 +132,7 @@ BREAKAGES = {
 def test_broken_manifest_fails_crd_validation(kind, breakage):
     doc = _first(kind)
     assert not crd_errors(doc)
-    BREAKAGES[breakage](_cluster(doc))
+    BREAKAGES[breakage](cluster_spec(doc))
     assert crd_errors(doc), f"{kind}: '{breakage}' was not caught"
 
 
@@ -213,17 +170,9 @@ def test_core_kinds_validate(path, doc):
     assert _core_errors(doc) is None, path
 
 
-def _pod_templates(doc: dict) -> list[dict]:
-    c = _cluster(doc)
-    return [c["headGroupSpec"]["template"]] + [g["template"] for g in c["workerGroupSpecs"]]
-
-
-KUBERAY = _of_kind(*CRD_FILES)
-
-
 @pytest.mark.parametrize("path,doc", KUBERAY, ids=[p for p, _ in KUBERAY])
 def test_pod_templates_validate_as_core_podtemplates(path, doc):
-    for i, t in enumerate(_pod_templates(doc)):
+    for i, t in enumerate(pod_templates(doc)):
         pt = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}"}, "template": t}
         assert _core_errors(pt) is None, f"{path} template {i}: {_core_errors(pt)}"
 
@@ -235,57 +184,12 @@ def test_broken_core_kinds_fail():
     cm = copy.deepcopy(next(d for _, d in CORE if d["kind"] == "ConfigMap"))
     cm["data"]["n"] = 1
     assert _core_errors(cm)
-    t = copy.deepcopy(_pod_templates(_first("RayJob"))[0])
+    t = copy.deepcopy(pod_templates(_first("RayJob"))[0])
     t["spec"]["containers"][0]["volumeMounts"][0]["mountpath"] = "/x"
     assert _core_errors({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": t})
 
 
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-
-
-def test_names_namespaces_and_references():
-    values = gen.load_values()
-    names = set()
-    for path, d in DOCS:
-        m = d["metadata"]
-        assert DNS1123_LABEL.match(m["name"]) and len(m["name"]) <= 47, path  # KubeRay derives longer names
-        if d["kind"] != "Namespace":
-            assert m["namespace"] == values["namespace"], path
-        assert (d["kind"], m["name"]) not in names, path
-        names.add((d["kind"], m["name"]))
-    claims = {d["metadata"]["name"] for _, d in _of_kind("PersistentVolumeClaim")}
-    maps = {d["metadata"]["name"] for _, d in _of_kind("ConfigMap")}
-    for path, d in KUBERAY:
-        for t in _pod_templates(d):
-            for vol in t["spec"]["volumes"]:
-                if "persistentVolumeClaim" in vol:
-                    assert vol["persistentVolumeClaim"]["claimName"] in claims, path
-                if "configMap" in vol:
-                    assert vol["configMap"]["name"] in maps, path
-
-
-def test_gpu_groups_request_gpus_where_users_expect_them():
-    values = gen.load_values()
-    for path, d in KUBERAY:
-        c = _cluster(d)
-        head = c["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
-        assert "nvidia.com/gpu" not in head["limits"], path
-        for g in c["workerGroupSpecs"]:
-            want = values["workerGroups"][g["groupName"]]
-            spec = g["template"]["spec"]
-            res = spec["containers"][0]["resources"]
-            assert res["limits"].get("nvidia.com/gpu", 0) == want["gpus"], path
-            assert res["requests"] == res["limits"], path  # extended resources need requests == limits
-            assert spec.get("nodeSelector", {}) == want["nodeSelector"], path
-            assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], path
-            assert any(m["mountPath"] == "/dev/shm" for m in spec["containers"][0]["volumeMounts"])
-    gpu = values["workerGroups"]["gpu"]
-    assert gpu["gpus"] >= 1 and gpu["tolerations"]
-    workers = gen.train_config(values)["num_workers"]
-    assert workers <= gpu["maxReplicas"] * gpu["gpus"], "training would wait forever for GPUs"
-
-
-# ------------------------------------------------------------------------------- generated and sources
+# ------------------------------------------------------------------------------- generated files
 def test_generated_files_are_up_to_date():
     assert gen.stale() == [], "manifests/generated is stale: run .venv/bin/python manifests/generate.py"
 
@@ -298,90 +202,6 @@ def test_stale_check_notices_a_hand_edit(tmp_path):
     f.write_text(f.read_text() + "# a hand edit\n")
     (out / "jobs" / "extra.yaml").write_text("{}\n")
     assert gen.stale(out) == ["jobs/extra.yaml", "raycluster.yaml"]
-
-
-def test_serve_config_v2_is_generated_from_serve_apps_config():
-    values = gen.load_values()
-    (svc,) = [d for _, d in _of_kind("RayService")]
-    deployed = yaml.safe_load(svc["spec"]["serveConfigV2"])
-    assert deployed == gen.serve_config(values)
-    # and it is the source file with only the changes values.yaml names
-    source = yaml.safe_load((ROOT / "serve_apps" / "config.yaml").read_text())
-    (app,) = deployed["applications"]
-    (src_app,) = source["applications"]
-    assert deployed["proxy_location"] == source["proxy_location"]
-    assert deployed["http_options"] == {**source["http_options"], "host": values["serve"]["http_host"]}
-    assert {k: v for k, v in app.items() if k not in ("args", "deployments")} == \
-        {k: v for k, v in src_app.items() if k not in ("args", "deployments")}
-    assert app["args"] == {**src_app["args"], **values["serve"]["args"]}
-    assert [d["name"] for d in app["deployments"]] == [d["name"] for d in src_app["deployments"]]
-    for d, s in zip(app["deployments"], src_app["deployments"]):
-        over = values["serve"]["deployments"].get(d["name"], {})
-        for key in set(d) | set(s):
-            if key in over:
-                assert d[key] == {**s.get(key, {}), **over[key]}
-            else:
-                assert d[key] == s[key], (d["name"], key)
-    # the app's own loader accepts these args
-    from serve_apps.loading import AppConfig
-
-    AppConfig.from_args({**app["args"], "checkpoint": None})  # the checkpoint exists only on the volume
-
-
-def test_serve_config_change_reaches_the_rayservice(tmp_path):
-    src = yaml.safe_load((ROOT / "serve_apps" / "config.yaml").read_text())
-    src["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] = 7
-    p = tmp_path / "config.yaml"
-    p.write_text(yaml.safe_dump(src))
-    cfg = gen.serve_config(gen.load_values(), source=p)
-    assert cfg["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 7
-
-
-def test_print_options_match_the_manifests(capsys):
-    assert gen.main(["--print-serve-config"]) == 0
-    (svc,) = [d for _, d in _of_kind("RayService")]
-    assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(svc["spec"]["serveConfigV2"])
-    assert gen.main(["--print-train-config"]) == 0
-    (cm,) = [d for _, d in _of_kind("ConfigMap")]
-    assert json.loads(capsys.readouterr().out) == json.loads(cm["data"]["train.json"])
-
-
-def test_train_config_map_is_a_valid_train_config():
-    from deepomni.train.config import TrainConfig
-
-    (cm,) = [d for _, d in _of_kind("ConfigMap")]
-    cfg = TrainConfig.from_dict(json.loads(cm["data"]["train.json"]))
-    cfg.validate()
-    values = gen.load_values()
-    for k, v in values["train"]["overrides"].items():
-        assert getattr(cfg, k) == v
-
-
-class _Parsed(Exception):
-    pass
-
-
-@pytest.mark.parametrize("path,doc", _of_kind("RayJob"), ids=[p for p, _ in _of_kind("RayJob")])
-def test_job_entrypoints_parse(path, doc, tmp_path, monkeypatch):
-    """Each entrypoint's flags are accepted by the job's own parser (nothing runs: parsing stops it)."""
-    argv = shlex.split(doc["spec"]["entrypoint"])
-    assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs."), path
-    (cm,) = [d for _, d in _of_kind("ConfigMap")]
-    config = tmp_path / "train.json"
-    config.write_text(cm["data"]["train.json"])
-    args = [str(config) if a == gen.TRAIN_CONFIG else a for a in argv[3:]]
-    seen = {}
-    original = argparse.ArgumentParser.parse_args
-
-    def parse_args(self, a=None, namespace=None):
-        seen["ns"] = original(self, a, namespace)
-        raise _Parsed
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
-    monkeypatch.setattr(sys, "argv", [argv[2], *args])
-    with pytest.raises(_Parsed):
-        runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
-    assert seen["ns"] is not None
 
 
 # -------------------------------------------------------------------------------------------- kustomize
@@ -417,7 +237,7 @@ def test_kustomization_lists_exactly_the_generated_manifests():
 def test_kustomization_image_is_the_image_of_every_container():
     (entry,) = _kustomization()["images"]
     used = {i for _, d in DOCS for i in _images(d)}
-    assert len(used) == 1 and sum(len(_images(d)) for _, d in _of_kind(*CRD_FILES)) >= 3 * len(KUBERAY)
+    assert len(used) == 1 and sum(len(_images(d)) for _, d in of_kind(*CRD_FILES)) >= 3 * len(KUBERAY)
     (image,) = used
     assert image == gen.load_values()["image"]
     rebuilt = entry["name"] + (f":{entry['newTag']}" if "newTag" in entry else "") + (

@@ -7,12 +7,12 @@ import torch
 
 from deepomni.config import ModelConfig, list_presets, load_preset
 from deepomni.model.attention import KVCache
-from deepomni.model.channels import (IGNORE, CodecSpecial, TextSpecial, VocabLayout, channel_loss, delay_codes,
-                                     undo_delay)
+from deepomni.model.channels import IGNORE, CodecSpecial, TextSpecial, VocabLayout, channel_loss, delay_codes
 from deepomni.model.generate import GenerationConfig, generate, stream
 from deepomni.model.model import DeepOmniModel, count_parameters
 from deepomni.model.prompt import user_turn
 from deepomni.model.speech import num_audio_positions
+from tests.helpers.codes import undo_delay
 
 
 # ----------------------------------------------------------------------------------------- config

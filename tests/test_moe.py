@@ -7,8 +7,9 @@ from transformers import DeepseekV2Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
 from deepomni.config import load_preset
-import deepomni.model.moe as moe_module
-from deepomni.model.moe import MoE, Routing, balance_loss, combine, dispatch, expert_ffn, permute_tokens
+import deepomni.model.expert_ffn as expert_ffn_module
+from deepomni.model.expert_ffn import expert_ffn
+from deepomni.model.moe import MoE, Routing, balance_loss, combine, dispatch, permute_tokens
 
 D, E, F, K, SHARED = 32, 8, 16, 2, 2
 
@@ -71,7 +72,7 @@ def test_matches_transformers_deepseek_v2_moe(scale):
 @pytest.mark.parametrize("masked", [False, True])
 def test_grouped_mm_equals_loop(masked, chunk_rows, monkeypatch):
     if chunk_rows is not None:
-        monkeypatch.setattr(moe_module, "CPU_CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr(expert_ffn_module, "CPU_CHUNK_ROWS", chunk_rows)
     grouped = _init(MoE(_cfg(moe_impl="grouped_mm"))).train()
     loop = MoE(_cfg(moe_impl="loop")).train()
     loop.load_state_dict(grouped.state_dict())

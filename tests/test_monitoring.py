@@ -311,76 +311,69 @@ def prom_query(base: str, query: str) -> list[dict]:
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="no prometheus (apt-get install prometheus)")
 def test_live_prometheus_scrapes_the_serve_app(tmp_path):
     import ray
-    from ray import serve
 
+    from benchmarks.harness import free_port, readable_checkpoint, serve_app
     from deepomni.audio import encode_audio
-    from deepomni.ray_env import init_ray
-    from serve_apps.app import build_app
-    from tests.test_serve import SR, dialogue, free_port, readable_checkpoint, sse_events, speech_wav
+    from tests.helpers.serve import SR, dialogue, sse_events, speech_wav
 
     t_start = time.monotonic()
-    from serve_apps import ray_mode
-
     ckpt = readable_checkpoint(tmp_path / "ckpt")
-    ray_mode.apply()
-    init_ray()
-    metrics_port = ray._private.worker.global_worker.node.metrics_export_port
-    http_port, prom_port = free_port(), free_port()
-    env = {**os.environ, "DEEPOMNI_PROM_DIR": str(tmp_path / "prom"), "DEEPOMNI_PROM_PORT": str(prom_port),
-           "DEEPOMNI_PROM_TARGETS": f"127.0.0.1:{metrics_port}", "DEEPOMNI_PROM_INTERVAL": "2s"}
-    started = subprocess.run([str(MONITOR), "start"], env=env, capture_output=True, text=True, timeout=60)
-    assert started.returncode == 0, started.stdout + started.stderr
-    prom = f"http://127.0.0.1:{prom_port}"
+    # Ray and the app start first (Prometheus scrapes Ray's metrics port); both stop after (the next test module
+    # starts its own Ray)
+    with serve_app({"checkpoint": ckpt, "max_steps": 16}) as (base, _):
+        metrics_port = ray._private.worker.global_worker.node.metrics_export_port
+        prom_port = free_port()
+        env = {**os.environ, "DEEPOMNI_PROM_DIR": str(tmp_path / "prom"), "DEEPOMNI_PROM_PORT": str(prom_port),
+               "DEEPOMNI_PROM_TARGETS": f"127.0.0.1:{metrics_port}", "DEEPOMNI_PROM_INTERVAL": "2s"}
+        started = subprocess.run([str(MONITOR), "start"], env=env, capture_output=True, text=True, timeout=60)
+        assert started.returncode == 0, started.stdout + started.stderr
+        prom = f"http://127.0.0.1:{prom_port}"
 
-    @ray.remote(num_cpus=0)
-    class Hooks:  # the training and data hooks, inside Ray (their metrics are exported like the app's)
-        def record(self):
-            import torch
+        @ray.remote(num_cpus=0)
+        class Hooks:  # the training and data hooks, inside Ray (their metrics are exported like the app's)
+            def record(self):
+                import torch
 
-            tm = train_metrics.TrainMetrics("live", "smoke", 0, num_codec_channels=1, flush_s=0)
-            tm.started(0)
-            tm.step({"step": 1, "loss": 2.0, "aux_loss": 0.1, "lr": 1e-3, "tokens_per_s": 10.0, "step_time_s": 0.1,
-                     "data_wait_s": 0.0, "channel_losses": [1.5, 2.5]}, 64, {"text": torch.tensor([[5, 3]])}, [1])
-            for stage in data_metrics.STAGES:
-                data_metrics.StageMetrics(stage).batch(4, 1, "sequence", 2.0)
+                tm = train_metrics.TrainMetrics("live", "smoke", 0, num_codec_channels=1, flush_s=0)
+                tm.started(0)
+                tm.step({"step": 1, "loss": 2.0, "aux_loss": 0.1, "lr": 1e-3, "tokens_per_s": 10.0,
+                         "step_time_s": 0.1, "data_wait_s": 0.0, "channel_losses": [1.5, 2.5]}, 64,
+                        {"text": torch.tensor([[5, 3]])}, [1])
+                for stage in data_metrics.STAGES:
+                    data_metrics.StageMetrics(stage).batch(4, 1, "sequence", 2.0)
 
-    hooks = Hooks.remote()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        serve.run(build_app({"checkpoint": ckpt, "max_steps": 16}), name="deepomni", route_prefix="/")
-        base = f"http://127.0.0.1:{http_port}"
-        ray.get(hooks.record.remote())
-        wav = encode_audio(speech_wav(), SR, "WAV")
-        for seed in range(3):  # a short serving load: three spoken answers
-            events = sse_events(dialogue(base, wav, params={"seed": seed}))
-            assert events[-1][0] == "end" and any(k == "audio" for k, _ in events)
-        assert dialogue(base, b"hello", content_type="text/plain").status_code == 415  # a rejection
+        hooks = Hooks.remote()
+        try:
+            ray.get(hooks.record.remote())
+            wav = encode_audio(speech_wav(), SR, "WAV")
+            for seed in range(3):  # a short serving load: three spoken answers
+                events = sse_events(dialogue(base, wav, params={"seed": seed}))
+                assert events[-1][0] == "end" and any(k == "audio" for k, _ in events)
+            assert dialogue(base, b"hello", content_type="text/plain").status_code == 415  # a rejection
 
-        want = {"ray_deepomni_time_to_first_audio_seconds_bucket", *RAY_METRICS, *exported_series()}
-        want -= {"ray_deepomni_cancelled_sessions_total"}  # only once a client has gone away
-        names: set[str] = set()
-        ttfa: list = []
-        deadline = time.monotonic() + 75
-        while time.monotonic() < deadline:
-            ttfa = prom_query(prom, 'ray_deepomni_time_to_first_audio_seconds_bucket{le="+Inf"}')
-            r = requests.get(f"{prom}/api/v1/label/__name__/values", timeout=10)
-            names = set(r.json()["data"])
-            if sum(float(s["value"][1]) for s in ttfa) >= 3 and want <= names:
-                break
-            time.sleep(2)
-        assert ttfa, f"no time-to-first-audio histogram in Prometheus after {time.monotonic() - t_start:.0f} s"
-        assert sum(float(s["value"][1]) for s in ttfa) >= 3
-        assert {s["metric"].get("application") for s in ttfa} == {"deepomni"}
-        assert want <= names, sorted(want - names)
-        loss = prom_query(prom, 'ray_deepomni_train_channel_loss{run="live", channel="codec0"}')
-        assert loss and loss[0]["metric"]["stage"] == "smoke" and float(loss[0]["value"][1]) == 2.5
-        rejected = prom_query(prom, 'ray_deepomni_rejected_requests_total{reason="unsupported_media_type"}')
-        assert rejected and float(rejected[0]["value"][1]) >= 1
-        targets = requests.get(f"{prom}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-        assert [t["health"] for t in targets] == ["up"]
-    finally:
-        ray.kill(hooks)
-        serve.shutdown()
-        ray.shutdown()  # the next test module starts its own Ray
-        stopped = subprocess.run([str(MONITOR), "stop"], env=env, capture_output=True, text=True, timeout=60)
-        assert stopped.returncode == 0, stopped.stderr
+            want = {"ray_deepomni_time_to_first_audio_seconds_bucket", *RAY_METRICS, *exported_series()}
+            want -= {"ray_deepomni_cancelled_sessions_total"}  # only once a client has gone away
+            names: set[str] = set()
+            ttfa: list = []
+            deadline = time.monotonic() + 75
+            while time.monotonic() < deadline:
+                ttfa = prom_query(prom, 'ray_deepomni_time_to_first_audio_seconds_bucket{le="+Inf"}')
+                r = requests.get(f"{prom}/api/v1/label/__name__/values", timeout=10)
+                names = set(r.json()["data"])
+                if sum(float(s["value"][1]) for s in ttfa) >= 3 and want <= names:
+                    break
+                time.sleep(2)
+            assert ttfa, f"no time-to-first-audio histogram in Prometheus after {time.monotonic() - t_start:.0f} s"
+            assert sum(float(s["value"][1]) for s in ttfa) >= 3
+            assert {s["metric"].get("application") for s in ttfa} == {"deepomni"}
+            assert want <= names, sorted(want - names)
+            loss = prom_query(prom, 'ray_deepomni_train_channel_loss{run="live", channel="codec0"}')
+            assert loss and loss[0]["metric"]["stage"] == "smoke" and float(loss[0]["value"][1]) == 2.5
+            rejected = prom_query(prom, 'ray_deepomni_rejected_requests_total{reason="unsupported_media_type"}')
+            assert rejected and float(rejected[0]["value"][1]) >= 1
+            targets = requests.get(f"{prom}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+            assert [t["health"] for t in targets] == ["up"]
+        finally:
+            ray.kill(hooks)
+            stopped = subprocess.run([str(MONITOR), "stop"], env=env, capture_output=True, text=True, timeout=60)
+            assert stopped.returncode == 0, stopped.stderr

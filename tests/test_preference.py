@@ -16,8 +16,8 @@ from deepomni.text import load_tokenizer
 from deepomni.train import evaluate as ev
 from deepomni.train import preference as pf
 from deepomni.train.loop import collate, speech_inputs
-from deepomni.train.profile import read_rows
-from test_profile import write_tiny_corpus
+from deepomni.data.tokenized import read_rows
+from tests.helpers.train import write_tiny_corpus
 
 TOK = load_tokenizer("bytes")
 TRAIN_STEPS = 80

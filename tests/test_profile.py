@@ -3,62 +3,19 @@
 import json
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from deepomni.checkpoint import load_model, save_model
-from deepomni.data.sequences import INSTRUCTIONS, build_sequence
-from deepomni.data.tokenized import TOKENIZED_SCHEMA, row_tensors
+from deepomni.checkpoint import load_model
+from deepomni.data.tokenized import row_tensors
 from deepomni.model.channels import VocabLayout
 from deepomni.model.modality import ExpertAssignment, moe_layers
 from deepomni.model.model import DeepOmniModel
 from deepomni.model.moe import Routing
-from deepomni.model.speech import num_audio_positions
-from deepomni.text import load_tokenizer
+from deepomni.data.tokenized import read_rows
 from deepomni.train.profile import (SPEECH, TEXT, LoadTable, assign, modality_positions, num_speech_experts,
-                                    profile_load, random_assignment, read_rows)
-
-# (task, input modality, question, answer): a tiny corpus covering every task and both input modalities
-ITEMS = [
-    ("text_qa", "text", "What is two plus two?", "four"),
-    ("text_qa", "text", "What comes after Monday?", "Tuesday"),
-    ("spoken_qa", "speech", "Spell cat for me.", "c a t"),
-    ("spoken_qa", "text", "What is the opposite of hot?", "cold"),
-    ("asr", "speech", "tobi moved to munby", "tobi moved to munby"),
-    ("tts", "text", "Read this.", "Read this."),
-]
-MEL_FRAMES, ANSWER_FRAMES = 40, 5
-
-
-def write_tiny_corpus(root: Path, cfg, split: str = "test", seed: int = 0) -> Path:
-    """Tokenized shards as ``deepomni data prepare`` writes them, built in-process (random mel and codes)."""
-    layout, tok = VocabLayout.from_config(cfg), load_tokenizer("bytes")
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for i, (task, modality, q, a) in enumerate(ITEMS):
-        speech_in, speech_out = modality == "speech", task in ("tts", "spoken_qa")
-        positions = num_audio_positions(MEL_FRAMES, cfg.speech_encoder.downsample) if speech_in else None
-        codes = torch.randint(0, cfg.codebook_size, (cfg.num_codec_channels, ANSWER_FRAMES), generator=gen) if speech_out else None
-        seq = build_sequence(layout, task, tok.encode(a), tok.encode(INSTRUCTIONS[task]),
-                             question_ids=None if speech_in else tok.encode(q), audio_positions=positions,
-                             answer_codes_KF=codes)
-        mel = torch.randn(cfg.speech_encoder.num_mel_bins, MEL_FRAMES, generator=gen) if speech_in else None
-        rows.append({
-            "id": f"t-{i}", "split": split, "task": task, "input_modality": modality, "question_text": q,
-            "answer_text": a, "length": seq.tokens_LC.shape[0], "num_channels": layout.num_channels,
-            "tokens": seq.tokens_LC.reshape(-1).tolist(), "labels": seq.labels_LC.reshape(-1).tolist(),
-            "audio_positions": positions or 0,
-            "mel": [] if mel is None else mel.reshape(-1).numpy().astype(np.float16).tolist(),
-            "mel_bins": cfg.speech_encoder.num_mel_bins if speech_in else 0, "mel_frames": MEL_FRAMES if speech_in else 0,
-            "answer_frames": ANSWER_FRAMES if speech_out else 0, "error": None,
-        })
-    d = root / "tokenized" / f"split={split}" / "status=ok"
-    d.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA), d / "part-0.parquet")
-    return root
+                                    profile_load, random_assignment)
+from tests.helpers.train import write_tiny_corpus
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +23,6 @@ def corpus(tmp_path_factory, tiny_cfg):
     root = tmp_path_factory.mktemp("corpus")
     write_tiny_corpus(root, tiny_cfg, "train")
     return write_tiny_corpus(root, tiny_cfg, "test")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_cfg):
-    return save_model(DeepOmniModel(tiny_cfg).init_weights(0), tmp_path_factory.mktemp("ckpt"))
 
 
 # ------------------------------------------------------------------------------------------ counting

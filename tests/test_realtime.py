@@ -16,19 +16,16 @@ import numpy as np
 import pytest
 import soxr
 
+from benchmarks.harness import readable_checkpoint, serve_app
 from serve_apps.openai_api import MODEL_ID, OPENAI_SAMPLE_RATE
 from serve_apps.protocol import pcm_s16le
-from tests.test_serve import SR, backbone_stats, serve_app, speech_wav
+from tests.helpers.serve import SR, backbone_stats, speech_wav
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("websockets")
-from openai.types.realtime import RealtimeServerEvent  # noqa: E402
-from pydantic import TypeAdapter  # noqa: E402
+from tests.helpers.realtime import SERVER_EVENT, no_vad, recv, until  # noqa: E402
 
-SERVER_EVENT = TypeAdapter(RealtimeServerEvent)
 CHUNK = OPENAI_SAMPLE_RATE * 2 // 10  # 100 ms of pcm16 at 24 kHz
-NO_VAD = {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
-                                                  "turn_detection": None}}}
 AUDIO_ORDER = ["response.created", "response.output_item.added", "conversation.item.added",
                "response.content_part.added", "response.output_audio.done", "response.output_audio_transcript.done",
                "response.content_part.done", "response.output_item.done", "conversation.item.done", "response.done"]
@@ -41,7 +38,8 @@ DELTAS = ("response.output_audio.delta", "response.output_audio_transcript.delta
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    yield from serve_app(tmp_path_factory.mktemp("ckpt"), max_steps=16)
+    with serve_app({"checkpoint": readable_checkpoint(tmp_path_factory.mktemp("ckpt")), "max_steps": 16}) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -59,25 +57,6 @@ def run(server: str, session) -> None:
             assert first.type == "session.created" and first.session.type == "realtime"
             await session(conn)
     asyncio.run(main())
-
-
-async def recv(conn, timeout: float = 60):
-    raw = await asyncio.wait_for(conn.recv_bytes(), timeout)
-    return SERVER_EVENT.validate_json(raw)  # strict: every event must be one the client knows
-
-
-async def until(conn, kind: str, timeout: float = 60) -> list:
-    """Events up to and including the first of type ``kind``."""
-    out = []
-    while not out or out[-1].type != kind:
-        out.append(await recv(conn, timeout))
-    return out
-
-
-async def no_vad(conn, **session) -> None:
-    await conn.session.update(session={**NO_VAD, **session})
-    ev = await recv(conn)
-    assert ev.type == "session.updated" and ev.session.audio.input.turn_detection is None, ev
 
 
 async def say(conn, pcm: bytes) -> None:

@@ -50,7 +50,7 @@ def test_pipeline_end_to_end_and_rerun(tmp_path):
     assert all(torch.equal(installed[k], v.float()) for k, v in shipped.items())
     # speech at the text's rate (positions "ctc"): each spoken question fills one position per CTC segment the
     # frozen encoder heard, stored with the row; S1 started its projector from the base's text embedding
-    from deepomni.train.profile import read_rows
+    from deepomni.data.tokenized import read_rows
 
     spoken = [r for r in read_rows(out / "data", "train") if r["input_modality"] == "speech"]
     assert spoken and all(2 * r["audio_positions"] == len(r["audio_segments"]) > 0 for r in spoken)

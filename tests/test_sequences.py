@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from deepomni.data.sequences import INSTRUCTIONS, build_sequence
-from deepomni.model.channels import IGNORE, CodecSpecial, TextSpecial, VocabLayout, undo_delay
+from deepomni.model.channels import IGNORE, CodecSpecial, TextSpecial, VocabLayout
+from tests.helpers.codes import undo_delay
 from deepomni.text import ByteTokenizer, load_tokenizer
 
 LAY = VocabLayout(text_vocab_size=512, codebook_size=16, num_codec_channels=3)

@@ -7,141 +7,32 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import socket
 import time
 
 import numpy as np
 import pytest
 import requests
-import torch
 
+from benchmarks.harness import readable_checkpoint, serve_app
 from deepomni.audio import encode_audio
 from serve_apps.protocol import pcm_s16le
-
-MAX_BODY = 1_500_000
-SR = 16000
+from tests.helpers.serve import (MAX_BODY, SR, assert_answer, backbone_stats, dialogue, speech_wav, ws_turn,
+                                 ws_url)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def speech_wav(text: str = "What is the capital of France?") -> np.ndarray:
-    """~1-2 s of real speech (espeak-ng), or a voice-like tone where espeak-ng is missing."""
-    if shutil.which("espeak-ng"):
-        from deepomni.data.espeak import Voice, speak
-
-        return speak(text, Voice("en-us", speed=200))
-    from deepomni.smoke import synthetic_utterance
-
-    return synthetic_utterance(1.2)
-
-
-def readable_text_head(model: DeepOmniModel) -> DeepOmniModel:
-    """The model's text head limited to printable ASCII (specials too are zeroed, so answers end at
-    max_steps), so the byte tokenizer turns a random model's answers into visible text; codec channels
-    untouched. In place; returns the model."""
-    keep = torch.zeros(model.layout.total_size, dtype=torch.bool)
-    keep[32:127] = True
-    keep[model.layout.channel_size(0):] = True
-    with torch.no_grad():
-        for w in (model.embed.weight, model.embed.head_weight):
-            if w is not None:
-                w[~keep] = 0.0
-    return model
-
-
-def readable_checkpoint(directory) -> str:
-    """The tiny preset's random weights, with the text head limited to printable ASCII (specials too are
-    zeroed, so answers end at max_steps), so that the byte tokenizer turns the random answers into visible
-    text deltas."""
-    from deepomni.checkpoint import save_model
-    from deepomni.config import load_preset
-    from deepomni.model.model import DeepOmniModel
-
-    torch.manual_seed(0)
-    model = readable_text_head(DeepOmniModel(load_preset("tiny")).init_weights(seed=0))
-    return str(save_model(model, directory))
-
-
-def serve_app(directory, **app_args):
-    """The Serve app on the embedded local Ray at 127.0.0.1 (as `deepomni serve` runs it: HAProxy in front
-    when installed), on :func:`readable_checkpoint`'s weights saved under ``directory``, with ``app_args``;
-    yields its base URL, then shuts Serve and Ray down (the next module starts its own). For module fixtures."""
-    import ray
-    from ray import serve
-
-    from deepomni.ray_env import init_ray
-    from serve_apps import ray_mode
-    from serve_apps.app import build_app
-
-    ckpt = readable_checkpoint(directory)
-    ray_mode.apply()
-    init_ray()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": ckpt, **app_args}), name="deepomni", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    yield from serve_app(tmp_path_factory.mktemp("ckpt"), max_steps=24, max_body_bytes=MAX_BODY)
+    """The Serve app on the embedded local Ray at 127.0.0.1, on the readable checkpoint; this module's own."""
+    app = {"checkpoint": readable_checkpoint(tmp_path_factory.mktemp("ckpt")), "max_steps": 24,
+           "max_body_bytes": MAX_BODY}
+    with serve_app(app) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
 def wav_bytes():
     return encode_audio(speech_wav(), SR, "WAV")
-
-
-def sse_events(resp) -> list[tuple[str, dict]]:
-    events, kind = [], None
-    for line in resp.iter_lines():
-        if line.startswith(b"event: "):
-            kind = line[7:].decode()
-        elif line.startswith(b"data: "):
-            events.append((kind, json.loads(line[6:])))
-    return events
-
-
-def dialogue(base, data=None, json_body=None, content_type="audio/wav", params=None, timeout=60):
-    headers = {} if json_body is not None else {"Content-Type": content_type}
-    return requests.post(f"{base}/v1/dialogue", data=data, json=json_body, headers=headers, params=params,
-                         stream=True, timeout=timeout)
-
-
-def assert_answer(resp, speech: bool = True) -> list[tuple[str, dict]]:
-    assert resp.status_code == 200, resp.text
-    assert resp.headers["content-type"].startswith("text/event-stream")
-    events = sse_events(resp)
-    kinds = [k for k, _ in events]
-    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("end") == 1, kinds
-    end = events[-1][1]
-    deltas = "".join(d["delta"] for k, d in events if k == "text")
-    assert deltas and deltas == end["text"], (deltas, end["text"])
-    audio = [d for k, d in events if k == "audio"]
-    if speech:
-        assert audio, "no audio event"
-        assert kinds.index("audio") < kinds.index("end")
-        assert kinds.index("audio") < len(kinds) - 2, "the first audio must come before the answer's end"
-        pcm = b"".join(base64.b64decode(d["pcm_b64"]) for d in audio)
-        assert len(pcm) == 2 * sum(d["samples"] for d in audio)
-        assert all(d["sample_rate"] == SR and d["format"] == "pcm_s16le" for d in audio)
-        assert [d["seq"] for d in audio] == list(range(len(audio)))
-        assert end["ttfa_ms"] > 0 and end["audio_seconds"] > 0 and end["audio_chunks"] == len(audio)
-    else:
-        assert not audio and end["ttfa_ms"] is None
-    return events
-
-
-def backbone_stats(base) -> dict:
-    return requests.get(f"{base}/healthz", timeout=30).json()["backbone"]
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
@@ -249,24 +140,6 @@ def test_client_disconnect_mid_answer_cancels_the_session(server, wav_bytes):
 
 
 # ---------------------------------------------------------------------------------------------- WebSocket
-def ws_url(base: str) -> str:
-    return base.replace("http://", "ws://") + "/v1/dialogue/ws"
-
-
-def ws_turn(ws) -> tuple[list[dict], list[bytes]]:
-    """Messages of one answer, up to its ``end`` (or ``error``)."""
-    msgs, chunks = [], []
-    while True:
-        m = ws.recv(timeout=60)
-        if isinstance(m, bytes):
-            chunks.append(m)
-            continue
-        msg = json.loads(m)
-        msgs.append(msg)
-        if msg["type"] in ("end", "error"):
-            return msgs, chunks
-
-
 def test_websocket_two_turns_in_one_connection(server):
     from websockets.sync.client import connect
 
@@ -379,7 +252,7 @@ def test_metric_names_follow_prometheus_conventions():
 
 def test_config_yaml_sets_autoscaling_for_every_deployment():
     from serve_apps.app import deployment_options
-    from serve_apps.loading import AppConfig
+    from deepomni.serve.config import AppConfig
 
     opts = deployment_options()
     assert set(opts) == {"Ingress", "SpeechEncoder", "Backbone", "Vocoder"}
@@ -419,7 +292,7 @@ def test_deployment_settings_live_only_in_config_yaml(tmp_path):
 def test_serve_defaults_to_the_demo_model(tmp_path, monkeypatch):
     """`deepomni serve` with no flags serves what `make demo` trained (recipe checkpoint + its codec), and
     finds nothing (random weights, said aloud) before the demo ran."""
-    from deepomni.cli import DEMO_OUT, demo_model
+    from serve_apps.cli import DEMO_OUT, demo_model
 
     monkeypatch.chdir(tmp_path)
     elsewhere = str(tmp_path / "no-checkout")

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 
 import pytest
 
 pytest.importorskip("websockets")
 pytest.importorskip("httpx")
 
+from benchmarks.harness import readable_checkpoint, serve_app  # noqa: E402
 from benchmarks.serve_faults import Answer, Clients, one_kill  # noqa: E402
-from serve_apps.faults import cause_of, unavailable  # noqa: E402
+from serve_apps.fault_handling import cause_of, unavailable  # noqa: E402
 from serve_apps.openai_api import OpenAIError  # noqa: E402
-from tests.test_serve import serve_app, speech_wav  # noqa: E402
+from tests.helpers.serve import speech_wav  # noqa: E402
 
 END_BOUND_S = 10.0  # an in-flight answer's error, after the kill: the goal is 5 s (docs/serving.md "Faults")
 # a new answer's success: the replacement replica must start (imports, model), on a loaded 2-core CI machine
@@ -48,16 +48,11 @@ def test_what_a_replica_death_becomes():
 def app(tmp_path_factory):
     import ray
 
-    set_here = "RAY_metrics_report_interval_ms" not in os.environ
-    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # the counter reaches /metrics within a second
-    try:
-        gen = serve_app(tmp_path_factory.mktemp("ckpt"), max_steps=24, max_steps_limit=400)
-        url = next(gen)
+    args = {"checkpoint": readable_checkpoint(tmp_path_factory.mktemp("ckpt")), "max_steps": 24,
+            "max_steps_limit": 400}
+    # the counter reaches /metrics within a second
+    with serve_app(args, env={"RAY_metrics_report_interval_ms": "1000"}) as (url, _):
         yield url, ray._private.worker.global_worker.node.metrics_export_port
-        next(gen, None)
-    finally:
-        if set_here:
-            os.environ.pop("RAY_metrics_report_interval_ms", None)
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shutil
 import threading
 import time
 
 import pytest
 import requests
 
+from benchmarks.harness import readable_checkpoint, serve_app
 from serve_apps import auth
 from serve_apps.openai_api import MODEL_ID, OpenAIError
 from serve_apps.protocol import REASONS, reject
-from tests.test_serve import assert_answer, backbone_stats, free_port, readable_checkpoint, ws_turn
+from tests.helpers.browser import CHROMIUM, FLAGS
+from tests.helpers.serve import assert_answer, backbone_stats, ws_turn
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("websockets")
+from tests.helpers.realtime import no_vad, recv, until  # noqa: E402
 
 KEY = "dk_test-0123456789abcdef_KEY"  # a token: fits a WebSocket subprotocol
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -81,7 +82,7 @@ def test_refusal_reasons_and_their_headers():
 
 
 def test_app_config_keeps_the_key_out_of_its_repr_and_checks_max_queued():
-    from serve_apps.loading import AppConfig
+    from deepomni.serve.config import AppConfig
 
     cfg = AppConfig.from_args({"api_key": "s3cret", "max_queued": "3"})
     assert "s3cret" not in repr(cfg) and cfg.api_key == "s3cret" and cfg.queue_limit() == 3
@@ -94,27 +95,11 @@ def test_app_config_keeps_the_key_out_of_its_repr_and_checks_max_queued():
 # ------------------------------------------------------------------------------------------ the app
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from deepomni.ray_env import init_ray
-    from serve_apps import ray_mode
-    from serve_apps.app import build_app
-
-    ckpt = readable_checkpoint(tmp_path_factory.mktemp("ckpt"))
-    ray_mode.apply()
-    set_here = "RAY_metrics_report_interval_ms" not in os.environ
-    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # the counters reach /metrics within a second
-    init_ray()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": ckpt, "max_steps": 16, "max_steps_limit": 2000, "max_rows": 2,
-                         "max_queued": 1, "api_key": KEY}), name="deepomni", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-    if set_here:
-        os.environ.pop("RAY_metrics_report_interval_ms", None)
+    app = {"checkpoint": readable_checkpoint(tmp_path_factory.mktemp("ckpt")), "max_steps": 16,
+           "max_steps_limit": 2000, "max_rows": 2, "max_queued": 1, "api_key": KEY}
+    # the counters reach /metrics within a second
+    with serve_app(app, env={"RAY_metrics_report_interval_ms": "1000"}) as (url, _):
+        yield url
 
 
 def client(server, key=KEY, cls=None):
@@ -219,14 +204,9 @@ def test_websockets_take_the_key_from_a_header_a_subprotocol_or_the_query(server
     assert asyncio.run(official()) == "session.created"
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_the_page_asks_for_the_key_and_then_answers(server):
     from playwright.sync_api import sync_playwright
-
-    from tests.test_serve_page import FLAGS
 
     errors: list[str] = []
     with sync_playwright() as p:
@@ -271,8 +251,6 @@ def _wait_for(server, pred, what: str, timeout: float = 30) -> dict:
 
 
 def test_sessions_beyond_the_queue_are_refused_at_once_and_served_once_the_load_drops(server):
-    from tests.test_realtime import no_vad, recv, until
-
     # two text answers take both rows; a third waits in the queue (its response has not begun)
     running = [_long_answer(server), _long_answer(server)]
     assert [r.status_code for r in running] == [200, 200]

@@ -8,23 +8,17 @@ routed tokens on speech and on text experts, as the server's ``end`` event gave 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.harness import free_port, readable_checkpoint, serve_app
 from deepomni.audio import encode_audio
+from tests.helpers.browser import CHROMIUM, FLAGS
+from tests.helpers.serve import MAX_BODY, SR, speech_wav
 
-from test_serve import MAX_BODY, SR, readable_checkpoint, serve_app, speech_wav
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
-
-# as root, in a sandbox with no network: no Chromium sandbox, no background connections
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",
-         "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def moe_layer_ids() -> list[int]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, moe_layer_ids):
-    """tests/test_serve.py's app, on its readable checkpoint with an expert assignment beside it (a seeded
+    """tests/test_serve.py's app, on the readable checkpoint with an expert assignment beside it (a seeded
     third of each MoE layer's experts for speech, as ``deepomni profile`` would write it)."""
     from deepomni.model.modality import ExpertAssignment
 
@@ -48,8 +42,8 @@ def server(tmp_path_factory, moe_layer_ids):
     gen = torch.Generator().manual_seed(0)
     ExpertAssignment(E, {l: sorted(torch.randperm(E, generator=gen)[:E // 3].tolist())
                          for l in moe_layer_ids}).save(ckpt / "experts.json")
-    yield from serve_app(tmp_path_factory.mktemp("unused"), checkpoint=str(ckpt), max_steps=24,
-                         max_body_bytes=MAX_BODY)
+    with serve_app({"checkpoint": str(ckpt), "max_steps": 24, "max_body_bytes": MAX_BODY}) as (url, _):
+        yield url
 
 
 def _layers(page, turn: int) -> list[dict]:
@@ -187,8 +181,6 @@ def test_page_reconnects_and_says_so_and_draws_experts_without_an_assignment():
     import asyncio
 
     from playwright.sync_api import sync_playwright
-
-    from test_serve import free_port
 
     share = {"layers": [1, 2, 3], "num_experts": 16, "routed": [96, 96, 96], "experts_used": [9, 12, 16],
              "tokens": {"text": 24, "speech": 0}, "speech": None, "text": None}

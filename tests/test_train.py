@@ -17,7 +17,8 @@ from deepomni.checkpoint import load_model, save_model
 from deepomni.config import load_preset
 from deepomni.model.model import DeepOmniModel
 from deepomni.model.modality import moe_layers
-from deepomni.train.config import PRESET_DIR, TrainConfig
+from deepomni.config import read_config_source
+from deepomni.train.config import TrainConfig
 from deepomni.train.engine import lr_factor
 from deepomni.train.profile import random_assignment
 from deepomni.train.stages import BASELINES, MODELS, RECIPE, STAGES, all_steps, get_stage, set_trainable
@@ -113,11 +114,11 @@ def test_config_preset_and_overrides():
     assert cfg.max_steps == 7 and cfg.lr == 2e-3 and cfg.stage == "s1_align"
     with pytest.raises(ValueError):
         TrainConfig.from_dict({"bogus": 1})
-    from deepomni.train.cli import parse_train
+    from tests.helpers.train import parse_train
 
     cli = parse_train(["--config", "tiny", "--stage", "s2_text_experts", "--num-workers", "2", "--ep-size", "2",
                  "--lr", "5e-4", "--init", "ckpt/s1"])
-    preset_steps = json.loads((PRESET_DIR / "tiny.json").read_text())["stages"]["s2_text_experts"]["max_steps"]
+    preset_steps = read_config_source("tiny", "train")["stages"]["s2_text_experts"]["max_steps"]
     assert (cli.stage, cli.num_workers, cli.ep_size, cli.lr, cli.init, cli.max_steps) == \
         ("s2_text_experts", 2, 2, 5e-4, "ckpt/s1", preset_steps)
     # warmup 3% then cosine

@@ -22,9 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deepomni.train.config import TrainConfig
-from deepomni.train.faults import HELD_WORKER
+from deepomni.train.config import FaultInjection, TrainConfig
+from deepomni.train.fault_injection import HELD_WORKER
 from deepomni.train.loop import DataStream, resume_position
+from tests.helpers.train import last_per_step, registered_steps, sample_log
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -60,23 +61,13 @@ def _cfg(tmp: Path, run: str, **kw) -> TrainConfig:
     return TrainConfig.from_dict(base)
 
 
-def _log(run_dir: Path, rank: int = 0) -> list[dict]:
-    """Every record of a rank's sample log, in write order."""
-    return [json.loads(line) for line in (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines()]
-
-
 def _seen(r: dict) -> tuple:
     """What a step record says was trained on and what it gave (not when)."""
     return r["step"], r["epoch"], r["ids"], r["loss"]
 
 
-def _last_per_step(records: list[dict]) -> dict[int, dict]:
-    """What each step counted: the last record of it (a resume re-runs the steps after its checkpoint)."""
-    return {r["step"]: r for r in records}
-
-
 def _assert_same_as_reference(run_dir: Path, reference: Path) -> None:
-    ref, got = _last_per_step(_log(reference)), _last_per_step(_log(run_dir))
+    ref, got = last_per_step(sample_log(reference)), last_per_step(sample_log(run_dir))
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for s in ref:
         assert got[s]["ids"] == ref[s]["ids"], (s, got[s]["ids"], ref[s]["ids"])
@@ -89,17 +80,6 @@ def _assert_same_as_reference(run_dir: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from deepomni.ray_env import init_ray
-
-    init_ray()
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, ray_local) -> Path:
     """An uninterrupted run: its sample log and final weights are what a resumed run must reproduce."""
     from deepomni.train.loop import fit
@@ -109,7 +89,7 @@ def reference(tmp_path_factory, ray_local) -> Path:
     assert r.error is None, r.error
     assert r.metrics["step"] == STEPS and r.metrics["start_step"] == 0
     run_dir = tmp / "reference"
-    log = _log(run_dir)
+    log = sample_log(run_dir)
     assert [x["step"] for x in log] == list(range(1, STEPS + 1))  # no failure, no step twice
     ids = [i for x in log for i in x["ids"]]
     per_epoch = N_ROWS // BATCH
@@ -160,34 +140,25 @@ def test_resume_position_of_other_checkpoints():
 
 
 def test_fault_options():
-    from deepomni.train.cli import parse_train
+    from tests.helpers.train import parse_train
 
-    cfg = parse_train(["--sample-log", "true", "--fail-mode", "kill", "--fail-at-step", "3", "--fail-in", "checkpoint"])
-    assert (cfg.sample_log, cfg.fail_mode, cfg.fail_at_step, cfg.fail_in) == (True, "kill", 3, "checkpoint")
-    assert TrainConfig().sample_log is False  # off by default
-    with pytest.raises(ValueError, match="fail_mode"):
-        TrainConfig.from_dict({"fail_mode": "explode"})
-    with pytest.raises(ValueError, match="fail_in"):
-        TrainConfig.from_dict({"fail_in": "forward"})
+    cfg = parse_train(["--sample-log", "true", "--inject-fault", '{"at_step": 3, "where": "checkpoint", "mode": "kill"}'])
+    assert cfg.sample_log is True and cfg.inject_fault == FaultInjection(at_step=3, where="checkpoint", mode="kill")
+    assert TrainConfig().sample_log is False and TrainConfig().inject_fault is None  # off by default
+    with pytest.raises(ValueError, match="inject_fault.mode"):
+        TrainConfig.from_dict({"inject_fault": {"at_step": 1, "mode": "explode"}})
+    with pytest.raises(ValueError, match="inject_fault.where"):
+        TrainConfig.from_dict({"inject_fault": {"at_step": 1, "where": "forward"}})
 
 
 # ----------------------------------------------------------------------------------- Ray Train runs
-def _registered_steps(run_dir: Path) -> set[int]:
-    """Steps of the checkpoints Ray Train's controller has registered (what a restart can resume from)."""
-    try:
-        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return set()
-    return {c["metrics"]["step"] for c in snap["checkpoint_results"]}
-
-
 def _kill_when_held(run_dir: Path, killed: dict, after: int, timeout_s: float = 300) -> None:
     """Wait for the worker's pid announcement (``fail_mode="hold"``) and for the controller to have
     registered the step-``after`` checkpoint (it polls the workers' reports: a worker killed before the
     poll loses its last report, and the run would resume from the checkpoint before), check the pid is a
     Ray worker process, SIGKILL it; what was killed, and when, goes into ``killed``."""
     held, deadline = run_dir / HELD_WORKER, time.monotonic() + timeout_s
-    while not held.exists() or after not in _registered_steps(run_dir):
+    while not held.exists() or after not in registered_steps(run_dir):
         if time.monotonic() > deadline:
             return
         time.sleep(0.1)
@@ -214,7 +185,8 @@ def test_sigkilled_worker_resumes_exactly(tmp_path, reference):
     killed: dict = {}
     t = threading.Thread(target=_kill_when_held, args=(run_dir, killed, 4), daemon=True)
     t.start()
-    r = fit(_cfg(tmp_path, "killed", fail_at_step=6, fail_in="checkpoint", fail_mode="hold", max_failures=1),
+    r = fit(_cfg(tmp_path, "killed", max_failures=1,
+                 inject_fault={"at_step": 6, "where": "checkpoint", "mode": "hold"}),
             _dataset(), progress=False)
     t.join(timeout=5)
     assert killed.get("step") == 6, killed
@@ -236,7 +208,7 @@ def test_sigkilled_worker_resumes_exactly(tmp_path, reference):
     load_model(before / "model")
 
     # the samples and losses
-    log = _log(run_dir)
+    log = sample_log(run_dir)
     assert [x["step"] for x in log] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # 5 and 6 ran, were lost, ran again
     assert [x["epoch"] for x in log[6:]] == [0, 1, 1, 1]  # the re-run crosses into epoch 1
     assert list(map(_seen, log[4:6])) == list(map(_seen, log[6:8]))  # same samples, same loss at step 5
@@ -244,4 +216,5 @@ def test_sigkilled_worker_resumes_exactly(tmp_path, reference):
     print(f"\n[faults] SIGKILL of {killed['title']} (pid {killed['pid']}) in the step-6 checkpoint copy "
           f"({copied / 2**20:.1f} of {whole / 2**20:.1f} MiB) -> step 5 re-run after "
           f"{log[6]['time'] - killed['time']:.1f} s; the run took {log[-1]['time'] - log[0]['time']:.1f} s "
-          f"from its first step (reference: {_log(reference)[-1]['time'] - _log(reference)[0]['time']:.1f} s)")
+          f"from its first step (reference: "
+          f"{sample_log(reference)[-1]['time'] - sample_log(reference)[0]['time']:.1f} s)")

@@ -124,28 +124,6 @@ class StreamDecoder:
         return audio
 
 
-# ---------------------------------------------------------------------------------------------- factory
-def load_codec(spec: str, device: str | torch.device = "cpu") -> Codec:
-    """``builtin:<dir>`` -> :class:`~deepomni.codec.builtin.BuiltinCodec`; ``snac:<dir>`` ->
-    :class:`~deepomni.codec.snac.SnacCodec` (``config.json`` + ``pytorch_model.bin``, never downloaded).
-    ``device`` is where SNAC's networks run; the built-in codec always runs on CPU."""
-    kind, sep, path = spec.partition(":")
-    if not sep or not path:
-        raise ValueError(f"codec spec must be 'builtin:<dir>' or 'snac:<dir>', got {spec!r}")
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise FileNotFoundError(f"codec directory not found: {directory} (from spec {spec!r})")
-    if kind == "builtin":
-        from .builtin import BuiltinCodec
-
-        return BuiltinCodec.load(directory)
-    if kind == "snac":
-        from .snac import SnacCodec
-
-        return SnacCodec.load(directory, device=device)
-    raise ValueError(f"unknown codec kind {kind!r} in {spec!r}; expected 'builtin' or 'snac'")
-
-
 def require_files(directory: Path, names: list[str], what: str) -> None:
     """Raise one FileNotFoundError that lists every missing file of a checkpoint directory."""
     missing = [n for n in names if not (directory / n).is_file()]

@@ -24,8 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
-
+from ..audio import AudioError, audio_info
 from .schema import ASR, SPEECH, SPLITS, SPOKEN_QA, TASKS, TEXT, TEXT_QA, TTS
 
 
@@ -33,11 +32,12 @@ def _audio(path: Path, where: str) -> tuple[bytes, float]:
     """The file's bytes and duration; ``where`` (file:line) is named in the error."""
     if not path.is_file():
         raise FileNotFoundError(f"{where}: audio file {path} does not exist")
+    data = path.read_bytes()
     try:
-        seconds = sf.info(str(path)).duration
-    except (RuntimeError, sf.LibsndfileError) as e:
+        seconds = audio_info(data).duration_s  # the header only: the audio is decoded when it is prepared
+    except AudioError as e:
         raise ValueError(f"{where}: cannot read audio file {path}: {e}") from e
-    return path.read_bytes(), float(seconds)
+    return data, float(seconds)
 
 
 def _row(**kw: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ transcript of ``question_audio``): it is what text-input variants and evaluation
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 import typing
 from typing import Any, Literal
@@ -218,9 +218,3 @@ def read_raw(path: str | Path, validate: bool = True) -> pa.Table:
     if validate:
         validate_table(table)
     return table
-
-
-def iter_raw(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Rows as dicts, one shard in memory at a time (for corpora larger than memory)."""
-    for s in shard_paths(path):
-        yield from pq.read_table(s, schema=RAW_SCHEMA).to_pylist()

@@ -15,15 +15,22 @@ One row per training sequence. Arrays are stored flat with their shapes beside t
 | mel_bins, mel_frames | int32 | its shape |
 | answer_frames | int32 | codec frames of the spoken answer (0: none) |
 | error | string | null; set on rejected rows, which are written under ``status=rejected`` |
+
+Laid out as ``<data>/tokenized/split=<split>/status=<ok|rejected>/*.parquet`` (Hive partitions). This module
+owns the layout: everything that reads tokenized rows (training, profiling, evaluation, preference pairs,
+the lm-eval export) goes through :func:`iter_rows` / :func:`read_rows` (pyarrow, in process) or
+:func:`read_dataset` (a Ray Dataset, for the trainers).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import torch
 
 TOKENIZED_SCHEMA = pa.schema([
@@ -45,6 +52,66 @@ TOKENIZED_SCHEMA = pa.schema([
     ("answer_frames", pa.int32()),
     ("error", pa.string()),
 ])
+
+
+# below this many bytes of shards :func:`read_dataset` reads the rows in the calling process and hands Ray
+# Data one table: Ray Data's read tasks would start worker processes that cost more than the read (tens of
+# seconds a stage on 2 cores)
+DRIVER_READ_BYTES = 256 * 1024**2
+
+
+def shard_dir(data: str | Path, split: str) -> Path:
+    """The directory of a split's accepted rows."""
+    return Path(data) / "tokenized" / f"split={split}" / "status=ok"
+
+
+def shard_files(data: str | Path, split: str, columns: Sequence[str] = ()) -> list[str]:
+    """A split's accepted shards, sorted; a clear error where there are none, or where they lack ``columns``
+    (a corpus prepared by an older version)."""
+    d = shard_dir(data, split)
+    files = sorted(str(f) for f in d.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no tokenized shards under {d} (run `deepomni data prepare` first)")
+    missing = [c for c in columns if c not in pads.dataset(files[0], format="parquet").schema.names]
+    if missing:
+        raise ValueError(f"{d} lacks the columns {missing}: it was prepared by an older version; run "
+                         f"`deepomni data prepare` again")
+    return files
+
+
+def iter_rows(data: str | Path, split: str, max_items: int | None = None,
+              columns: Sequence[str] | None = None) -> Iterator[dict]:
+    """Accepted rows of one split as dicts, in file order, streamed batch by batch."""
+    files = shard_files(data, split, columns or ())
+    n = 0
+    for batch in pads.dataset(files, format="parquet").to_batches(columns=columns and list(columns),
+                                                                  batch_size=64):
+        for row in batch.to_pylist():
+            if max_items is not None and n >= max_items:
+                return
+            n += 1
+            yield row
+
+
+def read_rows(data: str | Path, split: str, max_items: int | None = None,
+              columns: Sequence[str] | None = None) -> list[dict]:
+    """:func:`iter_rows` as a list."""
+    return list(iter_rows(data, split, max_items, columns))
+
+
+def read_dataset(data: str | Path, split: str, columns: Sequence[str], where=None,
+                 max_items: int | None = None):
+    """Accepted rows of one split as a Ray Dataset of ``columns``, filtered by the pyarrow expression
+    ``where``, the first ``max_items`` if set. Small corpora (:data:`DRIVER_READ_BYTES`) are read here and
+    handed over as one table; larger ones through ``ray.data.read_parquet``."""
+    import ray.data
+
+    files = shard_files(data, split, columns)
+    if sum(Path(f).stat().st_size for f in files) <= DRIVER_READ_BYTES:
+        table = pads.dataset(files, format="parquet").to_table(columns=list(columns), filter=where)
+        return ray.data.from_arrow(table if max_items is None else table.slice(0, max_items))
+    ds = ray.data.read_parquet(files, columns=list(columns), filter=where)
+    return ds if max_items is None else ds.limit(max_items)
 
 
 def row_tensors(row: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

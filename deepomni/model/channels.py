@@ -11,7 +11,7 @@ position is its text row alone: see :meth:`ChannelEmbedding.forward`). The LM he
 channel c reads only its own slice of rows, so its logits have the channel-local vocabulary.
 
 Delay pattern: codec channel i (0-based) runs i+1 steps behind the text channel, so coarse codes are
-predicted before fine ones. :func:`delay_codes` / :func:`undo_delay` build and undo it.
+predicted before fine ones. :func:`delay_codes` builds it.
 """
 
 from __future__ import annotations
@@ -190,12 +190,3 @@ def delay_codes(codes_KF: torch.Tensor, pad: int, eos: int | None = None) -> tor
         if eos is not None:
             out[..., i, i + 1 + Fr] = eos
     return out
-
-
-def undo_delay(delayed_KT: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`delay_codes`: ``[K, F + K + 1] -> [K, F]`` (the frames every row has)."""
-    *lead, K, T = delayed_KT.shape
-    Fr = T - K - 1
-    if Fr < 0:
-        raise ValueError(f"a delayed sequence of {T} steps cannot hold {K} delayed channels")
-    return torch.stack([delayed_KT[..., i, i + 1 : i + 1 + Fr] for i in range(K)], dim=-2)

@@ -19,13 +19,15 @@ would still shrink it, so :func:`param_groups` puts the stacked expert tensors a
 group without weight decay whenever a mode other than "all" is set (docs/paper.md "Routing masks and
 gradient masks").
 The profiler that measures modality load and chooses the lists is :mod:`deepomni.train.profile`;
-:func:`assign_from_load` is the paper's selection rule on a given load.
+:func:`assign_from_load` is the paper's selection rule on a given load; :func:`expert_share` measures an
+answer's routed pairs against an assignment (the serving engine's ``expert_share``).
 """
 
 from __future__ import annotations
 
 import json
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,3 +161,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         (no_decay if p.dim() < 2 or id(p) in masked else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+# ------------------------------------------------------------------------------- where an answer's tokens went
+def expert_share(routed: dict[str, torch.Tensor], layer_ids: Sequence[int], top_k: int,
+                 assignment: ExpertAssignment | None = None) -> dict:
+    """Routed pairs (``routed``: modality of the token -> ``[moe layers, E]``; ``layer_ids[l]``: row l's model
+    layer; ``top_k``: experts per token) summed up as plain JSON, per MoE layer: the pairs (``routed``), the
+    experts that got any (``experts_used``) and, with the modality ``assignment``, the share of the pairs on
+    the layer's speech experts and on its text experts (``speech``, ``text``: they sum to 1; None without an
+    assignment); ``tokens``: the tokens of each modality the counts hold."""
+    all_LE = sum(routed.values())
+    L, E = all_LE.shape
+    routed_L = all_LE.sum(1)
+    out = {"layers": [int(i) for i in layer_ids], "num_experts": E, "routed": routed_L.tolist(),
+           "experts_used": (all_LE > 0).sum(1).tolist(),
+           "tokens": {m: int(c_LE[0].sum()) // top_k if L else 0 for m, c_LE in routed.items()},
+           "speech": None, "text": None}
+    if assignment is not None:
+        on_speech_LE = torch.zeros(L, E, dtype=torch.bool)
+        for l, layer in enumerate(layer_ids):
+            on_speech_LE[l, assignment.speech[int(layer)]] = True
+        share_L = (all_LE * on_speech_LE).sum(1).double() / routed_L.clamp(min=1)
+        out["speech"] = [round(float(x), 4) for x in share_L]
+        out["text"] = [round(1.0 - x, 4) if n else 0.0 for x, n in zip(out["speech"], routed_L.tolist())]
+    return out

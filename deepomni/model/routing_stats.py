@@ -25,21 +25,17 @@ layers' counters from zero at its own number of groups, and an older one that co
 The serving engine labels each token with its session too (group ``2 * slot + modality``, a slot per session
 holding rows: the same one ``scatter_add_`` a layer, into a larger counter) and takes a session's groups
 alone when it leaves (:meth:`ExpertCounter.take_LGE`);
-:func:`expert_share` sums up such counts against the modality expert assignment: the share of one answer's
-routed pairs that went to each MoE layer's speech experts and to its text experts.
+:func:`deepomni.model.modality.expert_share` sums up such counts against the modality expert assignment: the
+share of one answer's routed pairs that went to each MoE layer's speech experts and to its text experts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:  # modality imports moe, which imports this module
-    from .modality import ExpertAssignment
 
 
 @torch.no_grad()
@@ -136,28 +132,3 @@ class ExpertCounter:
             moe.token_group = None
             moe.tokens_per_expert_GE = moe.tokens_per_expert_GE.new_zeros(0, moe.num_experts)
             moe.counter_id = None
-
-
-# ------------------------------------------------------------------------------- where an answer's tokens went
-def expert_share(routed: dict[str, torch.Tensor], layer_ids: Sequence[int], top_k: int,
-                 assignment: ExpertAssignment | None = None) -> dict:
-    """Routed pairs (``routed``: modality of the token -> ``[moe layers, E]``; ``layer_ids[l]``: row l's model
-    layer; ``top_k``: experts per token) summed up as plain JSON, per MoE layer: the pairs (``routed``), the
-    experts that got any (``experts_used``) and, with the modality ``assignment``, the share of the pairs on
-    the layer's speech experts and on its text experts (``speech``, ``text``: they sum to 1; None without an
-    assignment); ``tokens``: the tokens of each modality the counts hold."""
-    all_LE = sum(routed.values())
-    L, E = all_LE.shape
-    routed_L = all_LE.sum(1)
-    out = {"layers": [int(i) for i in layer_ids], "num_experts": E, "routed": routed_L.tolist(),
-           "experts_used": (all_LE > 0).sum(1).tolist(),
-           "tokens": {m: int(c_LE[0].sum()) // top_k if L else 0 for m, c_LE in routed.items()},
-           "speech": None, "text": None}
-    if assignment is not None:
-        on_speech_LE = torch.zeros(L, E, dtype=torch.bool)
-        for l, layer in enumerate(layer_ids):
-            on_speech_LE[l, assignment.speech[int(layer)]] = True
-        share_L = (all_LE * on_speech_LE).sum(1).double() / routed_L.clamp(min=1)
-        out["speech"] = [round(float(x), 4) for x in share_L]
-        out["text"] = [round(1.0 - x, 4) if n else 0.0 for x, n in zip(out["speech"], routed_L.tolist())]
-    return out

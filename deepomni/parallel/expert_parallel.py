@@ -19,7 +19,7 @@ of the model stay replicated; only steps 2-4 of the MoE layer (dispatch -> compu
    the gradients of the received rows go back to the ranks that sent them.
 4. **regroup**: received rows arrive ordered by (source rank, local expert); a stable sort by local expert
    makes each expert's rows one contiguous block, as the grouped matmul expects.
-5. **compute**: the local ``RoutedExperts`` slice (``moe.expert_ffn``) over the X blocks.
+5. **compute**: the local ``RoutedExperts`` slice (``deepomni.model.expert_ffn``) over the X blocks.
 6. **reverse regroup** back to (source rank, local expert) order, and **all-to-all back** with the split
    sizes swapped, so every rank gets the outputs of exactly the rows it sent, in the order it sent them.
 7. **combine** (``moe.combine``): un-permute and take the router-weighted sum of each token's k outputs.

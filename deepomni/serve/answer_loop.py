@@ -27,13 +27,17 @@ thin Ray adapter over it), in ``benchmarks/serve_latency.py``'s in-process pipel
 * **Experts.** The engine counts each session's routed (token, expert) pairs per MoE layer
   (:meth:`~deepomni.serve.engine.BatchEngine.expert_load_of`); an answer's end carries them summed up against
   the checkpoint's modality expert assignment (``experts``: the share of each layer's pairs on its speech
-  experts and on its text experts, :func:`~deepomni.model.routing_stats.expert_share`), ``AnswerEnd.expert_share``.
+  experts and on its text experts, :func:`~deepomni.model.modality.expert_share`), ``AnswerEnd.expert_share``.
 
 What differs between hosts is injected: the vocoder (:class:`Vocoder`; the Backbone's calls the Vocoder
 deployment with a bounded wait and maps Ray's failures to :class:`VocoderUnavailable`, in-process it is a
 :class:`~deepomni.serve.vocoder.CodecVocoder`), the metrics (:class:`LoopMetrics`, no-op here; the Backbone's
 writes its Ray Serve metrics), the keepalive period and the logger. Nothing here imports Ray,
 ``deepomni.audio`` (soundfile, soxr) or ``serve_apps``.
+
+Longer than 450 lines because :class:`AnswerLoop` is one event loop whose parts (stepping, admission, the
+vocoder calls, the streams) work on the same sessions' state between engine steps; split, each part would
+reach into the others' fields.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import numpy as np
 import torch
 
 from ..model.generate import Event, GenerationConfig
-from ..model.routing_stats import expert_share
+from ..model.modality import expert_share
 from .engine import BatchEngine, Overloaded, Request
 from .messages import (RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S, AnswerChunk, AnswerEnd, AnswerError, Conversation,
                        GenerateOptions, VocodedAudio, VocodeFailed, VocodeItem)
@@ -421,7 +425,7 @@ class AnswerLoop:
 
     def _expert_share(self, sid: int) -> dict | None:
         """Where the routed tokens of a session that ended at the last step went (its prompt positions run
-        and its answer), per MoE layer: :func:`~deepomni.model.routing_stats.expert_share`."""
+        and its answer), per MoE layer: :func:`~deepomni.model.modality.expert_share`."""
         load = self.engine.expert_load_of(sid)
         if load is None:
             return None

@@ -30,13 +30,6 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.load(args.config, flag_values(args, TrainConfig, exclude=("stages",)))
 
 
-def parse_train(argv: list[str] | None = None) -> TrainConfig:
-    """The TrainConfig of ``deepomni train`` flags (``jobs.train``'s argv)."""
-    p = argparse.ArgumentParser(prog="deepomni train")
-    add_train_args(p)
-    return train_config(p.parse_args(argv))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config(args)
     from ..ray_env import init_ray
@@ -72,8 +65,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .profile import run
 
     cfg = load_config(ProfileConfig, None, flag_values(args, ProfileConfig))
-    summary = run(args.checkpoint, args.data, args.out, cfg.n_speech, cfg.split, cfg.max_items, cfg.random, cfg.seed,
-                  cfg.score)
+    summary = run(args.checkpoint, args.data, args.out, cfg)
     print(json.dumps(summary, indent=1))
     return 0
 

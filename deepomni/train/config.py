@@ -13,7 +13,6 @@ explicit command-line overrides.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping
 from dataclasses import field
 from pathlib import Path
@@ -22,10 +21,25 @@ from typing import Any, Literal
 from ..config import SpeechEncoderConfig, configclass, parse_config, read_config_source
 from ..data.schema import ASR, SPOKEN_QA, TEXT_QA, TTS, Task
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "train"
+# speech experts per MoE layer, the one default of the recipe's profiling, the pipeline and MoExtend's added
+# experts: a count or a percentage of the routed experts (the paper's DeepSeek-V2-Lite split: 16 of 64)
+SPEECH_EXPERTS = "25%"
 FailMode = Literal["exception", "kill", "hold"]
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
-FAIL_MODES: tuple[str, ...] = typing.get_args(FailMode)
+
+
+@configclass()
+class FaultInjection:
+    """A failure the training job injects into itself, for the tests that exercise Ray Train's FailureConfig
+    (:mod:`deepomni.train.fault_injection`; not a user setting): rank 0 fails once per run (a marker file in
+    <storage>/<run>) when ``at_step`` steps are done."""
+
+    at_step: int
+    # "step": before the next step; "checkpoint": half way through copying that step's checkpoint to storage
+    where: Literal["step", "checkpoint"] = "step"
+    # "exception" raises, "kill" SIGKILLs its own process, "hold" writes its pid to <storage>/<run>/.held_worker
+    # and waits (300 s) to be killed
+    mode: FailMode = "exception"
 
 
 @configclass("train")
@@ -53,7 +67,7 @@ class TrainConfig:
     ep_size: int = 1  # expert-parallel group size (divides num_workers and n_routed_experts)
     # MoExtend stages (Stage.extend): experts added to every MoE layer, a count or a percentage of the routed
     # experts of the init model (the share the recipe gives speech: the pipeline passes its n_speech)
-    new_experts: str = "25%"
+    new_experts: str = SPEECH_EXPERTS
     # LoRA stages (Stage.lora): adapter rank and scale (peft's r and lora_alpha; the update is alpha/r * B A)
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -75,13 +89,8 @@ class TrainConfig:
     seed: int = 0
     max_failures: int = 0  # FailureConfig: worker failures tolerated (the run resumes from its checkpoint)
     max_items: int | None = None  # use only the first N rows of the split (tests, smoke runs)
-    # testing (exercises FailureConfig): rank 0 fails once per run (a marker file in <storage>/<run>) at step
-    # fail_at_step (that many steps done), fail_in "step" (before the next step) or "checkpoint" (half way
-    # through copying that step's checkpoint to storage); fail_mode "exception" raises, "kill" SIGKILLs its
-    # own process, "hold" writes its pid to <storage>/<run>/.held_worker and waits (300 s) to be killed
-    fail_at_step: int | None = None
-    fail_in: Literal["step", "checkpoint"] = "step"
-    fail_mode: FailMode = "exception"
+    # testing only: a failure to inject (FaultInjection), e.g. --inject-fault '{"at_step": 5, "mode": "hold"}'
+    inject_fault: FaultInjection | None = None
     # rank r appends {"step", "epoch", "ids", "loss", "time"} per step to <storage>/<run>/samples_rank<r>.jsonl;
     # after a resume the re-run steps appear again (the last record of a step is the one that counts)
     sample_log: bool = False
@@ -131,17 +140,13 @@ class TrainConfig:
             raise ValueError(f"stage {self.stage} trains on preference pairs: set pairs (a `deepomni pairs` output)")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, not {self.lora_rank}")
-        if self.fail_mode not in FAIL_MODES:
-            raise ValueError(f"fail_mode must be one of {FAIL_MODES}, not {self.fail_mode!r}")
-        if self.fail_in not in ("step", "checkpoint"):
-            raise ValueError(f"fail_in must be 'step' or 'checkpoint', not {self.fail_in!r}")
 
 
 @configclass()
 class ProfileConfig:
     """``deepomni profile``: measure modality load and choose the speech experts (deepomni.train.profile)."""
 
-    n_speech: str = "20%"  # speech experts per layer: a count or a percentage of the routed experts
+    n_speech: str = SPEECH_EXPERTS  # speech experts per layer: a count or a percentage of the routed experts
     split: str = "train"  # the split of the data directory to profile on
     max_items: int | None = None  # profile only the first N rows of the split
     random: bool = False  # draw the speech experts at random (the ablation); the load is still measured

@@ -49,7 +49,7 @@ import torch
 
 from ..data.schema import SPEECH_OUT_TASKS, TEXT_QA
 from ..data.sequences import INSTRUCTIONS
-from ..data.tokenized import prepare_summary, row_tensors
+from ..data.tokenized import prepare_summary, read_rows, row_tensors
 from ..model.channels import IGNORE
 from ..model.generate import Generation, GenerationConfig, generate
 from ..model.model import DeepOmniModel
@@ -57,7 +57,7 @@ from ..model.prompt import user_turn
 from ..text import TextTokenizer, load_tokenizer
 from .config import EvalConfig
 from .judge import Judge, normalize, wer
-from .profile import read_rows, speech_input
+from .profile import speech_input
 
 METRICS = ("text_qa_accuracy", "spoken_qa_accuracy", "spoken_qa_typed_accuracy", "asr_wer",
            "tts_consistency_wer", "judge_floor_wer", "codec_accuracy", "text_qa_token_accuracy")

@@ -29,12 +29,13 @@ each worker writes into a private temporary directory, which Ray Train copies to
 every worker's copy is complete; ``final`` (and every ``model/``) is written by ``save_model`` into a hidden
 sibling, fsynced and renamed into place (``deepomni.atomic``). Optimizer state loads with
 ``weights_only=True`` (``deepomni.train.engine.load_plain``). ``tests/test_train_faults.py`` SIGKILLs rank 0
-half way through that copy (``fail_in="checkpoint"``, ``fail_mode="hold"``; :mod:`deepomni.train.faults`):
+half way through that copy (``inject_fault`` ``where="checkpoint"``, ``mode="hold"``;
+:mod:`deepomni.train.fault_injection`):
 the half-copied directory is never registered and the run resumes from the one before.
 
-Over ~400 lines on purpose: the worker side and the driver side share the formats written here (data
+Longer than 450 lines because the worker side and the driver side share the formats written here (data
 position, train state, progress file) and read best together; fault injection
-(:mod:`deepomni.train.faults`) and the step's metrics (:mod:`deepomni.train.metrics`) live apart.
+(:mod:`deepomni.train.fault_injection`) and the step's metrics (:mod:`deepomni.train.metrics`) live apart.
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ import torch.distributed as dist
 
 from ..checkpoint import load_model, save_model
 from ..config import ModelConfig, load_preset
+from ..data import tokenized
+from ..data.tokenized import prepared_tokenizer, row_segments, row_tensors
 from ..model.channels import IGNORE, CodecSpecial, TextSpecial, VocabLayout
 from ..model.modality import ExpertAssignment, moe_layers, param_groups, set_routing_mode
 from ..model.model import DeepOmniModel
-from ..data.tokenized import prepared_tokenizer, row_segments, row_tensors
 from ..model.routing_stats import ExpertCounter
 from .config import TrainConfig
-from .faults import FaultInjector
+from .fault_injection import FaultInjector
 from .metrics import ROUTING_GROUPS, TrainMetrics, expert_load, modality_counts, routed_outside_mode, token_groups
 from .profile import SPEECH, TEXT, modality_positions
 from .stages import Stage, get_stage, set_trainable
@@ -453,27 +455,15 @@ def train_func(config: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ driver
-# below this many bytes of tokenized Parquet the driver reads the stage's rows itself: Ray Data's read
-# tasks would start worker processes that cost more than the read (tens of seconds a stage on 2 cores)
-DRIVER_READ_BYTES = 256 * 1024**2
-
-
 def read_dataset(cfg: TrainConfig, stage: Stage):
     """The stage's rows as a Ray Dataset: tokenized rows of ``cfg.split`` whose task the stage trains on
-    (text-input rows only for text-only stages), the first ``max_items`` of them if set."""
+    (text-input rows only for text-only stages), the first ``max_items`` of them if set; for a preference
+    stage the pairs a ``deepomni pairs`` run wrote (a small file)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import ray.data
 
-    d = Path(cfg.data) / "tokenized" / f"split={cfg.split}" / "status=ok"
-    files = sorted(str(f) for f in d.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no tokenized shards under {d} (run `deepomni data prepare` first)")
-    missing = [c for c in COLUMNS if c not in pads.dataset(files[0], format="parquet").schema.names]
-    if missing:
-        raise ValueError(f"{d} lacks the columns {missing}: it was prepared by an older version; run "
-                         f"`deepomni data prepare` again")
-    if stage.preference:  # the pairs a `deepomni pairs` run wrote: a small file, read here
+    if stage.preference:
         path = Path(cfg.pairs) / "pairs.parquet"
         if not path.is_file():
             raise FileNotFoundError(f"no preference pairs at {path} (run `deepomni pairs` first)")
@@ -482,15 +472,10 @@ def read_dataset(cfg: TrainConfig, stage: Stage):
     keep = pc.field("task").isin(list(stage.tasks))
     if stage.text_only:
         keep = keep & (pc.field("input_modality") == "text")
-    if sum(Path(f).stat().st_size for f in files) <= DRIVER_READ_BYTES:
-        table = pads.dataset(files, format="parquet").to_table(columns=COLUMNS, filter=keep)
-        ds = ray.data.from_arrow(table if cfg.max_items is None else table.slice(0, cfg.max_items))
-    else:
-        ds = ray.data.read_parquet(files, columns=COLUMNS, filter=keep)
-        if cfg.max_items is not None:
-            ds = ds.limit(cfg.max_items)
+    ds = tokenized.read_dataset(cfg.data, cfg.split, COLUMNS, keep, cfg.max_items)
     if ds.count() == 0:
-        raise ValueError(f"no rows of tasks {stage.tasks} under {d} for stage {stage.name}")
+        raise ValueError(f"no rows of tasks {stage.tasks} under {tokenized.shard_dir(cfg.data, cfg.split)} "
+                         f"for stage {stage.name}")
     return ds
 
 

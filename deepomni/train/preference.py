@@ -42,13 +42,13 @@ from ..atomic import write_atomic
 from ..config import configclass
 from ..data.schema import SPEECH_OUT_TASKS, SPOKEN_QA
 from ..data.sequences import INSTRUCTIONS, build_sequence
-from ..data.tokenized import TOKENIZED_SCHEMA, row_tensors
+from ..data.tokenized import TOKENIZED_SCHEMA, read_rows, row_tensors
 from ..model.channels import IGNORE, VocabLayout
 from ..model.generate import Generation, GenerationConfig, generate
 from ..model.model import DeepOmniModel
 from ..text import TextTokenizer, load_tokenizer
 from . import evaluate as ev
-from .profile import read_rows, speech_input
+from .profile import speech_input
 
 
 @configclass()

@@ -18,7 +18,7 @@ The instruction, chat markers and text answer of a speech-task sequence count fo
 text, but not text *data*, and the text answer of a speech item shares its positions with speech codes
 only partly. Rows are run one sequence at a time (no padding to mask out).
 
-Data is read with pyarrow from the tokenized shards (``<data>/tokenized/split=<s>/status=ok/*.parquet``);
+Data is read with pyarrow from the tokenized shards (:func:`deepomni.data.tokenized.iter_rows`);
 at the tiny preset an in-process loop is fast enough, and :func:`profile_load` takes any iterable of rows,
 so a Ray Data iterator (``ds.iter_rows()``) can feed it unchanged.
 """
@@ -28,43 +28,22 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import torch
 
 from ..data.schema import SPEECH, SPEECH_TASKS, TEXT, TEXT_QA
-from ..data.tokenized import row_segments, row_tensors
+from ..data.tokenized import iter_rows, row_segments, row_tensors
 from ..model.channels import CodecSpecial, TextSpecial, VocabLayout
 from ..model.modality import ExpertAssignment, assign_from_load, moe_layers, set_routing_mode
 from ..model.model import DeepOmniModel
 from ..model.routing_stats import ExpertCounter
+from .config import ProfileConfig
 
 
 # ------------------------------------------------------------------------------------------ data
-def iter_rows(data: str | Path, split: str, max_items: int | None = None,
-              columns: list[str] | None = None) -> Iterator[dict]:
-    """Tokenized rows (``status=ok``) of one split, in file order, streamed batch by batch."""
-    d = Path(data) / "tokenized" / f"split={split}" / "status=ok"
-    files = sorted(d.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no tokenized shards under {d} (run `deepomni data prepare` first)")
-    n = 0
-    for batch in pads.dataset([str(f) for f in files], format="parquet").to_batches(columns=columns, batch_size=64):
-        for row in batch.to_pylist():
-            if max_items is not None and n >= max_items:
-                return
-            n += 1
-            yield row
-
-
-def read_rows(data: str | Path, split: str, max_items: int | None = None,
-              columns: list[str] | None = None) -> list[dict]:
-    return list(iter_rows(data, split, max_items, columns))
-
-
 def speech_input(model: DeepOmniModel, row: dict, mel_MT: torch.Tensor | None) -> list[torch.Tensor] | None:
     """The projected question speech of one row as ``forward(audio=...)`` wants it, or None for text input."""
     if mel_MT is None or int(row.get("audio_positions") or 0) == 0:
@@ -268,12 +247,13 @@ def mean_overlap(table: LoadTable) -> float:
 
 
 # ------------------------------------------------------------------------------------------- job
-def run(checkpoint: str | Path, data: str | Path, out: str | Path, n_speech: str | int = "20%", split: str = "train",
-        max_items: int | None = None, random: bool = False, seed: int = 0, score: str = "paper") -> dict:
-    """Profile ``checkpoint`` on ``data``'s ``split`` and write the assignment and load table to ``out``.
-    With ``random`` the load is still measured and written (to compare), but the experts are drawn."""
+def run(checkpoint: str | Path, data: str | Path, out: str | Path, cfg: ProfileConfig | None = None) -> dict:
+    """Profile ``checkpoint`` on ``data``'s ``cfg.split`` and write the assignment and load table to ``out``.
+    With ``cfg.random`` the load is still measured and written (to compare), but the experts are drawn."""
     from ..checkpoint import load_model
 
+    cfg = cfg or ProfileConfig()
+    split, max_items, random, seed, score = cfg.split, cfg.max_items, cfg.random, cfg.seed, cfg.score
     model, _ = load_model(checkpoint)
     counted = {"rows": 0}
 
@@ -286,7 +266,7 @@ def run(checkpoint: str | Path, data: str | Path, out: str | Path, n_speech: str
     for m in (SPEECH, TEXT):
         if table.tokens[m] == 0:
             raise ValueError(f"no {m} tokens in {data} split={split} (max_items={max_items}): cannot measure its load")
-    n = num_speech_experts(n_speech, table.num_experts)
+    n = num_speech_experts(cfg.n_speech, table.num_experts)
     assignment = random_assignment(table.layer_ids, table.num_experts, n, seed) if random else assign(table, n, score)
     meta = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "rows": counted["rows"],
             "n_speech": n, "method": "random" if random else "load", "seed": seed if random else None,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..config import configclass
 from ..weights import has_weights
+from .config import SPEECH_EXPERTS, ProfileConfig
 from .stages import BASELINES, MODELS, STAGES, Step, all_steps
 
 # the table's columns: (header, eval.json metric); definitions in deepomni/train/evaluate.py
@@ -49,7 +50,7 @@ class PipelineConfig:
     eval_items: int = 40  # held-out items per task
     steps_scale: float = 1.0  # multiply every stage's steps
     encoder_steps: int | None = None  # CTC pretraining steps of the speech encoder (None: its default)
-    n_speech: str = "25%"  # speech experts per layer: a count or a percentage of the routed experts
+    n_speech: str = SPEECH_EXPERTS  # speech experts per layer: a count or a percentage of the routed experts
     baselines: tuple[str, ...] = tuple(BASELINES)  # baselines to run besides the recipe (names or a,b,c)
     seed: int = 0  # seeds the corpus, the models and the random assignment
 
@@ -65,15 +66,16 @@ class PipelineConfig:
 
 
 class Pipeline:
-    def __init__(self, out: Path, config: str = "small", seed: int = 0, steps_scale: float = 1.0,
-                 n_speech: str = "25%", train_items: int = 1500, eval_items: int = 40,
-                 encoder_steps: int | None = None, progress: bool = True, foundations: str | None = "small"):
+    """The steps of one :class:`PipelineConfig` (its fields as attributes), each skipped when done before."""
+
+    def __init__(self, cfg: PipelineConfig, progress: bool = True):
         from ..foundations import locate
 
-        self.out, self.config, self.seed, self.steps_scale = Path(out), config, seed, steps_scale
-        self.foundations = None if foundations in (None, "none") else locate(foundations)
-        self.n_speech, self.train_items, self.eval_items = n_speech, train_items, eval_items
-        self.encoder_steps, self.progress = encoder_steps, progress
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out).resolve()
+        self.config, self.seed, self.steps_scale, self.n_speech = cfg.config, cfg.seed, cfg.steps_scale, cfg.n_speech
+        self.train_items, self.eval_items, self.encoder_steps = cfg.train_items, cfg.eval_items, cfg.encoder_steps
+        self.foundations = None if cfg.foundations.lower() == "none" else locate(cfg.foundations)
         self.data, self.encoder = self.out / "data", self.out / "encoder"
         self.times: dict[str, float] = {}
 
@@ -188,8 +190,8 @@ class Pipeline:
             out = self.experts(s.run).parent
             how = "random" if s.random_assignment else "load" if s.score == "paper" else f"load, score {s.score}"
             self.step(f"profile {s.run} ({how})", self.experts(s.run).exists(),
-                      lambda: profile.run(self.final(s.init), self.data, out, n_speech=self.n_speech,
-                                          random=s.random_assignment, seed=self.seed, score=s.score))
+                      lambda: profile.run(self.final(s.init), self.data, out, ProfileConfig(
+                          n_speech=self.n_speech, random=s.random_assignment, seed=self.seed, score=s.score)))
             return
 
         def go():
@@ -248,9 +250,7 @@ class Pipeline:
 def run_pipeline(cfg: PipelineConfig) -> str:
     """Every step of the recipe and the baselines (skipping those done before), then the evaluation table,
     written with the wall times to ``<out>/summary.md``; returns the table."""
-    pipe = Pipeline(Path(cfg.out).resolve(), config=cfg.config, seed=cfg.seed, steps_scale=cfg.steps_scale,
-                    n_speech=cfg.n_speech, train_items=cfg.train_items, eval_items=cfg.eval_items,
-                    encoder_steps=cfg.encoder_steps, foundations=cfg.foundations)
+    pipe = Pipeline(cfg)
     t_start = time.perf_counter()
     pipe.prepare_data()
     pipe.train_all(cfg.baselines)
@@ -259,7 +259,7 @@ def run_pipeline(cfg: PipelineConfig) -> str:
     table = pipe.table(results)
     seeds = (f"One seed ({cfg.seed}), {cfg.eval_items} held-out items a task: differences between rows can be "
              "noise. The table over seeds with mean and spread, every baseline at full steps: "
-             "benchmarks/results/recipe_table.md (made by `python benchmarks/recipe_table.py`).")
+             "benchmarks/results/recipe_table.md (made by `python -m benchmarks.recipe_table`).")
     (pipe.out / "summary.md").write_text(f"{table}\n\n{seeds}\n\nwall time {wall:.0f} s; steps: "
                                          f"{json.dumps(pipe.times)}\n")
     print(table)

@@ -4,12 +4,11 @@
     state_dict   HF tensor names <-> ours: one name table (vocabulary rows, stacked experts), strict loading
     io           the files: import_hf (a local HF safetensors directory -> DeepOmniModel), export_hf
     tokenizer    our text tokenizers (bytes, hf:<dir>) as a transformers tokenizer with our specials
-    export       export_hf_model: weights + config + tokenizer + generation_config.json, loadable offline
-    lm_eval      our held-out text QA items as a local lm-evaluation-harness task
-    cli          ``deepomni export-hf``
 
-The public API is re-exported here, imported on first use so that ``deepomni.model.hf.cli`` (and with it
-``deepomni --help``) does not pull in torch: ``from deepomni.model.hf import import_hf, export_hf_model``.
+Exporting a checkpoint directory (with tokenizer and generation config), the lm-evaluation-harness task and
+``deepomni export-hf`` read checkpoints and prepared data, so they live above the model, in
+:mod:`deepomni.hf`. The public API is re-exported here, imported on first use so that ``deepomni --help``
+does not pull in torch: ``from deepomni.model.hf import import_hf, export_hf``.
 """
 
 from __future__ import annotations
@@ -26,20 +25,12 @@ _HOME = {
     "import_hf": "io",
     "export_hf": "io",
     "hf_tokenizer": "tokenizer",
-    "export_checkpoint": "export",
-    "export_hf_model": "export",
-    "hf_generation_config": "export",
-    "recorded_tokenizer": "export",
-    "write_lm_eval_task": "lm_eval",
-    "write_text_qa_task": "lm_eval",
 }
 __all__ = sorted(_HOME)
 
 if TYPE_CHECKING:
     from .config_map import config_from_hf, hf_config_dict
-    from .export import export_checkpoint, export_hf_model, hf_generation_config, recorded_tokenizer
     from .io import export_hf, import_hf
-    from .lm_eval import write_lm_eval_task, write_text_qa_task
     from .state_dict import hf_name, iter_hf_tensors, our_name
     from .tokenizer import hf_tokenizer
 

@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ...config import ModelConfig
-from ..channels import TextSpecial, VocabLayout
-from .io import export_hf
-from .state_dict import ExpertLayout
-from .tokenizer import hf_tokenizer
+from ..config import ModelConfig
+from ..model.channels import TextSpecial, VocabLayout
+from ..model.hf.io import export_hf
+from ..model.hf.state_dict import ExpertLayout
+from ..model.hf.tokenizer import hf_tokenizer
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig as HFGenerationConfig
     from transformers import PreTrainedTokenizerBase
 
-    from ..generate import GenerationConfig
-    from ..model import DeepOmniModel
+    from ..model.generate import GenerationConfig
+    from ..model.model import DeepOmniModel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -46,7 +46,7 @@ def hf_generation_config(cfg: ModelConfig, gen: GenerationConfig | None = None) 
     most ``gen.max_steps`` new tokens (our default when None). The codec sampling settings do not apply."""
     import transformers
 
-    from ..generate import GenerationConfig
+    from ..model.generate import GenerationConfig
 
     gen = gen or GenerationConfig()
     return transformers.GenerationConfig(**special_ids(cfg), do_sample=False, num_beams=1, max_new_tokens=gen.max_steps)
@@ -102,7 +102,7 @@ def export_checkpoint(
 ) -> Path:
     """:func:`export_hf_model` of a DeepOmni checkpoint directory (``deepomni.checkpoint``); ``tokenizer``
     None: the one the checkpoint records (:func:`recorded_tokenizer`), else ``bytes``."""
-    from ...checkpoint import CONFIG, load_model
+    from ..checkpoint import CONFIG, load_model
 
     src, out = Path(checkpoint), Path(out_dir)
     if not src.is_dir():

@@ -1,6 +1,6 @@
 """``deepomni export-hf --checkpoint DIR --out DIR``: a DeepOmni checkpoint to a transformers model directory
-(weights, config, tokenizer, generation config; ``deepomni.model.hf.export``), and optionally the held-out
-text QA items as an lm-evaluation-harness task beside it (``deepomni.model.hf.lm_eval``)."""
+(weights, config, tokenizer, generation config; ``deepomni.hf.export``), and optionally the held-out
+text QA items as an lm-evaluation-harness task beside it (``deepomni.hf.lm_eval``)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from .tokenizer import BOS, EOS
+from ..model.hf.tokenizer import BOS, EOS
 
 TASK = "deepomni_text_qa"
 
@@ -70,7 +70,7 @@ def write_lm_eval_task(items: Iterable[Mapping[str, str]], out_dir: str | os.Pat
 
 def text_qa_items(rows: Iterable[Mapping[str, str]]) -> Iterable[dict[str, str]]:
     """The ``text_qa`` rows of our data as task items, prompted as our evaluation prompts them."""
-    from ...data.sequences import INSTRUCTIONS
+    from ..data.sequences import INSTRUCTIONS
 
     for row in rows:
         if row["task"] == "text_qa":
@@ -84,8 +84,8 @@ def write_text_qa_task(data: str | os.PathLike, out_dir: str | os.PathLike, toke
     import itertools
     import math
 
-    from ...text import load_tokenizer
-    from ...train.profile import iter_rows
+    from ..text import load_tokenizer
+    from ..data.tokenized import iter_rows
 
     rows = iter_rows(data, split, columns=["task", "question_text", "answer_text"])
     items = list(itertools.islice(text_qa_items(rows), max_items))

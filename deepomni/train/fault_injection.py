@@ -1,8 +1,8 @@
-"""Fault injection for the training job (``TrainConfig.fail_at_step`` / ``fail_in`` / ``fail_mode``): the tests
+"""Fault injection for the training job (``TrainConfig.inject_fault``, a :class:`~deepomni.train.config.FaultInjection`): the tests
 that kill a worker in the middle of a step or of a checkpoint upload (``tests/test_train_faults.py``) and check
 that the run resumes from the last complete checkpoint (``deepomni.train.loop``'s module doc).
 
-The failure happens once per run, on rank 0, at step ``fail_at_step`` of ``fail_in`` ("step": before the
+The failure happens once per run, on rank 0, at step ``at_step`` of ``where`` ("step": before the
 step; "checkpoint": half way through the checkpoint's upload); a marker file in the run directory remembers
 it across the restarted worker group.
 """
@@ -15,13 +15,13 @@ import signal
 import time
 from pathlib import Path
 
-HELD_WORKER = ".held_worker"  # fail_mode "hold": the waiting worker's pid, for a test to kill
+HELD_WORKER = ".held_worker"  # mode "hold": the waiting worker's pid, for a test to kill
 HOLD_S = 300.0
 FAILED_ONCE = ".failed_once"  # in the run directory: the failure has happened
 
 
 def fail(mode: str, step: int, held_file: Path) -> None:
-    """The injected failure (``TrainConfig.fail_mode``): raise, SIGKILL this process, or announce this
+    """The injected failure (``FaultInjection.mode``): raise, SIGKILL this process, or announce this
     process's pid in ``held_file`` and wait for someone to SIGKILL it ("hold")."""
     if mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -30,12 +30,12 @@ def fail(mode: str, step: int, held_file: Path) -> None:
         tmp.write_text(json.dumps({"pid": os.getpid(), "step": step}))
         tmp.replace(held_file)
         time.sleep(HOLD_S)
-        raise RuntimeError(f"fail_mode=hold: nobody killed worker {os.getpid()} within {HOLD_S:.0f} s")
-    raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+        raise RuntimeError(f"mode=hold: nobody killed worker {os.getpid()} within {HOLD_S:.0f} s")
+    raise RuntimeError(f"injected failure at step {step} (TrainConfig.inject_fault)")
 
 
 def copy_half_then_fail(dest_root: str, then) -> object:
-    """A ``checkpoint_upload_fn`` (``fail_in="checkpoint"``): copies the checkpoint's files where Ray Train
+    """A ``checkpoint_upload_fn`` (``where="checkpoint"``): copies the checkpoint's files where Ray Train
     would (``<experiment>/<checkpoint_dir_name>``) until half of their bytes are written, the file at the
     half-way point partly, then ``then()`` (the failure): a worker lost in the middle of the upload."""
 
@@ -66,16 +66,15 @@ class FaultInjector:
 
     def due(self, where: str, step: int) -> bool:
         """Whether the configured failure happens at ``where`` of ``step`` (rank 0, once per run)."""
-        cfg = self.cfg
-        if (cfg.fail_at_step is None or step != cfg.fail_at_step or self.rank != 0 or cfg.fail_in != where
-                or self.marker.exists()):
+        f = self.cfg.inject_fault
+        if f is None or step != f.at_step or self.rank != 0 or f.where != where or self.marker.exists():
             return False
         self.marker.parent.mkdir(parents=True, exist_ok=True)
         self.marker.touch()
         return True
 
     def fail(self, step: int) -> None:
-        fail(self.cfg.fail_mode, step, self.held_file)
+        fail(self.cfg.inject_fault.mode, step, self.held_file)
 
     def upload_then_fail(self, dest_root: str, step: int):
         """The ``checkpoint_upload_fn`` that copies half of the checkpoint, then fails."""
