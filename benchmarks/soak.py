@@ -238,7 +238,8 @@ def app_args(checkpoint: str | None, answer_steps: int, steps_limit: int, thread
             "torch_threads": threads or 1}
 
 
-async def soak(url: str, args, clients: Surfaces) -> dict:
+async def soak(url: str, args, samples16) -> dict:
+    clients = Surfaces.for_speech(url, samples16, args.answer_steps, timeout=args.timeout)  # inside the event loop
     try:
         # each endpoint once, one after another: every code path has run before anything is counted
         check: dict[str, Stats] = {}
@@ -405,8 +406,7 @@ def main() -> None:
         with serve_app(out["app_args"]) as (url, out["ray_serve_env"]):  # stopped after: only what it started
             print(f"[soak] app up at {url} in {time.perf_counter() - t0:.0f} s (Ray Serve mode: "
                   f"{out['ray_serve_env'] or 'Ray defaults'})", flush=True)
-            res = asyncio.run(soak(url, args, Surfaces.for_speech(url, samples16, args.answer_steps,
-                                                                   timeout=args.timeout)))
+            res = asyncio.run(soak(url, args, samples16))
     out.update(summarize(res))
     out["loadavg_end"] = os.getloadavg()
     table(out)
