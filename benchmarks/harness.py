@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from serve_apps.ray_mode import free_port  # a TCP port free on 127.0.0.1 now (stdlib only)
 
 if TYPE_CHECKING:
     from deepomni.model.model import DeepOmniModel
@@ -114,13 +115,6 @@ def readable_checkpoint(directory: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- serve
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serve_app(app_args: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Iterator[tuple[str, dict]]:
     """The Serve app as ``deepomni serve`` runs it (``serve_apps/config.yaml``'s deployments, Ray Serve's
@@ -137,12 +131,7 @@ def serve_app(app_args: Mapping[str, Any], env: Mapping[str, str] | None = None)
 
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
-    mode = ray_mode.apply()  # before Ray starts
-    if mode.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        # HAProxy's stats and Prometheus frontends have fixed ports (8404, 9101) that a second Serve app on this
-        # machine (another checkout's `deepomni serve`) would already hold: HAProxy would not start
-        for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-            mode[var] = os.environ.setdefault(var, str(free_port()))
+    mode = ray_mode.apply()  # before Ray starts (HAProxy's own ports included: free ones)
     try:
         init_ray()
         port = free_port()

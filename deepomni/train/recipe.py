@@ -66,15 +66,13 @@ class PipelineConfig:
 
 
 class Pipeline:
-    """The steps of one :class:`PipelineConfig` (its fields as attributes), each skipped when done before."""
+    """The steps of one :class:`PipelineConfig` (``self.cfg``), each skipped when done before."""
 
     def __init__(self, cfg: PipelineConfig, progress: bool = True):
         from ..foundations import locate
 
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.out).resolve()
-        self.config, self.seed, self.steps_scale, self.n_speech = cfg.config, cfg.seed, cfg.steps_scale, cfg.n_speech
-        self.train_items, self.eval_items, self.encoder_steps = cfg.train_items, cfg.eval_items, cfg.encoder_steps
         self.foundations = None if cfg.foundations.lower() == "none" else locate(cfg.foundations)
         self.data, self.encoder = self.out / "data", self.out / "encoder"
         self.times: dict[str, float] = {}
@@ -102,8 +100,8 @@ class Pipeline:
     def train_config(self, stage: str, overrides: dict | None = None):
         from .config import TrainConfig
 
-        cfg = TrainConfig.load(self.config, {"stage": stage, "seed": self.seed, **(overrides or {})})
-        cfg.max_steps = max(1, round((cfg.max_steps or STAGES[stage].steps) * self.steps_scale))
+        cfg = TrainConfig.load(self.cfg.config, {"stage": stage, "seed": self.cfg.seed, **(overrides or {})})
+        cfg.max_steps = max(1, round((cfg.max_steps or STAGES[stage].steps) * self.cfg.steps_scale))
         return cfg
 
     def runs(self, baselines: tuple[str, ...]) -> set[str]:
@@ -136,7 +134,7 @@ class Pipeline:
             from ..foundations import manifest
 
             return int(manifest(str(self.foundations))["world_seed"])
-        return self.seed
+        return self.cfg.seed
 
     def prepare_data(self) -> None:
         from ..config import DataConfig
@@ -144,20 +142,21 @@ class Pipeline:
         from ..data.synth import SynthConfig, synthesize
 
         # the test split holds ~eval_items items of each of asr / text_qa / spoken_qa (tts is 1/10 of items)
-        sizes = {"train": self.train_items, "validation": self.eval_items // 2, "test": self.eval_items * 10 // 3}
+        c = self.cfg
+        sizes = {"train": c.train_items, "validation": c.eval_items // 2, "test": c.eval_items * 10 // 3}
         self.step("synth", (self.data / "summary.json").exists(),
-                  lambda: synthesize(SynthConfig(seed=self.seed, world_seed=self.world_seed(), sizes=sizes), self.data,
+                  lambda: synthesize(SynthConfig(seed=c.seed, world_seed=self.world_seed(), sizes=sizes), self.data,
                                      progress=False))
         self.step("prepare", (self.data / "prepare_summary.json").exists(),
                   lambda: prepare(self.data / "raw", self.data,
-                                  DataConfig(preset=self.model_preset(), seed=self.seed, codec_fit_items=100)))
+                                  DataConfig(preset=self.model_preset(), seed=self.cfg.seed, codec_fit_items=100)))
         arch = self.own_encoder_arch()
         if arch is not None:
             from .encoder import ARCH_FIELDS, EncoderPretrainConfig, pretrain_encoder
 
-            cfg = EncoderPretrainConfig(seed=self.seed, **{f: getattr(arch, f) for f in ARCH_FIELDS})
-            if self.encoder_steps is not None:
-                cfg.steps = self.encoder_steps
+            cfg = EncoderPretrainConfig(seed=self.cfg.seed, **{f: getattr(arch, f) for f in ARCH_FIELDS})
+            if self.cfg.encoder_steps is not None:
+                cfg.steps = self.cfg.encoder_steps
             self.step("pretrain speech encoder (CTC)", (self.encoder / "pretrain.json").exists(),
                       lambda: pretrain_encoder(cfg, self.data, self.encoder, progress=self.progress))
 
@@ -183,7 +182,7 @@ class Pipeline:
 
             self.step(f"preference pairs {s.run} (from {s.init})", (self.pairs(s.run) / "summary.json").exists(),
                       lambda: build_pairs(self.final(s.init), self.data, self.pairs(s.run),
-                                          PreferenceConfig(seed=self.seed), progress=self.progress))
+                                          PreferenceConfig(seed=self.cfg.seed), progress=self.progress))
             return
 
         if s.is_profile:
@@ -191,7 +190,7 @@ class Pipeline:
             how = "random" if s.random_assignment else "load" if s.score == "paper" else f"load, score {s.score}"
             self.step(f"profile {s.run} ({how})", self.experts(s.run).exists(),
                       lambda: profile.run(self.final(s.init), self.data, out, ProfileConfig(
-                          n_speech=self.n_speech, random=s.random_assignment, seed=self.seed, score=s.score)))
+                          n_speech=self.cfg.n_speech, random=s.random_assignment, seed=self.cfg.seed, score=s.score)))
             return
 
         def go():
@@ -199,7 +198,7 @@ class Pipeline:
                          "init": str(self.final(s.init)) if s.init else None,
                          "assignment": str(self.experts(s.assignment)) if s.assignment else None,
                          "pairs": str(self.pairs(s.preference)) if s.preference else None,
-                         "new_experts": self.n_speech}  # MoExtend adds the share the recipe gives speech
+                         "new_experts": self.cfg.n_speech}  # MoExtend adds the share the recipe gives speech
             if s.init is None and self.own_encoder_arch() is not None:
                 overrides["speech_encoder"] = str(self.encoder)
             cfg = self.train_config(s.stage, overrides)
@@ -224,7 +223,7 @@ class Pipeline:
         from . import evaluate
 
         base = self.final(MODELS["base"])
-        cfg = evaluate.EvalConfig(max_items=self.eval_items, seed=self.seed)
+        cfg = evaluate.EvalConfig(max_items=self.cfg.eval_items, seed=self.cfg.seed)
         judge = None
         results = {}
         for name in ["base"] + [m for m in models if m != "base"]:  # the base first: the others' drop needs it
