@@ -16,14 +16,13 @@ n = the run's) the full profile keeps. Prints and saves benchmarks/results/assig
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import RESULTS, command
+from benchmarks.harness import RESULTS, command, parser
 from deepomni.model import modality
 from deepomni.data.tokenized import iter_rows
 from deepomni.train.profile import SPEECH, TEXT, LoadTable, assign_from_load, profile_load
@@ -105,7 +104,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("assignment", __doc__)
     ap.add_argument("--out", default="runs/recipe_table", help="a recipe_table.py working directory (seed<k>/)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--shares", type=int, nargs="+", default=[2, 4, 8], help="speech experts per layer to compare")

@@ -25,7 +25,6 @@ The last printed line is ``log_spectral_distance_db=<held-out LSD with all K lev
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shutil
 import subprocess
@@ -38,7 +37,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from benchmarks.harness import RESULTS, command, machine, save_result
+from benchmarks.harness import RESULTS, command, machine, parser, save_result
 from deepomni.codec import BuiltinCodec, fit_builtin_codec, log_spectral_distance
 
 SAMPLE_RATE = 16000
@@ -97,7 +96,7 @@ def unquantised_lsd(codec: BuiltinCodec, wavs: list[np.ndarray]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser("codec_quality", __doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kmeans-iters", type=int, default=20)
     ap.add_argument("--gl-iters", type=int, nargs="*", default=[8, 16, 24, 32],

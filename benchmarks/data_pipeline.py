@@ -11,7 +11,6 @@ the last line is ``audio_seconds_per_second=<Ray pipeline figure>``.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from dataclasses import asdict
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 
-from benchmarks.harness import command, machine, save_result
+from benchmarks.harness import command, machine, parser, save_result
 from deepomni.config import DataConfig, load_preset
 from deepomni.data.pipeline import CodecStage, FeatureStage, SequenceStage, prepare, resolve_codec
 from deepomni.data.synth import SynthConfig, synthesize
@@ -39,7 +38,7 @@ def in_process(raw_files: list[str], cfg: DataConfig, codec_spec: str) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("data_pipeline", __doc__)
     ap.add_argument("--train", type=int, default=400)
     ap.add_argument("--feature-actors", type=int, default=1)
     ap.add_argument("--codec-actors", type=int, default=1)

@@ -23,7 +23,6 @@ its ceiling at each batch size.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import RESULTS, command, machine, save_result
+from benchmarks.harness import RESULTS, command, machine, parser, save_result
 
 from deepomni.config import load_preset
 from deepomni.model.generate import GenerationConfig
@@ -107,7 +106,7 @@ def matmul_ms_per_token(run, device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("decode", __doc__)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])

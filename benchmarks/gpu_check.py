@@ -79,7 +79,7 @@ import torch
 
 from benchmarks.gpu.common import (BF16_FACTOR, BF16_FLOOR, FORBIDDEN, FP32_TOL_LAYER, FP32_TOL_LOGITS, SIZES,
                                    Context, free_memory, gib)
-from benchmarks.harness import RESULTS, ROOT
+from benchmarks.harness import RESULTS, ROOT, parser
 
 DEFAULT_OUT = RESULTS / "gpu_check"
 SECTIONS = ("checks", "moe_layer", "serving", "training")
@@ -179,8 +179,7 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("gpu_check", __doc__.split("\n")[0])
     ap.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     ap.add_argument("--preset", default=None, choices=sorted(SIZES),
                     help="model preset and sizes (default: deepseek-v2-lite on cuda, tiny on cpu)")

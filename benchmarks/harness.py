@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from serve_apps.ray_mode import free_port  # a TCP port free on 127.0.0.1 now (stdlib only)
 
 if TYPE_CHECKING:
+    import argparse
+
     from deepomni.model.model import DeepOmniModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +64,15 @@ def command(module: str, argv: Sequence[str] | None = None) -> str:
     import sys
 
     return f"python -m benchmarks.{module} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
+
+
+def parser(module: str, doc: str) -> "argparse.ArgumentParser":
+    """The benchmark's command-line parser: ``python -m benchmarks.<module>`` in its usage line, ``doc`` (its
+    module docstring) as the description, laid out as written."""
+    import argparse
+
+    return argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def save_result(name_or_path: str | Path, data: Mapping[str, Any]) -> Path:
@@ -122,16 +133,19 @@ def serve_app(app_args: Mapping[str, Any], env: Mapping[str, str] | None = None)
     ``serve_config``), on an embedded local Ray and a free port of 127.0.0.1. Yields ``(base URL, the Ray
     Serve mode set)``; then shuts Serve and Ray down. ``env``: variables set for the Ray processes (and
     restored after)."""
+    from serve_apps import ray_mode
+
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    # before Ray Serve is imported (it reads its settings then: imported first, the app ran ~13% fewer answers
+    # in benchmarks.soak) and before Ray starts (HAProxy's own ports included: free ones)
+    mode = ray_mode.apply()
     import ray
     from ray import serve
 
     from deepomni.ray_env import init_ray
-    from serve_apps import ray_mode
     from serve_apps.app import build_app
 
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    mode = ray_mode.apply()  # before Ray starts (HAProxy's own ports included: free ones)
     try:
         init_ray()
         port = free_port()

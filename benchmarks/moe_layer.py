@@ -34,7 +34,6 @@ The last printed line is ``speedup_vs_transformers=<hf eager time / ours time>``
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import platform
 import statistics
@@ -49,7 +48,7 @@ from transformers import DeepseekV2Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
 from benchmarks.harness import RESULTS as RESULTS_DIR
-from benchmarks.harness import save_result
+from benchmarks.harness import parser, save_result
 from deepomni.config import load_preset
 from deepomni.model.moe import MoE
 
@@ -233,7 +232,7 @@ def check(models: dict[str, torch.nn.Module], x: torch.Tensor, grad: torch.Tenso
 
 # --------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None, shape: MoEShape = DEFAULT_SHAPE) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.moe_layer", description=__doc__.split("\n")[0])
+    ap = parser("moe_layer", __doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch x seq)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per step (seq = tokens / batch)")
     ap.add_argument("--repeats", type=int, default=9, help="timed steps per implementation (median)")

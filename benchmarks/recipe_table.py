@@ -21,13 +21,12 @@ full_finetune and paper_stages baselines took 29.1 min (seed 0 reusing `make dem
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 from pathlib import Path
 
-from benchmarks.harness import RESULTS, command, machine
+from benchmarks.harness import RESULTS, command, machine, parser
 from deepomni.train.config import SPEECH_EXPERTS
 from deepomni.train.recipe import COLUMNS, Pipeline, PipelineConfig
 from deepomni.train.stages import BASELINES, MODELS
@@ -214,7 +213,7 @@ def goals(agg: dict[str, dict[str, dict]]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("recipe_table", __doc__)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/recipe_table", help="working directory (one pipeline per seed)")
     ap.add_argument("--config", default="small", help="training preset or TrainConfig file")

@@ -36,7 +36,6 @@ outcome and time); the last line is ``faults_hung=<n> recover_max_s=<x>``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -48,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.harness import RESULTS, command, machine, readable_checkpoint, save_result, serve_app
+from benchmarks.harness import RESULTS, command, machine, parser, readable_checkpoint, save_result, serve_app
 from benchmarks.soak import app_args
 from benchmarks.surfaces import Refused, Surfaces
 
@@ -324,7 +323,7 @@ def table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("serve_faults", __doc__)
     ap.add_argument("--answers", type=int, default=16, help="concurrent streaming answers at each kill")
     ap.add_argument("--answer-steps", type=int, default=160, help="their decoding steps (long enough to be in flight)")
     ap.add_argument("--kill", default=",".join(DEPLOYMENTS), help="deployments, in order, one replica each")

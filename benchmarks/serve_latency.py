@@ -34,7 +34,6 @@ and RTF and throughput are per audio second, so answers of different lengths com
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import io
@@ -48,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import machine, percentile, save_result, serve_app
+from benchmarks.harness import machine, parser, percentile, save_result, serve_app
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -238,7 +237,8 @@ def prefill_turn10(model, audio_ND: torch.Tensor, answer_steps: int, repeats: in
 
     for _ in range(9):  # turns 1-9, each answered and kept
         turns.append(Turn("user", audio_positions=n))
-        sid, text = kept.submit(request(True, answer_steps)), []
+        kept.submit(request(True, answer_steps))
+        text = []
         while not kept.idle:
             text += [ev.text_id for s, ev in kept.step() if ev.kind == "text"]
         turns.append(Turn("assistant", tuple(text)))
@@ -368,7 +368,7 @@ def report(name: str, r: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("serve_latency", __doc__)
     ap.add_argument("--only", choices=("inprocess", "serve"), help="run one side only")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--device", default="cpu")

@@ -33,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.harness import ROOT, machine, parser
+
 RESULTS = ROOT / "benchmarks" / "results" / "serve_memory.json"
 MEASURES = ("encoder_replica", "backbone_replica", "vocoder_replica", "load_bf16")
 # small's layout, widened: backbone 621M parameters (584M of them routed experts), speech input 22M
@@ -148,7 +149,7 @@ def run_child(kind: str, ckpt: Path, tree: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("serve_memory", __doc__)
     ap.add_argument("--work", default=str(ROOT / "runs" / "serve_memory"), help="where the checkpoints go")
     ap.add_argument("--tree", action="append", default=None,
                     help="checkout whose code the measurements run (repeatable; default: this one)")
@@ -161,7 +162,6 @@ def main() -> None:
         print(json.dumps(measure(args.child, args.ckpt)))
         return
 
-    from benchmarks.harness import machine
     from deepomni.model.model import count_parameters
 
     work = Path(args.work)

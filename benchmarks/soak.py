@@ -42,7 +42,6 @@ and refusals (overloaded ones included).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -52,7 +51,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.harness import RESULTS, command, machine, percentile, readable_checkpoint, save_result, serve_app
+from benchmarks.harness import RESULTS, command, machine, parser, percentile, readable_checkpoint, save_result, serve_app
 from benchmarks.surfaces import Refused, Surfaces
 
 # endpoint -> weight in the mix (healthz: now and then)
@@ -369,7 +368,7 @@ def table(out: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("soak", __doc__)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=60, help="the counted part")
     ap.add_argument("--warmup", type=float, default=10, help="the same load before it, not counted")

@@ -78,10 +78,10 @@ class Surfaces:
 
     # ---------------------------------------------------------------------------------- POST /v1/dialogue
     async def _dialogue(self, on_chunk: Callable[[], None], **kw) -> float | None:
-        t0, ttfa, event = time.perf_counter(), None, None
+        t0, ttfa, event, ended = time.perf_counter(), None, None, False
         async with self.http.stream("POST", f"{self.url}/v1/dialogue", **kw) as r:
             await self._check(r)
-            async for line in r.aiter_lines():
+            async for line in r.aiter_lines():  # to the stream's end, so that its connection is kept for reuse
                 if line.startswith("event:"):
                     event = line[6:].strip()
                 elif line.startswith("data:"):
@@ -92,8 +92,10 @@ class Surfaces:
                     elif event == "error":
                         raise Refused(200, line[5:], "error")
                     elif event == "end":
-                        return ttfa
-        raise Refused(200, "stream ended without an end event", "broken")
+                        ended = True
+        if not ended:
+            raise Refused(200, "stream ended without an end event", "broken")
+        return ttfa
 
     async def dialogue_wav(self, rng: random.Random | None = None, on_chunk: Callable[[], None] = _nothing,
                            steps: int | None = None) -> float | None:
@@ -149,15 +151,15 @@ class Surfaces:
                 "audio": {"voice": "alloy", "format": "pcm16"},
                 "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
                     "data": base64.b64encode(self.wav).decode(), "format": "wav"}}]}]}
-        t0, ttfa, finish = time.perf_counter(), None, None
+        t0, ttfa, finish, done = time.perf_counter(), None, None, False
         async with self.http.stream("POST", f"{self.url}/v1/chat/completions", json=body) as r:
             await self._check(r)
-            async for line in r.aiter_lines():
+            async for line in r.aiter_lines():  # to the stream's end, so that its connection is kept for reuse
                 if line == "data: [DONE]":
                     if finish is None:
                         raise Refused(200, "[DONE] without a finish_reason", "broken")
-                    return ttfa
-                if line.startswith("data: {"):
+                    done = True
+                elif line.startswith("data: {"):
                     msg = json.loads(line[6:])
                     if "error" in msg:
                         raise Refused(200, line[6:], "error")
@@ -167,7 +169,9 @@ class Surfaces:
                         if choice["delta"].get("audio") or choice["delta"].get("content"):
                             on_chunk()
                         finish = finish or choice.get("finish_reason")
-        raise Refused(200, "stream ended without [DONE]", "broken")
+        if not done:
+            raise Refused(200, "stream ended without [DONE]", "broken")
+        return ttfa
 
     async def chat_text(self, rng: random.Random, on_chunk: Callable[[], None] = _nothing) -> None:
         body = {"model": "deepomni", "max_tokens": self.steps,

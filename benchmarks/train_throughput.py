@@ -16,18 +16,17 @@ worker, not a speedup (which needs workers with their own accelerators).
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import command, machine, save_result
+from benchmarks.harness import command, machine, parser, save_result
 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("train_throughput", __doc__)
     ap.add_argument("--data", help="prepared corpus (deepomni data prepare); default: build one")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--stage", default="s3_joint")

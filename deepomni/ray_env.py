@@ -43,6 +43,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         # Ray Data 2.60's read_parquet starts 32 footer-reading actors per read (each ~2 s of CPU to start):
         # a cluster's worth, ~35 s of wall time on 2 cores for a handful of files
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
+        # Ray Train's controller looks at its workers every 2 s (ray/train/v2/_internal/constants.py), so a run
+        # ends up to 2 s after its last step, and a dead worker is seen as late: local stages are short, look
+        # every 0.5 s (~2 s less a stage; tests/test_recipe_pipeline.py runs ten)
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         loopback_node()
         _reread_auth_mode()
         # address="local": always a fresh private instance, even when a `ray start` cluster runs here
