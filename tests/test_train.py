@@ -101,6 +101,10 @@ def test_recipe_order_profiles_the_aligned_model():
         assert s.assignment is None or s.assignment in runs[:i], s
     random_profile = next(s for s in steps if s.random_assignment)
     assert random_profile.init == "s1_align"
+    # the ablation: the recipe's stages, in its order, from the same aligned model, under the random assignment
+    random_stages = [s for s in BASELINES["random_assignment"] if not s.is_profile]
+    assert [s.stage for s in random_stages] == ["s2_speech_experts", "s2_text_experts", "s3_joint"]
+    assert {s.assignment for s in random_stages} == {random_profile.run} and random_stages[0].init == "s1_align"
     for name in ("full_finetune", "speech_finetune"):
         (ff,) = BASELINES[name]
         assert ff.init == "base" and set(ff.steps_of) == {"s1_align", "s2_speech_experts", "s2_text_experts", "s3_joint"}
