@@ -33,8 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import ROOT, machine, parser
-
+# Nothing from benchmarks.harness at the top: the measuring children run this file on another checkout's code
+# (--tree), which may have no harness (it came with issue 27); only the parent imports it, in main().
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serve_memory.json"
 MEASURES = ("encoder_replica", "backbone_replica", "vocoder_replica", "load_bf16")
 # small's layout, widened: backbone 621M parameters (584M of them routed experts), speech input 22M
@@ -149,7 +150,8 @@ def run_child(kind: str, ckpt: Path, tree: Path) -> dict:
 
 
 def main() -> None:
-    ap = parser("serve_memory", __doc__)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.serve_memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(ROOT / "runs" / "serve_memory"), help="where the checkpoints go")
     ap.add_argument("--tree", action="append", default=None,
                     help="checkout whose code the measurements run (repeatable; default: this one)")
@@ -162,6 +164,7 @@ def main() -> None:
         print(json.dumps(measure(args.child, args.ckpt)))
         return
 
+    from benchmarks.harness import machine
     from deepomni.model.model import count_parameters
 
     work = Path(args.work)
