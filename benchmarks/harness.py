@@ -137,9 +137,7 @@ def serve_app(app_args: Mapping[str, Any], env: Mapping[str, str] | None = None)
 
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
-    # before Ray Serve is imported (it reads its settings then: imported first, the app ran ~13% fewer answers
-    # in benchmarks.soak) and before Ray starts (HAProxy's own ports included: free ones)
-    mode = ray_mode.apply()
+    mode = ray_mode.apply()  # before Ray Serve is imported and Ray starts (HAProxy's own ports included: free ones)
     import ray
     from ray import serve
 
