@@ -149,14 +149,14 @@ class Pipeline:
                                      progress=False))
         self.step("prepare", (self.data / "prepare_summary.json").exists(),
                   lambda: prepare(self.data / "raw", self.data,
-                                  DataConfig(preset=self.model_preset(), seed=self.cfg.seed, codec_fit_items=100)))
+                                  DataConfig(preset=self.model_preset(), seed=c.seed, codec_fit_items=100)))
         arch = self.own_encoder_arch()
         if arch is not None:
             from .encoder import ARCH_FIELDS, EncoderPretrainConfig, pretrain_encoder
 
-            cfg = EncoderPretrainConfig(seed=self.cfg.seed, **{f: getattr(arch, f) for f in ARCH_FIELDS})
-            if self.cfg.encoder_steps is not None:
-                cfg.steps = self.cfg.encoder_steps
+            cfg = EncoderPretrainConfig(seed=c.seed, **{f: getattr(arch, f) for f in ARCH_FIELDS})
+            if c.encoder_steps is not None:
+                cfg.steps = c.encoder_steps
             self.step("pretrain speech encoder (CTC)", (self.encoder / "pretrain.json").exists(),
                       lambda: pretrain_encoder(cfg, self.data, self.encoder, progress=self.progress))
 
