@@ -92,12 +92,15 @@ def data(cluster, tmp_path_factory) -> Path:
 
 
 def _rows(data_dir: Path) -> list[dict]:
-    table = pads.dataset(data_dir / "tokenized", format="parquet", partitioning="hive").to_table()
-    return sorted(table.to_pylist(), key=lambda r: (r["split"], r["status"], r["id"]))
+    """Every tokenized row, the files in name order (partition by partition), each file's rows in its order."""
+    base = data_dir / "tokenized"
+    files = sorted(str(f) for f in base.rglob("*.parquet"))
+    return pads.dataset(files, format="parquet", partitioning="hive", partition_base_dir=str(base)).to_table().to_pylist()
 
 
 def test_data_prepare_across_nodes_equals_one_node(data, tmp_path):
-    """The rows the cluster wrote equal those of ``deepomni data prepare`` on one node (an embedded Ray)."""
+    """The rows the cluster wrote equal those of ``deepomni data prepare`` on one node (an embedded Ray), in
+    the same order."""
     one = tmp_path / "one"
     shutil.copytree(data / "raw", one / "raw")
     env = clean_env(RAY_AUTH_MODE="disabled")

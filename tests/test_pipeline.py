@@ -61,6 +61,20 @@ def test_every_item_is_written_ok_or_rejected_with_its_reason(prepared):
     assert codec["mel_frames_per_code"] * 10 == DataConfig().codec_frame_ms  # the codec is fitted at the data's frame
 
 
+def test_rows_are_written_in_the_order_they_were_read(prepared):
+    """The same corpus prepared twice is the same shards row for row (training then draws the same batches):
+    each split's rows come in the raw shards' order (sorted files, rows in file order), the bad ones apart."""
+    from deepomni.data.tokenized import read_rows, shard_files
+
+    out, _, _ = prepared
+    for split in ("train", "validation", "test"):
+        raw = sorted((out / "raw" / split).glob("*.parquet"))
+        want = [i for f in raw for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()
+                if not i.startswith("bad")]
+        assert [r["id"] for r in read_rows(out, split, columns=["id"])] == want, split
+        assert [f.rsplit("/", 1)[1] for f in shard_files(out, split)] == ["part-00000.parquet"]
+
+
 def test_sequences_match_their_task(prepared):
     _, _, table = prepared
     cfg = load_preset("tiny")

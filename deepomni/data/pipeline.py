@@ -4,7 +4,7 @@
       -> map_batches(FeatureStage, actor pool)            spoken questions: decode, 16 kHz, log-mel
       -> map_batches(CodecStage, actor pool)              spoken answers: codec codes [K, frames]
       -> map_batches(build_batch)                         chat template, channel packing, delay, loss masks
-      -> write_parquet(tokenized/, split=.../status=ok|rejected)
+      -> ShardSink(tokenized/, split=.../status=ok|rejected)  in the input's row order (shard_sink.py)
 
 Actors hold the expensive state (the feature extractor, the codec weights) and are reused across batches.
 A row whose audio is bad is not dropped silently and does not stop the run: it carries its error to the
@@ -298,6 +298,8 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, data_cfg: DataConfig | Non
     """Run the pipeline on the connected (or an embedded local) Ray and write ``out_dir/tokenized``."""
     import ray
 
+    from .shard_sink import ShardSink
+
     data_cfg = data_cfg or DataConfig()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     if not raw_dir.exists():
@@ -319,6 +321,9 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, data_cfg: DataConfig | Non
                  # actor is restarted and the tasks it had not finished are resubmitted to it
                  max_restarts=data_cfg.actor_max_restarts, max_task_retries=data_cfg.actor_task_retries)
     ds = ray.data.read_parquet(files)
+    # the rows leave every stage in the order they came in (the actor pools' tasks end in any order): with
+    # ShardSink's writer, the same corpus gives the same shards row for row, so training draws the same batches
+    ds.context.execution_options.preserve_order = True
     with warnings.catch_warnings():
         # Ray 2.60's map_batches has no named parameter for max_restarts / max_task_retries: they go through
         # its **ray_remote_args, deprecated (to be removed in Ray 2.64, where this call fails loudly)
@@ -329,13 +334,12 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, data_cfg: DataConfig | Non
                             compute=pool(data_cfg.codec_actors), **stage)
         ds = ds.map_batches(SequenceStage, fn_constructor_args=(model_cfg.to_dict(), data_cfg.tokenizer),
                             compute=pool(1), **stage)
-    # Written to a staging directory first: a retried write task rewrites its own files (their names are
-    # fixed by the write's uuid and the task index, existing files are overwritten), and a run that fails
-    # leaves the previous tokenized/ as it was. Moved into place only once every input id is there once.
+    # Written to a staging directory first: a retried write task rewrites its own files (named by the task
+    # index), and a run that fails leaves the previous tokenized/ as it was. Moved into place only once every
+    # input id is there once.
     tok_dir, staging = out_dir / "tokenized", out_dir / "tokenized.partial"
     try:
-        ds.write_parquet(str(staging), partition_cols=["split", "status"], min_rows_per_file=data_cfg.rows_per_file,
-                         mode="overwrite")
+        ds.write_datasink(ShardSink(staging, ["split", "status"], min_rows_per_file=data_cfg.rows_per_file))
     except BaseException:  # e.g. an actor past its restarts: tokenized/ stays as it was, no half-written copy
         shutil.rmtree(staging, ignore_errors=True)
         raise

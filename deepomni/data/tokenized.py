@@ -16,10 +16,11 @@ One row per training sequence. Arrays are stored flat with their shapes beside t
 | answer_frames | int32 | codec frames of the spoken answer (0: none) |
 | error | string | null; set on rejected rows, which are written under ``status=rejected`` |
 
-Laid out as ``<data>/tokenized/split=<split>/status=<ok|rejected>/*.parquet`` (Hive partitions). This module
-owns the layout: everything that reads tokenized rows (training, profiling, evaluation, preference pairs,
-the lm-eval export) goes through :func:`iter_rows` / :func:`read_rows` (pyarrow, in process) or
-:func:`read_dataset` (a Ray Dataset, for the trainers).
+Laid out as ``<data>/tokenized/split=<split>/status=<ok|rejected>/part-<task>.parquet`` (Hive partitions; the
+files in name order hold the rows in the order ``prepare`` read them: :mod:`deepomni.data.shard_sink` writes
+them). This module owns the layout: everything that reads tokenized rows (training, profiling, evaluation,
+preference pairs, the lm-eval export) goes through :func:`iter_rows` / :func:`read_rows` (pyarrow, in process)
+or :func:`read_dataset` (a Ray Dataset, for the trainers).
 """
 
 from __future__ import annotations
