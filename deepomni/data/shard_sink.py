@@ -26,13 +26,11 @@ from ray.data.block import BlockAccessor
 class ShardSink(Datasink[None]):
     """Hive-partitioned Parquet under ``path`` (``<col>=<value>/.../part-<task>.parquet`` for
     ``partition_cols``; the partition columns live in the directory names, not in the files), each write task
-    given at least ``min_rows_per_file`` rows (fewer in the last), row groups of ``row_group_rows``."""
+    given at least ``min_rows_per_file`` rows (fewer in the last), row groups of that many rows."""
 
-    def __init__(self, path: str | Path, partition_cols: Sequence[str], min_rows_per_file: int,
-                 row_group_rows: int | None = None):
+    def __init__(self, path: str | Path, partition_cols: Sequence[str], min_rows_per_file: int):
         self.path, self.partition_cols = Path(path), list(partition_cols)
         self.min_rows_per_file = min_rows_per_file
-        self.row_group_rows = row_group_rows or min_rows_per_file
 
     @property
     def min_rows_per_write(self) -> int:
@@ -55,7 +53,7 @@ class ShardSink(Datasink[None]):
             out.mkdir(parents=True, exist_ok=True)
             name = f"part-{ctx.task_idx:05d}.parquet"
             tmp = out / f".{name}.tmp"  # hidden from readers (a leading dot) until renamed
-            pq.write_table(rows.drop_columns(self.partition_cols), tmp, row_group_size=self.row_group_rows)
+            pq.write_table(rows.drop_columns(self.partition_cols), tmp, row_group_size=self.min_rows_per_file)
             os.replace(tmp, out / name)
 
     def get_name(self) -> str:
